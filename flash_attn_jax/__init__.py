@@ -1,0 +1,25 @@
+"""FlashAttention for JAX: flash-attn's Python interface as Pallas kernels.
+
+Public functions keep flash-attn's (batch, seqlen, nheads, headdim) layout and argument semantics;
+see README.md for the differences (explicit ``dropout_key``, caches returned instead of mutated).
+"""
+
+from flash_attn_jax.interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+)
+from flash_attn_jax.kernels import backend_name
+from flash_attn_jax.reference import attention_reference
+from flash_attn_jax.semantics import ScoreSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ScoreSpec",
+    "attention_reference",
+    "backend_name",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+]

@@ -1,0 +1,57 @@
+"""The one seam between the attention core and the kernel implementations.
+
+Everything above this module (the public API, custom_vjp, the reference, the tests) calls only the
+functions defined here. Today they dispatch to the Pallas kernels lowered through Triton
+(``triton_forward``); another backend (Mosaic GPU, say) would be selected here without touching
+anything else.
+
+Backend selection: on a GPU the kernels are compiled by Triton; on any other backend they run in
+Pallas interpret mode (slow, for testing and debugging). The environment variable
+``FLASH_ATTN_JAX_INTERPRET`` overrides that: ``1`` forces interpret mode even on a GPU (to debug a
+kernel with plain JAX semantics), ``0`` forces the Triton lowering even without a GPU (only useful
+to lower kernels for an abstract GPU, as the lowering tests do). It is read at trace time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from flash_attn_jax.kernels import triton_forward
+from flash_attn_jax.kernels.config import forward_config, padded_head_dim
+
+INTERPRET_ENV = "FLASH_ATTN_JAX_INTERPRET"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def use_interpret() -> bool:
+    """Whether the kernels run in Pallas interpret mode (see the module docstring)."""
+    value = os.environ.get(INTERPRET_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    if value:
+        raise ValueError(f"{INTERPRET_ENV} must be one of {_TRUE + _FALSE} or unset, got {value!r}")
+    return jax.default_backend() != "gpu"
+
+
+def backend_name() -> str:
+    return "pallas-interpret" if use_interpret() else "pallas-triton"
+
+
+def _config(q, k):
+    return forward_config(q.dtype, padded_head_dim(q.shape[-1]), q.shape[1], k.shape[1])
+
+
+def forward(q, k, v, slopes, spec):
+    """Dense attention: out (B, Sq, H, D) and lse (B, H, Sq) float32."""
+    return triton_forward.forward(q, k, v, slopes, spec, _config(q, k), interpret=use_interpret())
+
+
+def probabilities(q, k, lse, slopes, spec):
+    """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse."""
+    return triton_forward.probabilities(q, k, lse, slopes, spec, _config(q, k),
+                                        interpret=use_interpret())

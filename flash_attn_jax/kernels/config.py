@@ -1,0 +1,88 @@
+"""Block sizes and launch parameters of the kernels.
+
+The Triton lowering needs every tensor to have a power-of-two size and every dot dimension to be at
+least 16 (smaller dots lower but compute garbage on the GPU), so the head dim is padded to a power
+of two >= 16 inside the kernels and every block is a power of two >= 16. Short sequences shrink the
+blocks (down to 16) so that a single query does not pay for a 128-row tile.
+
+``all_forward_configs`` lists every configuration ``forward_config`` can return; the lowering test
+compiles each of them for an H100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+MIN_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            size = getattr(self, name)
+            if size < MIN_BLOCK or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {size}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be a power of two <= 16, got {self.num_warps}")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two >= 16 the kernels compute with; the padding is masked, never read."""
+    return max(MIN_BLOCK, next_power_of_2(head_dim))
+
+
+PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+# (itemsize, padded head dim) -> the largest blocks. float32 tiles take twice the registers and
+# shared memory of 16-bit ones, hence smaller blocks.
+_FORWARD_TABLE = {
+    (2, 16): BlockConfig(128, 64, 4, 3),
+    (2, 32): BlockConfig(128, 64, 4, 3),
+    (2, 64): BlockConfig(128, 64, 4, 3),
+    (2, 128): BlockConfig(128, 64, 8, 3),
+    (2, 256): BlockConfig(64, 64, 8, 2),
+    (4, 16): BlockConfig(64, 64, 4, 2),
+    (4, 32): BlockConfig(64, 64, 4, 2),
+    (4, 64): BlockConfig(64, 32, 4, 2),
+    (4, 128): BlockConfig(64, 32, 8, 2),
+    (4, 256): BlockConfig(32, 32, 8, 2),
+}
+
+
+def _shrink(block: int, seqlen: int) -> int:
+    return min(block, max(MIN_BLOCK, next_power_of_2(seqlen)))
+
+
+def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int) -> BlockConfig:
+    base = _FORWARD_TABLE[(jnp.dtype(dtype).itemsize, head_dim_p)]
+    return dataclasses.replace(base, block_q=_shrink(base.block_q, seqlen_q),
+                               block_k=_shrink(base.block_k, seqlen_k))
+
+
+def _block_sizes(largest: int):
+    size = MIN_BLOCK
+    while size <= largest:
+        yield size
+        size *= 2
+
+
+def all_forward_configs():
+    """Yields (dtype, padded head dim, config) for every configuration forward_config can pick."""
+    for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
+        for head_dim_p in PADDED_HEAD_DIMS:
+            base = _FORWARD_TABLE[(jnp.dtype(dtype).itemsize, head_dim_p)]
+            for block_q in _block_sizes(base.block_q):
+                for block_k in _block_sizes(base.block_k):
+                    yield dtype, head_dim_p, dataclasses.replace(base, block_q=block_q, block_k=block_k)

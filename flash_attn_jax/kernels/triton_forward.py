@@ -1,0 +1,273 @@
+"""Pallas (Triton lowering) forward kernels: attention output + logsumexp, and the probabilities.
+
+Layout is the caller's (batch, seqlen, heads, headdim); one program handles one block of query
+rows of one (batch, query head). Sequence and head-dim edges are handled with masked loads and
+stores (the lowering adds no bounds checks of its own), so no input is ever padded in memory.
+
+The key loop is split in three: key blocks the mask cuts on the left, the blocks that every row of
+the query block attends in full (no mask arithmetic), and the blocks cut on the right or by the end
+of the keys. Blocks outside the union of the rows' windows are never visited.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
+from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec, full_key_span, key_span, scores
+
+
+def dot_precision(dtype):
+    # float32 inputs would silently get TF32 with the default precision.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+class ExpUnits:
+    """The exponential base of a kernel's softmax.
+
+    16-bit inputs use base 2 (``exp2`` is one instruction; scores carry a factor log2(e)). float32
+    inputs use base e: converting large logits to base 2 and the logsumexp back costs float32
+    precision that a float32 caller chose to keep.
+    """
+
+    def __init__(self, dtype):
+        self.base2 = jnp.dtype(dtype) != jnp.float32
+        self.unit = LOG2E if self.base2 else 1.0  # multiplies natural-log scores
+
+    def exp(self, x):
+        return jnp.exp2(x) if self.base2 else jnp.exp(x)
+
+    def lse(self, row_max, row_sum):
+        """Natural-log logsumexp from the running max (in units) and sum."""
+        if self.base2:
+            return (row_max + jnp.log2(row_sum)) * LN2
+        return row_max + jnp.log(row_sum)
+
+
+def matmul(a, b, *, transpose_b=False, precision=None):
+    """2-D a @ b (or a @ b.T) accumulated in float32."""
+    contract_b = 1 if transpose_b else 0
+    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                           preferred_element_type=jnp.float32, precision=precision)
+
+
+def _conjunction(masks, shape):
+    mask = None
+    for m in masks:
+        if m is not None:
+            mask = m if mask is None else mask & m
+    return None if mask is None else jnp.broadcast_to(mask, shape)
+
+
+def masked_load(ref, *masks):
+    """Loads ``ref`` with the conjunction of the non-None ``masks``; masked lanes read 0."""
+    mask = _conjunction(masks, ref.shape)
+    if mask is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=0)
+
+
+def masked_store(ref, value, *masks):
+    mask = _conjunction(masks, ref.shape)
+    if mask is None:
+        plgpu.store(ref, value)
+    else:
+        plgpu.store(ref, value, mask=mask)
+
+
+def block_range(lo, hi, block):
+    """Blocks ``[first, end)`` of size ``block`` that overlap columns ``[lo, hi)``."""
+    first = lax.div(jnp.maximum(lo, 0), block)
+    end = jnp.maximum(lax.div(jnp.maximum(hi, 0) + block - 1, block), first)
+    return first, end
+
+
+def inner_block_range(lo, hi, block, first, end):
+    """Blocks inside ``[first, end)`` that lie entirely within columns ``[lo, hi)``."""
+    inner_first = jnp.clip(lax.div(jnp.maximum(lo, 0) + block - 1, block), first, end)
+    inner_end = jnp.clip(lax.div(jnp.maximum(hi, 0), block), inner_first, end)
+    return inner_first, inner_end
+
+
+def _head_dim_mask(head_dim, head_dim_p):
+    if head_dim == head_dim_p:
+        return None
+    return (jnp.arange(head_dim_p, dtype=jnp.int32) < head_dim)[None, :]
+
+
+def bounds_mask(index, size, block):
+    """``index < size`` (1-D), or None when ``size`` is a multiple of ``block`` (no ragged edge)."""
+    return None if size % block == 0 else index < size
+
+
+def as_rows(mask):
+    return None if mask is None else mask[:, None]
+
+
+def as_cols(mask):
+    return None if mask is None else mask[None, :]
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqlen_k, head_dim,
+                    block_q, block_k):
+    if spec.has_alibi:
+        slopes_ref, out_ref, lse_ref = refs
+    else:
+        out_ref, lse_ref = refs
+    q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    head_dim_p = q_ref.shape[-1]
+    precision = dot_precision(q_ref.dtype)
+    units = ExpUnits(q_ref.dtype)
+    offset = seqlen_k - seqlen_q
+    d_mask = _head_dim_mask(head_dim, head_dim_p)
+
+    row_lo = q_block * block_q
+    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
+    row_ok = bounds_mask(rows, seqlen_q, block_q)
+    q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
+    slope = slopes_ref[batch, head] if spec.has_alibi else None
+
+    row_hi = jnp.minimum(row_lo + block_q, seqlen_q)
+    span = dict(offset=offset, seqlen_k=seqlen_k)
+    first, end = block_range(*key_span(row_lo, row_hi, spec, **span), block_k)
+    inner_first, inner_end = inner_block_range(*full_key_span(row_lo, row_hi, spec, **span),
+                                               block_k, first, end)
+
+    def body(key_block, carry, *, masked):
+        acc, row_max, row_sum = carry
+        col_lo = key_block * block_k
+        cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
+        col_ok = as_rows(bounds_mask(cols, seqlen_k, block_k)) if masked else None
+        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
+        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
+        qk = matmul(q, k, transpose_b=True, precision=precision)
+        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=units.unit,
+                   apply_mask=masked, **span)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        # A row that has seen only masked keys keeps max -inf; exponentiate against 0 instead.
+        ref_max = jnp.where(new_max == -jnp.inf, 0.0, new_max) if masked else new_max
+        correction = units.exp(row_max - ref_max)
+        p = units.exp(s - ref_max[:, None])
+        row_sum = row_sum * correction + jnp.sum(p, axis=1)
+        acc = acc * correction[:, None] + matmul(p.astype(v.dtype), v, precision=precision)
+        return acc, new_max, row_sum
+
+    carry = (jnp.zeros((block_q, head_dim_p), jnp.float32),
+             jnp.full((block_q,), -jnp.inf, jnp.float32),
+             jnp.zeros((block_q,), jnp.float32))
+    carry = lax.fori_loop(first, inner_first, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(inner_first, inner_end, functools.partial(body, masked=False), carry)
+    acc, row_max, row_sum = lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
+
+    empty = row_sum == 0.0
+    safe_sum = jnp.where(empty, 1.0, row_sum)
+    out = acc / safe_sum[:, None]
+    lse = jnp.where(empty, -jnp.inf, units.lse(row_max, safe_sum))
+    masked_store(out_ref.at[pl.ds(row_lo, block_q), :], out.astype(out_ref.dtype), as_rows(row_ok),
+                 d_mask)
+    masked_store(lse_ref.at[pl.ds(row_lo, block_q)], lse, row_ok)
+
+
+def _compiler_params(config: BlockConfig):
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, interpret: bool,
+            debug: bool = False):
+    """out (B, Sq, H, D) in q.dtype and lse (B, H, Sq) float32 of dense attention."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    group = num_heads // num_heads_k
+    head_dim_p = padded_head_dim(head_dim)
+    kernel = functools.partial(_forward_kernel, spec=spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                               head_dim=head_dim, block_q=config.block_q, block_k=config.block_k)
+    in_specs = [
+        pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, seqlen_k, None, head_dim_p), lambda i, b, h: (b, 0, lax.div(h, group), 0)),
+        pl.BlockSpec((None, seqlen_k, None, head_dim_p), lambda i, b, h: (b, 0, lax.div(h, group), 0)),
+    ]
+    operands = [q, k, v]
+    if spec.has_alibi:
+        in_specs.append(pl.BlockSpec((batch, num_heads), lambda i, b, h: (0, 0)))
+        operands.append(slopes)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(seqlen_q, config.block_q), batch, num_heads),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((None, None, seqlen_q), lambda i, b, h: (b, h, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32)],
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        debug=debug,  # prints the Triton IR; the lowering tests lint it
+        name="flash_attn_forward",
+    )(*operands)
+
+
+def _probs_kernel(q_ref, k_ref, lse_ref, *refs, spec: ScoreSpec, seqlen_q, seqlen_k, head_dim,
+                  block_q, block_k):
+    if spec.has_alibi:
+        slopes_ref, probs_ref = refs
+    else:
+        (probs_ref,) = refs
+    q_block, k_block = pl.program_id(0), pl.program_id(1)
+    batch, head = pl.program_id(2), pl.program_id(3)
+    d_mask = _head_dim_mask(head_dim, q_ref.shape[-1])
+    row_lo, col_lo = q_block * block_q, k_block * block_k
+    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
+    cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
+    row_ok = bounds_mask(rows, seqlen_q, block_q)
+    col_ok = bounds_mask(cols, seqlen_k, block_k)
+    q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
+    k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
+    lse = masked_load(lse_ref.at[pl.ds(row_lo, block_q)], row_ok)
+    slope = slopes_ref[batch, head] if spec.has_alibi else None
+    units = ExpUnits(q_ref.dtype)
+    qk = matmul(q, k, transpose_b=True, precision=dot_precision(q_ref.dtype))
+    s = scores(qk, rows[:, None], cols[None, :], spec, offset=seqlen_k - seqlen_q,
+               seqlen_k=seqlen_k, slope=slope, unit=units.unit)
+    lse = lse * units.unit
+    probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, units.exp(s - lse[:, None]))
+    masked_store(probs_ref.at[pl.ds(row_lo, block_q), pl.ds(col_lo, block_k)], probs,
+                 as_rows(row_ok), as_cols(col_ok))
+
+
+def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *, interpret: bool,
+                  debug: bool = False):
+    """The softmax probabilities (B, H, Sq, Sk) float32 from q, k and the forward's lse."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    group = num_heads // num_heads_k
+    head_dim_p = padded_head_dim(head_dim)
+    kernel = functools.partial(_probs_kernel, spec=spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                               head_dim=head_dim, block_q=config.block_q, block_k=config.block_k)
+    in_specs = [
+        pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, j, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, seqlen_k, None, head_dim_p),
+                     lambda i, j, b, h: (b, 0, lax.div(h, group), 0)),
+        pl.BlockSpec((None, None, seqlen_q), lambda i, j, b, h: (b, h, 0)),
+    ]
+    operands = [q, k, lse]
+    if spec.has_alibi:
+        in_specs.append(pl.BlockSpec((batch, num_heads), lambda i, j, b, h: (0, 0)))
+        operands.append(slopes)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(seqlen_q, config.block_q), pl.cdiv(seqlen_k, config.block_k), batch, num_heads),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, seqlen_q, seqlen_k), lambda i, j, b, h: (b, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, num_heads, seqlen_q, seqlen_k), jnp.float32),
+        compiler_params=_compiler_params(config),
+        interpret=interpret,
+        debug=debug,  # prints the Triton IR; the lowering tests lint it
+        name="flash_attn_probs",
+    )(*operands)

@@ -1,0 +1,131 @@
+"""The score semantics of flash attention, defined once.
+
+Every implementation in this package (the Pallas kernels and the jnp reference) builds its attention
+scores from the functions in this module, so the two cannot drift apart. For one (batch, query head),
+query row ``i`` and key column ``j``, with ``offset = seqlen_k - seqlen_q`` (bottom-right alignment:
+row ``i`` sits at key position ``i + offset``):
+
+1. ``x = softmax_scale * <q_i, k_j>``
+2. softcap ``c > 0``: ``x = c * tanh(x / c)`` (the scale is inside the tanh)
+3. ALiBi: ``x += -slope * |i + offset - j|`` (after softcap, never scaled)
+4. mask: ``x = -inf`` unless ``0 <= j < seqlen_k`` and, for a window ``(L, R)``,
+   ``i + offset - L <= j <= i + offset + R`` where ``-1`` leaves that side unbounded.
+   ``causal`` is the window ``(L, 0)``.
+5. softmax in float32 over ``j``; a row with no key left has output 0 and logsumexp ``-inf``.
+
+The functions take arrays of any shape that broadcast (``rows[:, None]`` against ``cols[None, :]``)
+and work on traced values, so they run unchanged inside a Pallas kernel and in plain jnp.
+A ``unit`` argument returns the logits multiplied by a constant: the kernels work in base 2
+(``unit = log2(e)``) so that ``exp2`` replaces ``exp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    """Static description of the score function of one attention call.
+
+    Attributes:
+      softmax_scale: multiplies ``q . k``.
+      softcap: ``c > 0`` applies ``c * tanh(x / c)``; ``0`` disables it.
+      window_left: ``L >= 0`` keeps keys ``j >= i + offset - L``; ``-1`` leaves the left side open.
+      window_right: ``R >= 0`` keeps keys ``j <= i + offset + R``; ``-1`` leaves the right side open.
+        ``causal=True`` is ``window_right = 0``.
+      has_alibi: an ALiBi bias with per-(batch, head) slopes is added.
+    """
+
+    softmax_scale: float
+    softcap: float = 0.0
+    window_left: int = -1
+    window_right: int = -1
+    has_alibi: bool = False
+
+    @classmethod
+    def create(cls, *, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,
+               has_alibi=False):
+        """Builds a spec from the flash-attn arguments (already validated)."""
+        left, right = (int(w) for w in window_size)
+        if causal:
+            right = 0
+        return cls(softmax_scale=float(softmax_scale),
+                   softcap=float(softcap) if softcap > 0 else 0.0,
+                   window_left=left, window_right=right, has_alibi=bool(has_alibi))
+
+    @property
+    def is_masked(self) -> bool:
+        """Whether any window bound exists (causal included)."""
+        return self.window_left >= 0 or self.window_right >= 0
+
+
+def logits(qk, spec: ScoreSpec, *, unit=1.0):
+    """Steps 1-2: the raw dot products ``qk`` (float32) to logits, times ``unit``."""
+    if spec.softcap > 0:
+        return (spec.softcap * unit) * jnp.tanh(qk * (spec.softmax_scale / spec.softcap))
+    return qk * (spec.softmax_scale * unit)
+
+
+def alibi_bias(slope, rows, cols, offset):
+    """Step 3: ``-slope * |row + offset - col|``; ``slope`` may already carry a unit.
+
+    Computed in the slope's precision (float32 at least).
+    """
+    distance = jnp.abs(rows + offset - cols)
+    return -slope * distance.astype(jnp.result_type(slope, jnp.float32))
+
+
+def key_mask(rows, cols, spec: ScoreSpec, *, offset, seqlen_k):
+    """Step 4: True where query ``rows`` may attend key ``cols`` (``cols`` >= 0 assumed)."""
+    keep = cols < seqlen_k
+    if spec.window_left >= 0:
+        keep = keep & (cols >= rows + offset - spec.window_left)
+    if spec.window_right >= 0:
+        keep = keep & (cols <= rows + offset + spec.window_right)
+    return keep
+
+
+def scores(qk, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=None, unit=1.0,
+           apply_mask=True):
+    """Steps 1-4 in one: masked logits (``-inf`` where masked), times ``unit``.
+
+    ``apply_mask=False`` is for tiles known to lie inside the mask (see ``full_key_span``).
+    """
+    x = logits(qk, spec, unit=unit)
+    if spec.has_alibi:
+        x = x + alibi_bias(slope * unit, rows, cols, offset)
+    if apply_mask:
+        x = jnp.where(key_mask(rows, cols, spec, offset=offset, seqlen_k=seqlen_k), x, -jnp.inf)
+    return x
+
+
+def _max(a, b):
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def _min(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
+def key_span(row_lo, row_hi, spec: ScoreSpec, *, offset, seqlen_k):
+    """Key columns ``[lo, hi)`` that at least one row of ``[row_lo, row_hi)`` may attend.
+
+    Keys outside are masked for every row, so a kernel skips them. ``hi <= lo`` means none.
+    """
+    lo = 0 if spec.window_left < 0 else _max(0, row_lo + offset - spec.window_left)
+    hi = seqlen_k if spec.window_right < 0 else _min(seqlen_k, row_hi + offset + spec.window_right)
+    return lo, hi
+
+
+def full_key_span(row_lo, row_hi, spec: ScoreSpec, *, offset, seqlen_k):
+    """Key columns ``[lo, hi)`` that every row of ``[row_lo, row_hi)`` attends (no mask needed)."""
+    lo = 0 if spec.window_left < 0 else _max(0, row_hi - 1 + offset - spec.window_left)
+    hi = seqlen_k if spec.window_right < 0 else _min(seqlen_k, row_lo + 1 + offset + spec.window_right)
+    return lo, hi

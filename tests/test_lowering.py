@@ -1,0 +1,112 @@
+"""Every kernel configuration lowers to Triton for an H100, on a machine without a GPU.
+
+The CPU interpret mode accepts things the GPU does not (non-power-of-two tensors, tiny dots, ...);
+lowering for an abstract H100 catches most of them, and a lint of the Triton IR catches the dots
+under 16 that lower but compute garbage on the GPU (see the Pallas Triton notes).
+"""
+
+import contextlib
+import io
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flash_attn_jax.kernels import triton_forward
+from flash_attn_jax.kernels.config import all_forward_configs
+from flash_attn_jax.semantics import ScoreSpec
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
+MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=H100)
+_DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<(\d+)x(\d+)x\w+>")
+
+
+def lower_for_h100(fn, *args):
+    """Lowers ``fn`` for an H100; returns the Triton IR the kernels printed."""
+    ttir = io.StringIO()
+    with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(MESH), contextlib.redirect_stdout(ttir):
+        warnings.simplefilter("ignore", DeprecationWarning)  # the Triton backend's deprecation
+        hlo = jax.jit(fn).trace(*args).lower().as_text()
+    assert plgpu.CUSTOM_CALL_TARGET_NAME in hlo, "no Triton custom call in the lowered module"
+    return ttir.getvalue()
+
+
+def lint_ttir(ttir):
+    """Problems that lower fine but break on the GPU."""
+    problems = []
+    dots = _DOT.findall(ttir)
+    if "tt.dot" in ttir and not dots:
+        problems.append("tt.dot present but not parsed")
+    for dims in dots:
+        if min(int(d) for d in dims) < 16:
+            problems.append(f"dot with a dimension under 16: {dims}")
+    for line in ttir.splitlines():
+        if "tt.atomic_rmw fadd" in line and re.search(r"tensor<[\dx]+xi\d+>", line):
+            problems.append(f"integer atomic add lowers to a float add: {line.strip()}")
+    return problems
+
+
+def _struct(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# Feature sets that change the kernel code: masks, softcap, ALiBi, ragged edges, head-dim padding.
+FULL = ScoreSpec(softmax_scale=0.1, softcap=5.0, window_left=30, window_right=0, has_alibi=True)
+PLAIN = ScoreSpec(softmax_scale=0.1)
+SPECS = {"plain-aligned": (PLAIN, 256, 256, 0),
+         "all-features-ragged": (FULL, 203, 150, 3),
+         "window-right-ragged": (ScoreSpec(softmax_scale=0.1, window_right=7), 97, 113, 1)}
+
+
+def _configs():
+    for dtype, head_dim_p, config in all_forward_configs():
+        yield pytest.param(dtype, head_dim_p, config,
+                           id=f"{jnp.dtype(dtype).name}-d{head_dim_p}-q{config.block_q}-k{config.block_k}")
+
+
+@pytest.mark.parametrize("variant", list(SPECS))
+@pytest.mark.parametrize("dtype,head_dim_p,config", list(_configs()))
+def test_forward_kernels_lower_for_h100(dtype, head_dim_p, config, variant):
+    spec, seqlen_q, seqlen_k, head_dim_cut = SPECS[variant]
+    head_dim = max(1, head_dim_p - head_dim_cut) if head_dim_p > 16 else 16 - head_dim_cut
+    q = _struct((2, seqlen_q, 4, head_dim), dtype)
+    kv = _struct((2, seqlen_k, 2, head_dim), dtype)
+    slopes = _struct((2, 4), jnp.float32)
+    lse = _struct((2, 4, seqlen_q), jnp.float32)
+    options = dict(interpret=False, debug=True)
+    ttir = lower_for_h100(lambda q, k, v, s: triton_forward.forward(q, k, v, s, spec, config, **options),
+                          q, kv, kv, slopes)
+    ttir += lower_for_h100(
+        lambda q, k, lse, s: triton_forward.probabilities(q, k, lse, s, spec, config, **options),
+        q, kv, lse, slopes)
+    assert "tt.dot" in ttir
+    assert lint_ttir(ttir) == []
+
+
+def _tiny_dot_kernel(x_ref, o_ref):
+    x = plgpu.load(x_ref)
+    o_ref[...] = triton_forward.matmul(x, x, transpose_b=True).astype(o_ref.dtype)
+
+
+def _call(kernel, n):
+    return lambda x: pl.pallas_call(
+        kernel, out_shape=_struct((n, n), x.dtype), grid=(1,),
+        in_specs=[pl.BlockSpec((n, n), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((n, n), lambda i: (0, 0)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), debug=True)(x)
+
+
+def test_lint_flags_dots_under_16():
+    # A control: the lint must catch what the lowering lets through.
+    assert lint_ttir(lower_for_h100(_call(_tiny_dot_kernel, 8), _struct((8, 8), jnp.bfloat16)))
+    assert not lint_ttir(lower_for_h100(_call(_tiny_dot_kernel, 16), _struct((16, 16), jnp.bfloat16)))
+
+
+def test_lowering_rejects_non_power_of_two_tiles():
+    # A control: a 48-row tile must not lower, so a kernel change that creates one fails above.
+    with pytest.raises(Exception, match="power"):
+        lower_for_h100(_call(_tiny_dot_kernel, 48), _struct((48, 48), jnp.bfloat16))

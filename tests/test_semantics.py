@@ -1,0 +1,56 @@
+"""The shared score semantics: block spans agree with the mask, formulas match the contract."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from flash_attn_jax.semantics import ScoreSpec, alibi_bias, full_key_span, key_mask, key_span
+
+WINDOWS = [(-1, -1), (-1, 0), (0, 0), (3, 0), (5, 2), (-1, 4), (7, -1), (0, 9), (40, 40)]
+SEQLENS = [(1, 1), (1, 17), (17, 1), (13, 29), (29, 13), (16, 16), (5, 40)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("seqlens", SEQLENS)
+def test_key_spans_agree_with_mask(window, seqlens):
+    seqlen_q, seqlen_k = seqlens
+    spec = ScoreSpec(softmax_scale=1.0, window_left=window[0], window_right=window[1])
+    rows = np.arange(seqlen_q)[:, None]
+    cols = np.arange(seqlen_k)[None, :]
+    mask = np.asarray(key_mask(rows, cols, spec, offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k))
+    span = dict(offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k)
+    for row_lo, row_hi in itertools.combinations(range(seqlen_q + 1), 2):
+        block = mask[row_lo:row_hi]
+        lo, hi = key_span(row_lo, row_hi, spec, **span)
+        attended = np.flatnonzero(block.any(axis=0))
+        if attended.size:
+            assert lo <= attended[0] and attended[-1] < hi, (row_lo, row_hi, lo, hi)
+        full_lo, full_hi = full_key_span(row_lo, row_hi, spec, **span)
+        assert block[:, max(full_lo, 0):max(full_hi, 0)].all(), (row_lo, row_hi, full_lo, full_hi)
+
+
+def test_mask_matches_contract_examples():
+    # flash-attn's documented examples: sq=2, sk=5 causal -> 11110 / 11111; sq=5, sk=2 -> 00/00/00/10/11.
+    causal = ScoreSpec.create(softmax_scale=1.0, causal=True)
+    rows, cols = np.arange(2)[:, None], np.arange(5)[None, :]
+    np.testing.assert_array_equal(key_mask(rows, cols, causal, offset=3, seqlen_k=5),
+                                  [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    rows, cols = np.arange(5)[:, None], np.arange(2)[None, :]
+    np.testing.assert_array_equal(key_mask(rows, cols, causal, offset=-3, seqlen_k=2),
+                                  [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]])
+
+
+def test_causal_is_window_left_zero_right():
+    assert ScoreSpec.create(softmax_scale=1.0, causal=True, window_size=(5, 7)) == ScoreSpec(
+        softmax_scale=1.0, window_left=5, window_right=0)
+    assert ScoreSpec.create(softmax_scale=1.0, causal=True) == ScoreSpec(
+        softmax_scale=1.0, window_left=-1, window_right=0)
+    assert ScoreSpec.create(softmax_scale=1.0, softcap=-3.0).softcap == 0.0
+
+
+def test_alibi_bias_formula():
+    rows, cols = np.arange(3)[:, None], np.arange(6)[None, :]
+    bias = np.asarray(alibi_bias(0.5, rows, cols, offset=3))
+    expected = [[-0.5 * abs(i + 3 - j) for j in range(6)] for i in range(3)]
+    np.testing.assert_allclose(bias, expected)
