@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +76,24 @@ def check_against_reference(out, lse, probs, ref, pt):
     assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
     if probs is not None:
         assert_within_tolerance("probs", probs, ref[2], pt[2])
+
+
+_STATIC = ("softmax_scale", "causal", "window_size", "softcap", "return_attn_probs")
+flash_attn = jax.jit(fa.flash_attn_func, static_argnames=_STATIC)
+
+
+def run_case(seed, *, seqlen_q, seqlen_k, head_dim, dtype, batch=2, nheads=4, nheads_k=None,
+             alibi=False, q_scale=1.0, **options):
+    """Runs one configuration through flash_attn_func and checks out, lse and P."""
+    q, k, v, slopes = make_inputs(seed, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
+                                  nheads_k=nheads_k, head_dim=head_dim, dtype=dtype, alibi=alibi,
+                                  q_scale=q_scale)
+    out, lse, probs = flash_attn(q, k, v, alibi_slopes=slopes, return_attn_probs=True, **options)
+    chex.assert_shape(out, q.shape)
+    chex.assert_type(out, q.dtype)
+    chex.assert_shape(lse, (batch, nheads, seqlen_q))
+    chex.assert_shape(probs, (batch, nheads, seqlen_q, seqlen_k))
+    chex.assert_type([lse, probs], jnp.float32)
+    ref, pt = references(q, k, v, slopes, **options)
+    check_against_reference(out, lse, probs, ref, pt)
+    return out, lse, ref

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import flash_attn_jax as fa
-from helpers import DTYPE_IDS, DTYPES, check_against_reference, make_inputs, references
+from helpers import (DTYPE_IDS, DTYPES, check_against_reference, flash_attn, make_inputs,
+                     references, run_case)
 
 SEQLENS = [(1, 239), (113, 203), (203, 113), (128, 128), (97, 97)]
 HEAD_DIMS = [16, 40, 59, 64, 96, 128, 256]
@@ -24,27 +25,6 @@ FEATURES = {
     "causal_window_softcap_alibi": dict(causal=True, window_size=(31, 5), softcap=50.0,
                                         q_scale=50.0, alibi=True),
 }
-
-_STATIC = ("softmax_scale", "causal", "window_size", "softcap", "return_attn_probs")
-flash_attn = jax.jit(fa.flash_attn_func, static_argnames=_STATIC)
-
-
-def run_case(seed, *, seqlen_q, seqlen_k, head_dim, dtype, nheads=4, nheads_k=None, alibi=False,
-             q_scale=1.0, **options):
-    """Runs one configuration through flash_attn_func and checks out, lse and P."""
-    q, k, v, slopes = make_inputs(seed, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
-                                  nheads_k=nheads_k, head_dim=head_dim, dtype=dtype, alibi=alibi,
-                                  q_scale=q_scale)
-    out, lse, probs = flash_attn(q, k, v, alibi_slopes=slopes, return_attn_probs=True, **options)
-    chex.assert_shape(out, q.shape)
-    chex.assert_type(out, q.dtype)
-    chex.assert_shape(lse, (q.shape[0], nheads, seqlen_q))
-    chex.assert_shape(probs, (q.shape[0], nheads, seqlen_q, seqlen_k))
-    chex.assert_type([lse, probs], jnp.float32)
-    ref, pt = references(q, k, v, slopes, **options)
-    check_against_reference(out, lse, probs, ref, pt)
-    return out, lse, ref
-
 
 @pytest.mark.parametrize("seqlens", SEQLENS, ids=str)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
