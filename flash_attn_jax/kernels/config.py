@@ -46,12 +46,13 @@ def padded_head_dim(head_dim: int) -> int:
 PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # (itemsize, padded head dim) -> the largest blocks. float32 tiles take twice the registers and
-# shared memory of 16-bit ones, hence smaller blocks.
+# shared memory of 16-bit ones, hence smaller blocks. The 16-bit d64/d128 entries are the best of a
+# sweep on an H100 (benchmarks/bench_forward.py --sweep, benchmarks/RESULTS.md).
 _FORWARD_TABLE = {
     (2, 16): BlockConfig(128, 64, 4, 3),
     (2, 32): BlockConfig(128, 64, 4, 3),
-    (2, 64): BlockConfig(128, 64, 4, 3),
-    (2, 128): BlockConfig(128, 64, 8, 3),
+    (2, 64): BlockConfig(128, 64, 8, 3),
+    (2, 128): BlockConfig(128, 128, 8, 3),
     (2, 256): BlockConfig(64, 64, 8, 2),
     (4, 16): BlockConfig(64, 64, 4, 2),
     (4, 32): BlockConfig(64, 64, 4, 2),
