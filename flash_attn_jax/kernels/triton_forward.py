@@ -95,12 +95,6 @@ def inner_block_range(lo, hi, block, first, end):
     return inner_first, inner_end
 
 
-def _head_dim_mask(head_dim, head_dim_p):
-    if head_dim == head_dim_p:
-        return None
-    return (jnp.arange(head_dim_p, dtype=jnp.int32) < head_dim)[None, :]
-
-
 def bounds_mask(index, size, block):
     """``index < size`` (1-D), or None when ``size`` is a multiple of ``block`` (no ragged edge)."""
     return None if size % block == 0 else index < size
@@ -114,6 +108,11 @@ def as_cols(mask):
     return None if mask is None else mask[None, :]
 
 
+def head_dim_mask(head_dim, head_dim_p):
+    """(1, head_dim_p) mask of the real features, None without padding."""
+    return as_cols(bounds_mask(jnp.arange(head_dim_p, dtype=jnp.int32), head_dim, head_dim_p))
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqlen_k, head_dim,
                     block_q, block_k):
     if spec.has_alibi:
@@ -125,7 +124,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
     precision = dot_precision(q_ref.dtype)
     units = ExpUnits(q_ref.dtype)
     offset = seqlen_k - seqlen_q
-    d_mask = _head_dim_mask(head_dim, head_dim_p)
+    d_mask = head_dim_mask(head_dim, head_dim_p)
 
     row_lo = q_block * block_q
     rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
@@ -221,7 +220,7 @@ def _probs_kernel(q_ref, k_ref, lse_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
         (probs_ref,) = refs
     q_block, k_block = pl.program_id(0), pl.program_id(1)
     batch, head = pl.program_id(2), pl.program_id(3)
-    d_mask = _head_dim_mask(head_dim, q_ref.shape[-1])
+    d_mask = head_dim_mask(head_dim, q_ref.shape[-1])
     row_lo, col_lo = q_block * block_q, k_block * block_k
     rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
     cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
