@@ -15,21 +15,41 @@ from flash_attn_jax import kernels
 from flash_attn_jax.semantics import ScoreSpec
 
 
+def _first_order_only(kernel):
+    """``kernel(spec, *arrays)`` that raises a clear error when differentiated itself.
+
+    Reverse mode only needs the kernels evaluated; differentiating them (a gradient of a gradient)
+    would reach the raw pallas_calls, which cannot be differentiated.
+    """
+    guarded = jax.custom_jvp(kernel, nondiff_argnums=(0,))
+
+    @guarded.defjvp
+    def _jvp(spec, primals, tangents):
+        del spec, primals, tangents
+        raise NotImplementedError(
+            "flash_attn_jax: second-order differentiation (a gradient of the gradient) is not "
+            "supported; use flash_attn_jax.attention_reference where it is needed")
+
+    return guarded
+
+
+_forward = _first_order_only(lambda spec, q, k, v, slopes: kernels.forward(q, k, v, slopes, spec))
+_backward = _first_order_only(lambda spec, *arrays: kernels.backward(*arrays, spec))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, slopes, spec: ScoreSpec):
     return kernels.forward(q, k, v, slopes, spec)
 
 
 def _attention_fwd(q, k, v, slopes, spec):
-    out, lse = kernels.forward(q, k, v, slopes, spec)
+    out, lse = _forward(spec, q, k, v, slopes)
     return (out, lse), (q, k, v, slopes, out, lse)
 
 
 def _attention_bwd(spec, residuals, cotangents):
-    del spec, residuals, cotangents
-    raise NotImplementedError(
-        "flash_attn_jax: the backward pass (gradients of q, k, v) is not implemented yet; "
-        "use flash_attn_jax.attention_reference for a differentiable slow path")
+    dq, dk, dv = _backward(spec, *residuals, *cotangents)
+    return dq, dk, dv, None  # ALiBi slopes get no gradient
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

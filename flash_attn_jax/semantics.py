@@ -92,18 +92,30 @@ def key_mask(rows, cols, spec: ScoreSpec, *, offset, seqlen_k):
     return keep
 
 
-def scores(qk, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=None, unit=1.0,
-           apply_mask=True):
-    """Steps 1-4 in one: masked logits (``-inf`` where masked), times ``unit``.
+def bias_and_mask(x, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=None, unit=1.0,
+                  apply_mask=True):
+    """Steps 3-4 on logits ``x`` (already times ``unit``): ALiBi, then ``-inf`` where masked.
 
     ``apply_mask=False`` is for tiles known to lie inside the mask (see ``full_key_span``).
     """
-    x = logits(qk, spec, unit=unit)
     if spec.has_alibi:
         x = x + alibi_bias(slope * unit, rows, cols, offset)
     if apply_mask:
         x = jnp.where(key_mask(rows, cols, spec, offset=offset, seqlen_k=seqlen_k), x, -jnp.inf)
     return x
+
+
+def scores(qk, rows, cols, spec: ScoreSpec, *, unit=1.0, **kwargs):
+    """Steps 1-4 in one: masked logits (``-inf`` where masked), times ``unit``."""
+    return bias_and_mask(logits(qk, spec, unit=unit), rows, cols, spec, unit=unit, **kwargs)
+
+
+def logits_derivative(x, spec: ScoreSpec, *, unit=1.0):
+    """d logits / d qk given the logits ``x = logits(qk, spec, unit=unit)`` (tanh's derivative)."""
+    if spec.softcap > 0:
+        tanh = x * (1.0 / (spec.softcap * unit))
+        return spec.softmax_scale * (1.0 - tanh * tanh)
+    return spec.softmax_scale
 
 
 def _max(a, b):
@@ -128,4 +140,21 @@ def full_key_span(row_lo, row_hi, spec: ScoreSpec, *, offset, seqlen_k):
     """Key columns ``[lo, hi)`` that every row of ``[row_lo, row_hi)`` attends (no mask needed)."""
     lo = 0 if spec.window_left < 0 else _max(0, row_hi - 1 + offset - spec.window_left)
     hi = seqlen_k if spec.window_right < 0 else _min(seqlen_k, row_lo + 1 + offset + spec.window_right)
+    return lo, hi
+
+
+def query_span(col_lo, col_hi, spec: ScoreSpec, *, offset, seqlen_q):
+    """Query rows ``[lo, hi)`` that may attend at least one key column of ``[col_lo, col_hi)``."""
+    lo = 0 if spec.window_right < 0 else _max(0, col_lo - offset - spec.window_right)
+    hi = seqlen_q if spec.window_left < 0 else _min(seqlen_q, col_hi - offset + spec.window_left)
+    return lo, hi
+
+
+def full_query_span(col_lo, col_hi, spec: ScoreSpec, *, offset, seqlen_q):
+    """Query rows ``[lo, hi)`` that attend every key column of ``[col_lo, col_hi)``.
+
+    The caller checks that the columns are inside the keys (``col_hi <= seqlen_k``).
+    """
+    lo = 0 if spec.window_right < 0 else _max(0, col_hi - 1 - offset - spec.window_right)
+    hi = seqlen_q if spec.window_left < 0 else _min(seqlen_q, col_lo + 1 - offset + spec.window_left)
     return lo, hi

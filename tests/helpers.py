@@ -45,23 +45,49 @@ def to_f64(x):
     return np.asarray(x).astype(np.float64)
 
 
+def cotangents(seed, q, *, out=True, lse=False):
+    """Cotangents for (out, lse): random normal where asked for, zero otherwise."""
+    rng = np.random.default_rng(seed + 1000)
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    dout = rng.standard_normal(q.shape, np.float32) if out else np.zeros(q.shape, np.float32)
+    dlse = rng.standard_normal(lse_shape, np.float32) if lse else np.zeros(lse_shape, np.float32)
+    return jnp.asarray(dout.astype(jnp.dtype(q.dtype))), jnp.asarray(dlse)
+
+
+def _with_grads(attend, q, k, v, dout, dlse):
+    """(out, lse, probs, (dq, dk, dv)) with the gradients for cotangents (dout, dlse)."""
+    def outputs(q, k, v):
+        out, lse, probs = attend(q, k, v)
+        return (out, lse), probs
+    (out, lse), vjp, probs = jax.vjp(outputs, q, k, v, has_aux=True)
+    return out, lse, probs, vjp((dout, dlse.astype(lse.dtype)))
+
+
 @functools.partial(jax.jit, static_argnames=("options", "compute_dtype"))
-def _references(q, k, v, slopes, *, options, compute_dtype):
-    options = dict(options, alibi_slopes=slopes, return_probs=True)
-    ref = fa.attention_reference(q, k, v, upcast=True, compute_dtype=compute_dtype, **options)
-    pt = fa.attention_reference(q, k, v, upcast=False, **options)
-    return ref, pt
+def _references(q, k, v, slopes, dout, dlse, *, options, compute_dtype):
+    def reference(upcast, dtype):
+        return functools.partial(fa.attention_reference, alibi_slopes=slopes, upcast=upcast,
+                                 compute_dtype=dtype, return_probs=True, **dict(options))
+    return (_with_grads(reference(True, compute_dtype), q, k, v, dout, dlse),
+            _with_grads(reference(False, jnp.float32), q, k, v, dout, dlse))
 
 
-def references(q, k, v, slopes=None, **options):
-    """(ref, pt), each (out, lse, probs) as float64 numpy arrays, from one compiled program."""
+def references(q, k, v, slopes=None, dout=None, dlse=None, **options):
+    """(ref, pt), each (out, lse, probs, (dq, dk, dv)) as float64 numpy arrays, from one program.
+
+    Without cotangents the gradients are those of zero cotangents.
+    """
+    if dout is None:
+        dout, dlse = jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
     frozen = tuple(sorted(options.items()))
     if q.dtype == jnp.float32:
         with jax.enable_x64(True):  # float64 oracle; the same-dtype reference stays float32
-            ref, pt = _references(q, k, v, slopes, options=frozen, compute_dtype=jnp.float64)
+            ref, pt = _references(q, k, v, slopes, dout, dlse, options=frozen,
+                                  compute_dtype=jnp.float64)
     else:
-        ref, pt = _references(q, k, v, slopes, options=frozen, compute_dtype=jnp.float32)
-    return tuple(map(to_f64, ref)), tuple(map(to_f64, pt))
+        ref, pt = _references(q, k, v, slopes, dout, dlse, options=frozen, compute_dtype=jnp.float32)
+    as_f64 = lambda result: (*map(to_f64, result[:3]), tuple(map(to_f64, result[3])))
+    return as_f64(ref), as_f64(pt)
 
 
 def assert_within_tolerance(name, actual, ref, pt, *, factor=2.0, atol=1e-5):
@@ -81,30 +107,42 @@ def assert_within_tolerance(name, actual, ref, pt, *, factor=2.0, atol=1e-5):
     return err, base
 
 
-def check_against_reference(out, lse, probs, ref, pt):
-    """Output, logsumexp and (if given) probabilities of one call against the references."""
+def check_against_reference(out, lse, probs, ref, pt, grads=None):
+    """Output, logsumexp, probabilities and gradients (those given) against the references."""
     assert_within_tolerance("out", out, ref[0], pt[0])
     assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
     if probs is not None:
         assert_within_tolerance("probs", probs, ref[2], pt[2])
+    for name, grad, grad_ref, grad_pt in zip(("dq", "dk", "dv"), grads or (), ref[3], pt[3]):
+        assert_within_tolerance(name, grad, grad_ref, grad_pt, factor=3.0, atol=2e-4)
 
 
 _STATIC = ("softmax_scale", "causal", "window_size", "softcap", "return_attn_probs")
 flash_attn = jax.jit(fa.flash_attn_func, static_argnames=_STATIC)
 
 
+@functools.partial(jax.jit, static_argnames=("options",))
+def flash_attn_with_grads(q, k, v, slopes, dout, dlse, *, options):
+    attend = functools.partial(fa.flash_attn_func, alibi_slopes=slopes, return_attn_probs=True,
+                               **dict(options))
+    return _with_grads(attend, q, k, v, dout, dlse)
+
+
 def run_case(seed, *, seqlen_q, seqlen_k, head_dim, dtype, batch=2, nheads=4, nheads_k=None,
-             alibi=False, q_scale=1.0, **options):
-    """Runs one configuration through flash_attn_func and checks out, lse and P."""
-    q, k, v, slopes = make_inputs(seed, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads,
-                                  nheads_k=nheads_k, head_dim=head_dim, dtype=dtype, alibi=alibi,
-                                  q_scale=q_scale)
-    out, lse, probs = flash_attn(q, k, v, alibi_slopes=slopes, return_attn_probs=True, **options)
-    chex.assert_shape(out, q.shape)
-    chex.assert_type(out, q.dtype)
-    chex.assert_shape(lse, (batch, nheads, seqlen_q))
-    chex.assert_shape(probs, (batch, nheads, seqlen_q, seqlen_k))
-    chex.assert_type([lse, probs], jnp.float32)
-    ref, pt = references(q, k, v, slopes, **options)
-    check_against_reference(out, lse, probs, ref, pt)
-    return out, lse, ref
+             alibi=False, q_scale=1.0, d_out=True, d_lse=False, **options):
+    """One configuration through flash_attn_func, forward and backward, checked against the
+    references: out, lse, P, and dq, dk, dv for random cotangents of out (``d_out``, flash-attn's
+    test) and/or of softmax_lse (``d_lse``)."""
+    q, k, v, slopes = make_inputs(seed, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                                  nheads=nheads, nheads_k=nheads_k, head_dim=head_dim, dtype=dtype,
+                                  alibi=alibi, q_scale=q_scale)
+    dout, dlse = cotangents(seed, q, out=d_out, lse=d_lse)
+    out, lse, probs, grads = flash_attn_with_grads(q, k, v, slopes, dout, dlse,
+                                                    options=tuple(sorted(options.items())))
+    chex.assert_shape([out, lse, probs, *grads], [q.shape, (batch, nheads, seqlen_q),
+                                                  (batch, nheads, seqlen_q, seqlen_k),
+                                                  q.shape, k.shape, v.shape])
+    chex.assert_type([out, lse, probs, *grads], [q.dtype, jnp.float32, jnp.float32] + [q.dtype] * 3)
+    ref, pt = references(q, k, v, slopes, dout, dlse, **options)
+    check_against_reference(out, lse, probs, ref, pt, grads)
+    return out, lse, ref, grads

@@ -16,8 +16,9 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels import triton_forward
-from flash_attn_jax.kernels.config import all_forward_configs
+from flash_attn_jax.kernels import triton_backward, triton_forward
+from flash_attn_jax.kernels.config import (all_backward_configs, all_forward_configs, backward_configs,
+                                           forward_config)
 from flash_attn_jax.semantics import ScoreSpec
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
@@ -55,36 +56,74 @@ def _struct(shape, dtype):
 
 
 # Feature sets that change the kernel code: masks, softcap, ALiBi, ragged edges, head-dim padding.
+# Every block configuration is lowered with all of them at once; the other sets at the default
+# configuration of each dtype and head dim.
 FULL = ScoreSpec(softmax_scale=0.1, softcap=5.0, window_left=30, window_right=0, has_alibi=True)
-PLAIN = ScoreSpec(softmax_scale=0.1)
-SPECS = {"plain-aligned": (PLAIN, 256, 256, 0),
-         "all-features-ragged": (FULL, 203, 150, 3),
-         "window-right-ragged": (ScoreSpec(softmax_scale=0.1, window_right=7), 97, 113, 1)}
+VARIANTS = {"all-features-ragged": (FULL, 203, 150, 3),
+            "plain-aligned": (ScoreSpec(softmax_scale=0.1), 256, 256, 0),
+            "window-right-ragged": (ScoreSpec(softmax_scale=0.1, window_right=7), 97, 113, 1)}
 
 
-def _configs():
-    for dtype, head_dim_p, config in all_forward_configs():
-        yield pytest.param(dtype, head_dim_p, config,
-                           id=f"{jnp.dtype(dtype).name}-d{head_dim_p}-q{config.block_q}-k{config.block_k}")
-
-
-@pytest.mark.parametrize("variant", list(SPECS))
-@pytest.mark.parametrize("dtype,head_dim_p,config", list(_configs()))
-def test_forward_kernels_lower_for_h100(dtype, head_dim_p, config, variant):
-    spec, seqlen_q, seqlen_k, head_dim_cut = SPECS[variant]
-    head_dim = max(1, head_dim_p - head_dim_cut) if head_dim_p > 16 else 16 - head_dim_cut
+def _shapes(dtype, head_dim_p, variant):
+    _, seqlen_q, seqlen_k, head_dim_cut = VARIANTS[variant]
+    head_dim = head_dim_p - head_dim_cut if head_dim_p > 16 else 16 - head_dim_cut
     q = _struct((2, seqlen_q, 4, head_dim), dtype)
     kv = _struct((2, seqlen_k, 2, head_dim), dtype)
-    slopes = _struct((2, 4), jnp.float32)
-    lse = _struct((2, 4, seqlen_q), jnp.float32)
+    stats = _struct((2, 4, seqlen_q), jnp.float32)
+    return q, kv, stats, _struct((2, 4), jnp.float32)
+
+
+def _lower_forward(dtype, head_dim_p, config, variant):
+    spec = VARIANTS[variant][0]
+    q, kv, lse, slopes = _shapes(dtype, head_dim_p, variant)
     options = dict(interpret=False, debug=True)
     ttir = lower_for_h100(lambda q, k, v, s: triton_forward.forward(q, k, v, s, spec, config, **options),
                           q, kv, kv, slopes)
-    ttir += lower_for_h100(
+    return ttir + lower_for_h100(
         lambda q, k, lse, s: triton_forward.probabilities(q, k, lse, s, spec, config, **options),
         q, kv, lse, slopes)
-    assert "tt.dot" in ttir
+
+
+def _lower_backward(dtype, head_dim_p, dkdv_config, dq_config, variant):
+    spec = VARIANTS[variant][0]
+    q, kv, lse, slopes = _shapes(dtype, head_dim_p, variant)
+    return lower_for_h100(
+        lambda q, k, v, s, o, lse, do, dlse: triton_backward.backward(
+            q, k, v, s, o, lse, do, dlse, spec, dkdv_config, dq_config, interpret=False, debug=True),
+        q, kv, kv, slopes, q, lse, q, lse)
+
+
+def _check(ttir, expected_dots):
+    assert ttir.count("tt.dot ") >= expected_dots, "a kernel lost its dots"
     assert lint_ttir(ttir) == []
+
+
+def _id(dtype, head_dim_p, config):
+    return f"{jnp.dtype(dtype).name}-d{head_dim_p}-q{config.block_q}-k{config.block_k}"
+
+
+@pytest.mark.parametrize("dtype,head_dim_p,config",
+                         [pytest.param(*c, id=_id(*c)) for c in all_forward_configs()])
+def test_every_forward_config_lowers(dtype, head_dim_p, config):
+    _check(_lower_forward(dtype, head_dim_p, config, "all-features-ragged"), 3)
+
+
+@pytest.mark.parametrize("kernel,dtype,head_dim_p,config",
+                         [pytest.param(*c, id=c[0] + "-" + _id(*c[1:])) for c in all_backward_configs()])
+def test_every_backward_config_lowers(kernel, dtype, head_dim_p, config):
+    dkdv_config, dq_config = backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20)
+    configs = (config, dq_config) if kernel == "dkdv" else (dkdv_config, config)
+    _check(_lower_backward(dtype, head_dim_p, *configs, "all-features-ragged"), 7)
+
+
+@pytest.mark.parametrize("variant", ["plain-aligned", "window-right-ragged"])
+@pytest.mark.parametrize("head_dim_p", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["fp16", "bf16", "fp32"])
+def test_feature_variants_lower(dtype, head_dim_p, variant):
+    forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20)
+    _check(_lower_forward(dtype, head_dim_p, forward, variant), 3)
+    _check(_lower_backward(dtype, head_dim_p, *backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20),
+                           variant), 7)
 
 
 def _tiny_dot_kernel(x_ref, o_ref):

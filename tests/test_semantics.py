@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from flash_attn_jax.semantics import ScoreSpec, alibi_bias, full_key_span, key_mask, key_span
+from flash_attn_jax.semantics import (ScoreSpec, alibi_bias, full_key_span, full_query_span, key_mask,
+                                     key_span, logits, logits_derivative, query_span)
 
 WINDOWS = [(-1, -1), (-1, 0), (0, 0), (3, 0), (5, 2), (-1, 4), (7, -1), (0, 9), (40, 40)]
 SEQLENS = [(1, 1), (1, 17), (17, 1), (13, 29), (29, 13), (16, 16), (5, 40)]
@@ -28,6 +29,36 @@ def test_key_spans_agree_with_mask(window, seqlens):
             assert lo <= attended[0] and attended[-1] < hi, (row_lo, row_hi, lo, hi)
         full_lo, full_hi = full_key_span(row_lo, row_hi, spec, **span)
         assert block[:, max(full_lo, 0):max(full_hi, 0)].all(), (row_lo, row_hi, full_lo, full_hi)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("seqlens", SEQLENS)
+def test_query_spans_agree_with_mask(window, seqlens):
+    seqlen_q, seqlen_k = seqlens
+    spec = ScoreSpec(softmax_scale=1.0, window_left=window[0], window_right=window[1])
+    rows = np.arange(seqlen_q)[:, None]
+    cols = np.arange(seqlen_k)[None, :]
+    mask = np.asarray(key_mask(rows, cols, spec, offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k))
+    span = dict(offset=seqlen_k - seqlen_q, seqlen_q=seqlen_q)
+    for col_lo, col_hi in itertools.combinations(range(seqlen_k + 1), 2):
+        block = mask[:, col_lo:col_hi]
+        lo, hi = query_span(col_lo, col_hi, spec, **span)
+        attending = np.flatnonzero(block.any(axis=1))
+        if attending.size:
+            assert lo <= attending[0] and attending[-1] < hi, (col_lo, col_hi, lo, hi)
+        full_lo, full_hi = full_query_span(col_lo, col_hi, spec, **span)
+        assert block[max(full_lo, 0):max(full_hi, 0)].all(), (col_lo, col_hi, full_lo, full_hi)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("unit", [1.0, 1.4426950408889634])
+def test_logits_derivative_matches_autodiff(softcap, unit):
+    import jax
+    spec = ScoreSpec(softmax_scale=0.7, softcap=softcap)
+    qk = np.linspace(-20.0, 20.0, 41)
+    expected = jax.vmap(jax.grad(lambda x: logits(x, spec) * 1.0))(qk)
+    derivative = logits_derivative(logits(qk, spec, unit=unit), spec, unit=unit)
+    np.testing.assert_allclose(np.broadcast_to(derivative, qk.shape), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mask_matches_contract_examples():

@@ -106,9 +106,3 @@ def test_accepted_argument_forms():
     _trace(fa.flash_attn_func, Q, KV, KV, window_size=np.array([3, 4]), softmax_scale=np.float32(0.2),
            causal=np.bool_(True), softcap=np.float64(0.0))
     _trace(fa.flash_attn_func, Q, KV, KV, window_size=[-1, -1], softmax_scale=1)
-
-
-def test_gradient_raises_not_implemented_until_backward_exists():
-    q = jnp.ones((1, 8, 2, 16), jnp.float32)
-    with pytest.raises(NotImplementedError, match="backward"):
-        jax.grad(lambda q: fa.flash_attn_func(q, q, q).sum())(q)

@@ -2,7 +2,7 @@
 
 Everything above this module (the public API, custom_vjp, the reference, the tests) calls only the
 functions defined here. Today they dispatch to the Pallas kernels lowered through Triton
-(``triton_forward``); another backend (Mosaic GPU, say) would be selected here without touching
+(``triton_forward``, ``triton_backward``); another backend (Mosaic GPU, say) would be selected here without touching
 anything else.
 
 Backend selection: on a GPU the kernels are compiled by Triton; on any other backend they run in
@@ -18,8 +18,8 @@ import os
 
 import jax
 
-from flash_attn_jax.kernels import triton_forward
-from flash_attn_jax.kernels.config import forward_config, padded_head_dim
+from flash_attn_jax.kernels import triton_backward, triton_forward
+from flash_attn_jax.kernels.config import backward_configs, forward_config, padded_head_dim
 
 INTERPRET_ENV = "FLASH_ATTN_JAX_INTERPRET"
 _TRUE = ("1", "true", "yes", "on")
@@ -55,3 +55,11 @@ def probabilities(q, k, lse, slopes, spec):
     """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse."""
     return triton_forward.probabilities(q, k, lse, slopes, spec, _config(q, k),
                                         interpret=use_interpret())
+
+
+def backward(q, k, v, slopes, out, lse, dout, dlse, spec):
+    """(dq, dk, dv) of dense attention from its residuals and the cotangents of (out, lse)."""
+    dkdv_config, dq_config = backward_configs(q.dtype, padded_head_dim(q.shape[-1]), q.shape[1],
+                                              k.shape[1])
+    return triton_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, dkdv_config,
+                                    dq_config, interpret=use_interpret())

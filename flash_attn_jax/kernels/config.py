@@ -5,8 +5,8 @@ least 16 (smaller dots lower but compute garbage on the GPU), so the head dim is
 of two >= 16 inside the kernels and every block is a power of two >= 16. Short sequences shrink the
 blocks (down to 16) so that a single query does not pay for a 128-row tile.
 
-``all_forward_configs`` lists every configuration ``forward_config`` can return; the lowering test
-compiles each of them for an H100.
+``all_forward_configs`` and ``all_backward_configs`` list every configuration the selectors can
+return; the lowering test compiles each of them for an H100.
 """
 
 from __future__ import annotations
@@ -62,14 +62,55 @@ _FORWARD_TABLE = {
 }
 
 
+# The backward runs two kernels: dK/dV (a program per key block, looping over query blocks) and dQ
+# (a program per query block, looping over key blocks). Each holds two (block, head_dim) float32
+# accumulators or one plus the query tile, so blocks are smaller than the forward's.
+_DKDV_TABLE = {
+    (2, 16): BlockConfig(64, 64, 4, 2),
+    (2, 32): BlockConfig(64, 64, 4, 2),
+    (2, 64): BlockConfig(64, 64, 4, 2),
+    (2, 128): BlockConfig(64, 64, 8, 2),
+    (2, 256): BlockConfig(32, 64, 8, 1),
+    (4, 16): BlockConfig(32, 64, 4, 2),
+    (4, 32): BlockConfig(32, 64, 4, 2),
+    (4, 64): BlockConfig(32, 64, 4, 2),
+    (4, 128): BlockConfig(32, 32, 8, 1),
+    (4, 256): BlockConfig(16, 32, 8, 1),
+}
+_DQ_TABLE = {
+    (2, 16): BlockConfig(64, 64, 4, 2),
+    (2, 32): BlockConfig(64, 64, 4, 2),
+    (2, 64): BlockConfig(64, 64, 4, 2),
+    (2, 128): BlockConfig(64, 64, 8, 2),
+    (2, 256): BlockConfig(64, 32, 8, 1),
+    (4, 16): BlockConfig(64, 32, 4, 2),
+    (4, 32): BlockConfig(64, 32, 4, 2),
+    (4, 64): BlockConfig(64, 32, 4, 2),
+    (4, 128): BlockConfig(32, 32, 8, 1),
+    (4, 256): BlockConfig(32, 16, 8, 1),
+}
+# The delta = rowsum(dO * O) preprocessing: memory bound, one block of rows per program.
+DELTA_BLOCK = 64
+
+
 def _shrink(block: int, seqlen: int) -> int:
     return min(block, max(MIN_BLOCK, next_power_of_2(seqlen)))
 
 
-def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int) -> BlockConfig:
-    base = _FORWARD_TABLE[(jnp.dtype(dtype).itemsize, head_dim_p)]
+def _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k):
+    base = table[(jnp.dtype(dtype).itemsize, head_dim_p)]
     return dataclasses.replace(base, block_q=_shrink(base.block_q, seqlen_q),
                                block_k=_shrink(base.block_k, seqlen_k))
+
+
+def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int) -> BlockConfig:
+    return _shrunk(_FORWARD_TABLE, dtype, head_dim_p, seqlen_q, seqlen_k)
+
+
+def backward_configs(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int):
+    """(dK/dV config, dQ config)."""
+    return (_shrunk(_DKDV_TABLE, dtype, head_dim_p, seqlen_q, seqlen_k),
+            _shrunk(_DQ_TABLE, dtype, head_dim_p, seqlen_q, seqlen_k))
 
 
 def _block_sizes(largest: int):
@@ -79,11 +120,23 @@ def _block_sizes(largest: int):
         size *= 2
 
 
-def all_forward_configs():
-    """Yields (dtype, padded head dim, config) for every configuration forward_config can pick."""
+def _all_configs(table):
     for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
         for head_dim_p in PADDED_HEAD_DIMS:
-            base = _FORWARD_TABLE[(jnp.dtype(dtype).itemsize, head_dim_p)]
+            base = table[(jnp.dtype(dtype).itemsize, head_dim_p)]
             for block_q in _block_sizes(base.block_q):
                 for block_k in _block_sizes(base.block_k):
                     yield dtype, head_dim_p, dataclasses.replace(base, block_q=block_q, block_k=block_k)
+
+
+def all_forward_configs():
+    """Yields (dtype, padded head dim, config) for every configuration forward_config can pick."""
+    return _all_configs(_FORWARD_TABLE)
+
+
+def all_backward_configs():
+    """Yields (kernel, dtype, padded head dim, config), kernel "dkdv" or "dq", for every
+    configuration backward_configs can pick."""
+    for name, table in (("dkdv", _DKDV_TABLE), ("dq", _DQ_TABLE)):
+        for dtype, head_dim_p, config in _all_configs(table):
+            yield name, dtype, head_dim_p, config

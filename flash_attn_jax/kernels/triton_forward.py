@@ -20,97 +20,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
-from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec, full_key_span, key_span, scores
-
-
-def dot_precision(dtype):
-    # float32 inputs would silently get TF32 with the default precision.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-class ExpUnits:
-    """The exponential base of a kernel's softmax.
-
-    16-bit inputs use base 2 (``exp2`` is one instruction; scores carry a factor log2(e)). float32
-    inputs use base e: converting large logits to base 2 and the logsumexp back costs float32
-    precision that a float32 caller chose to keep.
-    """
-
-    def __init__(self, dtype):
-        self.base2 = jnp.dtype(dtype) != jnp.float32
-        self.unit = LOG2E if self.base2 else 1.0  # multiplies natural-log scores
-
-    def exp(self, x):
-        return jnp.exp2(x) if self.base2 else jnp.exp(x)
-
-    def lse(self, row_max, row_sum):
-        """Natural-log logsumexp from the running max (in units) and sum."""
-        if self.base2:
-            return (row_max + jnp.log2(row_sum)) * LN2
-        return row_max + jnp.log(row_sum)
-
-
-def matmul(a, b, *, transpose_b=False, precision=None):
-    """2-D a @ b (or a @ b.T) accumulated in float32."""
-    contract_b = 1 if transpose_b else 0
-    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
-                           preferred_element_type=jnp.float32, precision=precision)
-
-
-def _conjunction(masks, shape):
-    mask = None
-    for m in masks:
-        if m is not None:
-            mask = m if mask is None else mask & m
-    return None if mask is None else jnp.broadcast_to(mask, shape)
-
-
-def masked_load(ref, *masks):
-    """Loads ``ref`` with the conjunction of the non-None ``masks``; masked lanes read 0."""
-    mask = _conjunction(masks, ref.shape)
-    if mask is None:
-        return plgpu.load(ref)
-    return plgpu.load(ref, mask=mask, other=0)
-
-
-def masked_store(ref, value, *masks):
-    mask = _conjunction(masks, ref.shape)
-    if mask is None:
-        plgpu.store(ref, value)
-    else:
-        plgpu.store(ref, value, mask=mask)
-
-
-def block_range(lo, hi, block):
-    """Blocks ``[first, end)`` of size ``block`` that overlap columns ``[lo, hi)``."""
-    first = lax.div(jnp.maximum(lo, 0), block)
-    end = jnp.maximum(lax.div(jnp.maximum(hi, 0) + block - 1, block), first)
-    return first, end
-
-
-def inner_block_range(lo, hi, block, first, end):
-    """Blocks inside ``[first, end)`` that lie entirely within columns ``[lo, hi)``."""
-    inner_first = jnp.clip(lax.div(jnp.maximum(lo, 0) + block - 1, block), first, end)
-    inner_end = jnp.clip(lax.div(jnp.maximum(hi, 0), block), inner_first, end)
-    return inner_first, inner_end
-
-
-def bounds_mask(index, size, block):
-    """``index < size`` (1-D), or None when ``size`` is a multiple of ``block`` (no ragged edge)."""
-    return None if size % block == 0 else index < size
-
-
-def as_rows(mask):
-    return None if mask is None else mask[:, None]
-
-
-def as_cols(mask):
-    return None if mask is None else mask[None, :]
-
-
-def head_dim_mask(head_dim, head_dim_p):
-    """(1, head_dim_p) mask of the real features, None without padding."""
-    return as_cols(bounds_mask(jnp.arange(head_dim_p, dtype=jnp.int32), head_dim, head_dim_p))
+from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_cols, as_rows, bounds_mask,
+                                                 dot_precision, head_dim_mask, key_blocks,
+                                                 masked_full_masked_loop, masked_load,
+                                                 masked_store, matmul)
+from flash_attn_jax.semantics import ScoreSpec, scores
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqlen_k, head_dim,
@@ -132,11 +46,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
     q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     slope = slopes_ref[batch, head] if spec.has_alibi else None
 
-    row_hi = jnp.minimum(row_lo + block_q, seqlen_q)
-    span = dict(offset=offset, seqlen_k=seqlen_k)
-    first, end = block_range(*key_span(row_lo, row_hi, spec, **span), block_k)
-    inner_first, inner_end = inner_block_range(*full_key_span(row_lo, row_hi, spec, **span),
-                                               block_k, first, end)
+    blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
 
     def body(key_block, carry, *, masked):
         acc, row_max, row_sum = carry
@@ -147,7 +57,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
         v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
         qk = matmul(q, k, transpose_b=True, precision=precision)
         s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=units.unit,
-                   apply_mask=masked, **span)
+                   apply_mask=masked, offset=offset, seqlen_k=seqlen_k)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
         # A row that has seen only masked keys keeps max -inf; exponentiate against 0 instead.
         ref_max = jnp.where(new_max == -jnp.inf, 0.0, new_max) if masked else new_max
@@ -160,9 +70,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
     carry = (jnp.zeros((block_q, head_dim_p), jnp.float32),
              jnp.full((block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
-    carry = lax.fori_loop(first, inner_first, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(inner_first, inner_end, functools.partial(body, masked=False), carry)
-    acc, row_max, row_sum = lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
+    acc, row_max, row_sum = masked_full_masked_loop(body, carry, *blocks)
 
     empty = row_sum == 0.0
     safe_sum = jnp.where(empty, 1.0, row_sum)

@@ -1,0 +1,192 @@
+"""Dense attention speed on the GPU: flash_attn_jax against its peers, in one run.
+
+Shapes follow the FlashAttention benchmark (../shared/notes/anchors.md): batch x seqlen = 16384
+tokens, nheads x headdim = 2048, bf16, causal and not. Forward FLOPs = 4 * B * H * S * S * D,
+halved when causal; forward + backward (timed as jax.vjp of the call, the forward included) counts
+3.5x that. Peers: jax.nn.dot_product_attention with the cuDNN and XLA implementations, and JAX's
+bundled Pallas Triton kernel (jax.experimental.pallas.ops.gpu.attention.mha).
+
+    PYTHONPATH=. python benchmarks/bench_dense.py [--phase fwd|fwd_bwd] [--sweep] [--out results.md]
+
+--sweep also times alternative block configurations of this package's kernels (to tune
+flash_attn_jax/kernels/config.py): the forward kernel for --phase fwd, the dK/dV and dQ kernels
+(one varied at a time, at S = 4096) for --phase fwd_bwd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+import flash_attn_jax as fa
+from flash_attn_jax.kernels import triton_backward, triton_forward
+from flash_attn_jax.kernels.config import BlockConfig, backward_configs, forward_config, padded_head_dim
+from flash_attn_jax.semantics import ScoreSpec
+
+TOKENS, WIDTH = 16384, 2048
+SHAPES = [(d, s, causal) for d in (128, 64) for s in (1024, 4096, 16384) for causal in (False, True)]
+DKDV_SWEEP = [BlockConfig(64, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(32, 64, 4, 2),
+              BlockConfig(64, 128, 8, 2), BlockConfig(32, 128, 8, 2), BlockConfig(64, 64, 4, 3),
+              BlockConfig(64, 128, 8, 1)]
+DQ_SWEEP = [BlockConfig(64, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(128, 64, 8, 2),
+            BlockConfig(64, 32, 4, 2), BlockConfig(128, 32, 8, 2), BlockConfig(128, 64, 8, 3)]
+FORWARD_SWEEP = [BlockConfig(128, 64, 4, 3), BlockConfig(128, 64, 8, 3), BlockConfig(128, 128, 8, 3),
+         BlockConfig(128, 128, 8, 2), BlockConfig(64, 64, 4, 3), BlockConfig(128, 32, 4, 3),
+         BlockConfig(64, 128, 4, 3), BlockConfig(128, 64, 8, 4)]
+
+
+def seconds_per_call(fn, *args, min_time=0.25, repeats=5):
+    """Median over ``repeats`` of the mean time of back-to-back calls (dispatch overlaps the GPU)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time / repeats or calls >= 1 << 14:
+            break
+        calls *= 2
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def peers(head_dim, causal):
+    """Forward functions (q, k, v) -> out of each implementation."""
+    scale = head_dim ** -0.5
+    impls = {
+        "flash_attn_jax": lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal),
+        "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn"),
+        "xla": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="xla"),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+    impls["jax pallas mha"] = lambda q, k, v: pallas_attention.mha(
+        q, k, v, segment_ids=None, sm_scale=scale, causal=causal)
+    return impls
+
+
+def timed(attend, phase):
+    """The jitted function the benchmark times: the forward, or jax.vjp of it (forward included)."""
+    if phase == "fwd":
+        return jax.jit(attend)
+    return jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q))  # q serves as the cotangent
+
+
+def inputs(head_dim, seqlen):
+    batch, nheads = TOKENS // seqlen, WIDTH // head_dim
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    return [jax.random.normal(key, (batch, seqlen, nheads, head_dim), jnp.bfloat16) for key in keys]
+
+
+def flops(head_dim, seqlen, causal, phase):
+    batch, nheads = TOKENS // seqlen, WIDTH // head_dim
+    forward = 4 * batch * nheads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    return forward * (1.0 if phase == "fwd" else 3.5)
+
+
+def _rate(fn, shape, phase, *args):
+    try:
+        return flops(*shape, phase) / seconds_per_call(fn, *args) / 1e12
+    except Exception as error:  # a config may not fit (shared memory, registers): report, go on
+        return f"failed: {type(error).__name__}"
+
+
+def sweep(shape, phase, q, k, v):
+    """{label: TFLOP/s} of alternative block configurations at one shape."""
+    head_dim, seqlen, causal = shape
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=causal)
+    fwd_config = forward_config(q.dtype, padded_head_dim(head_dim), seqlen, seqlen)
+    results = {}
+    if phase == "fwd":
+        for config in FORWARD_SWEEP:
+            fn = jax.jit(lambda q, k, v, config=config: triton_forward.forward(
+                q, k, v, None, spec, config, interpret=False)[0])
+            results[f"fwd {config}"] = _rate(fn, shape, phase, q, k, v)
+        return results
+    if seqlen != 4096:
+        return results
+    dkdv_default, dq_default = backward_configs(q.dtype, padded_head_dim(head_dim), seqlen, seqlen)
+    candidates = [("dkdv", c, (c, dq_default)) for c in DKDV_SWEEP]
+    candidates += [("dq", c, (dkdv_default, c)) for c in DQ_SWEEP]
+    for kernel, config, (dkdv, dq) in candidates:
+        def step(q, k, v, dkdv=dkdv, dq=dq):
+            out, lse = triton_forward.forward(q, k, v, None, spec, fwd_config, interpret=False)
+            return triton_backward.backward(q, k, v, None, out, lse, q, jnp.zeros_like(lse), spec,
+                                            dkdv, dq, interpret=False)
+        results[f"{kernel} {config}"] = _rate(jax.jit(step), shape, phase, q, k, v)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    device = jax.devices()[0].device_kind
+    phase_name = "Forward" if args.phase == "fwd" else "Forward + backward"
+    header = (f"{phase_name}, bf16, {device}, jax {jax.__version__}, "
+              f"{datetime.date.today().isoformat()}; TFLOP/s (ratio to cuDNN)")
+    names = list(peers(64, False))
+    lines = [header, "", "| D | S | causal | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    ratios = {name: [] for name in names}
+    for shape in SHAPES:
+        head_dim, seqlen, causal = shape
+        q, k, v = inputs(head_dim, seqlen)
+        rates = {}
+        for name, attend in peers(head_dim, causal).items():
+            if name == "xla" and seqlen > 4096:
+                continue  # O(S^2) memory
+            rate = _rate(timed(attend, args.phase), shape, args.phase, q, k, v)
+            if isinstance(rate, str):
+                print(f"{name} D={head_dim} S={seqlen} causal={causal}: {rate}")
+            else:
+                rates[name] = rate
+        cells = []
+        for name in names:
+            if name not in rates:
+                cells.append("-")
+                continue
+            ratio = rates[name] / rates["cudnn"] if "cudnn" in rates else float("nan")
+            ratios[name].append(ratio)
+            cells.append(f"{rates[name]:.0f} ({ratio:.2f})")
+        lines.append(f"| {head_dim} | {seqlen} | {'y' if causal else 'n'} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+        if args.sweep:
+            for label, rate in sweep(shape, args.phase, q, k, v).items():
+                shown = f"{rate:.0f}" if isinstance(rate, float) else rate
+                print(f"    sweep D={head_dim} S={seqlen} causal={causal} {label}: {shown}", flush=True)
+    geomeans = [math.exp(statistics.fmean(math.log(r) for r in ratios[name])) if ratios[name] else
+                float("nan") for name in names]
+    lines.append("| geomean ratio to cuDNN | | | " + " | ".join(f"{g:.2f}" for g in geomeans) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Pallas (Triton lowering) backward kernels of dense attention.
+
+Three launches, no atomics (so every run is bitwise reproducible):
+
+1. delta = rowsum(dO * O) - dlse per query row (the lse cotangent enters here: d lse_i / d s_ij
+   = P_ij, so it shifts delta).
+2. dK, dV: one program per (key block, batch, kv head). It keeps its K and V tiles and both
+   accumulators on chip and loops over the query heads of its kv head (GQA) and over the query
+   blocks that can see its keys, so per-query-head dK/dV never reach memory.
+3. dQ: one program per (query block, batch, query head), looping over key blocks like the forward.
+
+Both recompute P = exp(s - lse) from the residuals q, k, v, out, lse. A row without any key has
+lse = -inf; it is read as +inf so that its P is exactly 0. With softcap the score derivative
+carries tanh's derivative.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flash_attn_jax.kernels.config import DELTA_BLOCK, BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_rows, bounds_mask,
+                                                 dot_precision, head_dim_mask, key_blocks,
+                                                 masked_full_masked_loop, masked_load,
+                                                 masked_store, matmul, query_blocks)
+from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_derivative
+
+
+def _delta_kernel(out_ref, dout_ref, dlse_ref, delta_ref, *, seqlen_q, head_dim, block_q):
+    row_lo = pl.program_id(0) * block_q
+    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
+    row_ok = bounds_mask(rows, seqlen_q, block_q)
+    d_mask = head_dim_mask(head_dim, out_ref.shape[-1])
+    out = masked_load(out_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
+    dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
+    dlse = masked_load(dlse_ref.at[pl.ds(row_lo, block_q)], row_ok)
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=1) - dlse
+    masked_store(delta_ref.at[pl.ds(row_lo, block_q)], delta, row_ok)
+
+
+def _row_stats(lse_ref, delta_ref, row_ok, units):
+    """lse (in units; +inf for empty and out-of-range rows, so their P is 0) and delta."""
+    lse = masked_load(lse_ref, row_ok, other=jnp.inf)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse) * units.unit
+    return lse, masked_load(delta_ref, row_ok)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: ScoreSpec,
+                 seqlen_q, seqlen_k, head_dim, group, block_q, block_k):
+    if spec.has_alibi:
+        slopes_ref, dk_ref, dv_ref = refs
+    else:
+        dk_ref, dv_ref = refs
+    key_block, batch, head_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    head_dim_p = k_ref.shape[-1]
+    precision = dot_precision(k_ref.dtype)
+    units = ExpUnits(k_ref.dtype)
+    offset = seqlen_k - seqlen_q
+    d_mask = head_dim_mask(head_dim, head_dim_p)
+
+    col_lo = key_block * block_k
+    cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
+    col_ok = bounds_mask(cols, seqlen_k, block_k)
+    k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
+    v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
+    blocks = query_blocks(col_lo, block_k, block_q, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+
+    def head_body(member, carry):
+        slope = slopes_ref[batch, head_k * group + member] if spec.has_alibi else None
+
+        def body(query_block, carry, *, masked):
+            dk, dv = carry
+            row_lo = query_block * block_q
+            rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
+            row_ok = bounds_mask(rows, seqlen_q, block_q) if masked else None
+            q = masked_load(q_ref.at[pl.ds(row_lo, block_q), member, :], as_rows(row_ok), d_mask)
+            dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), member, :], as_rows(row_ok),
+                               d_mask)
+            lse, delta = _row_stats(lse_ref.at[member, pl.ds(row_lo, block_q)],
+                                    delta_ref.at[member, pl.ds(row_lo, block_q)], row_ok, units)
+            # Transposed tiles (keys x queries): the accumulators are per key.
+            x = logits(matmul(k, q, transpose_b=True, precision=precision), spec, unit=units.unit)
+            s = bias_and_mask(x, rows[None, :], cols[:, None], spec, offset=offset,
+                              seqlen_k=seqlen_k, slope=slope, unit=units.unit, apply_mask=masked)
+            p = units.exp(s - lse[None, :])
+            dv = dv + matmul(p.astype(dout.dtype), dout, precision=precision)
+            dp = matmul(v, dout, transpose_b=True, precision=precision)
+            ds = p * (dp - delta[None, :]) * logits_derivative(x, spec, unit=units.unit)
+            dk = dk + matmul(ds.astype(q.dtype), q, precision=precision)
+            return dk, dv
+
+        return masked_full_masked_loop(body, carry, *blocks)
+
+    zeros = jnp.zeros((block_k, head_dim_p), jnp.float32)
+    dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+    masked_store(dk_ref.at[pl.ds(col_lo, block_k), :], dk.astype(dk_ref.dtype), as_rows(col_ok), d_mask)
+    masked_store(dv_ref.at[pl.ds(col_lo, block_k), :], dv.astype(dv_ref.dtype), as_rows(col_ok), d_mask)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: ScoreSpec,
+               seqlen_q, seqlen_k, head_dim, block_q, block_k):
+    if spec.has_alibi:
+        slopes_ref, dq_ref = refs
+    else:
+        (dq_ref,) = refs
+    query_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    head_dim_p = q_ref.shape[-1]
+    precision = dot_precision(q_ref.dtype)
+    units = ExpUnits(q_ref.dtype)
+    offset = seqlen_k - seqlen_q
+    d_mask = head_dim_mask(head_dim, head_dim_p)
+
+    row_lo = query_block * block_q
+    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
+    row_ok = bounds_mask(rows, seqlen_q, block_q)
+    q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
+    dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
+    lse, delta = _row_stats(lse_ref.at[pl.ds(row_lo, block_q)], delta_ref.at[pl.ds(row_lo, block_q)],
+                            row_ok, units)
+    slope = slopes_ref[batch, head] if spec.has_alibi else None
+
+    def body(key_block, dq, *, masked):
+        col_lo = key_block * block_k
+        cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
+        col_ok = as_rows(bounds_mask(cols, seqlen_k, block_k)) if masked else None
+        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
+        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
+        x = logits(matmul(q, k, transpose_b=True, precision=precision), spec, unit=units.unit)
+        s = bias_and_mask(x, rows[:, None], cols[None, :], spec, offset=offset, seqlen_k=seqlen_k,
+                          slope=slope, unit=units.unit, apply_mask=masked)
+        p = units.exp(s - lse[:, None])
+        dp = matmul(dout, v, transpose_b=True, precision=precision)
+        ds = p * (dp - delta[:, None]) * logits_derivative(x, spec, unit=units.unit)
+        return dq + matmul(ds.astype(k.dtype), k, precision=precision)
+
+    blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    dq = masked_full_masked_loop(body, jnp.zeros((block_q, head_dim_p), jnp.float32), *blocks)
+    masked_store(dq_ref.at[pl.ds(row_lo, block_q), :], dq.astype(dq_ref.dtype), as_rows(row_ok), d_mask)
+
+
+def _params(config: BlockConfig):
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config: BlockConfig,
+             dq_config: BlockConfig, *, interpret: bool, debug: bool = False):
+    """(dq, dk, dv) in the input dtype from the residuals and the cotangents of (out, lse)."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    group = num_heads // num_heads_k
+    head_dim_p = padded_head_dim(head_dim)
+    static = dict(seqlen_q=seqlen_q, head_dim=head_dim)
+    call = functools.partial(pl.pallas_call, interpret=interpret, debug=debug)
+    rows_spec = pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, b, h: (b, 0, h, 0))
+    stats_spec = pl.BlockSpec((None, None, seqlen_q), lambda i, b, h: (b, h, 0))
+    stats_shape = jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32)
+    slopes_spec = [pl.BlockSpec((batch, num_heads), lambda i, b, h: (0, 0))] if spec.has_alibi else []
+    slopes_arg = [slopes] if spec.has_alibi else []
+
+    delta = call(
+        functools.partial(_delta_kernel, block_q=DELTA_BLOCK, **static),
+        grid=(pl.cdiv(seqlen_q, DELTA_BLOCK), batch, num_heads),
+        in_specs=[rows_spec, rows_spec, stats_spec], out_specs=stats_spec, out_shape=stats_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        name="flash_attn_backward_delta",
+    )(out, dout, dlse)
+
+    # dK/dV: the query-side operands of all `group` query heads of one kv head.
+    kv_spec = pl.BlockSpec((None, seqlen_k, None, head_dim_p), lambda j, b, h: (b, 0, h, 0))
+    group_rows_spec = pl.BlockSpec((None, seqlen_q, group, head_dim_p), lambda j, b, h: (b, 0, h, 0))
+    group_stats_spec = pl.BlockSpec((None, group, seqlen_q), lambda j, b, h: (b, h, 0))
+    dk, dv = call(
+        functools.partial(_dkdv_kernel, spec=spec, seqlen_k=seqlen_k, group=group,
+                          block_q=dkdv_config.block_q, block_k=dkdv_config.block_k, **static),
+        grid=(pl.cdiv(seqlen_k, dkdv_config.block_k), batch, num_heads_k),
+        in_specs=[group_rows_spec, kv_spec, kv_spec, group_rows_spec, group_stats_spec,
+                  group_stats_spec, *slopes_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(dkdv_config),
+        name="flash_attn_backward_dkdv",
+    )(q, k, v, dout, lse, delta, *slopes_arg)
+
+    kv_of_query_head = pl.BlockSpec((None, seqlen_k, None, head_dim_p),
+                                    lambda i, b, h: (b, 0, lax.div(h, group), 0))
+    dq = call(
+        functools.partial(_dq_kernel, spec=spec, seqlen_k=seqlen_k, block_q=dq_config.block_q,
+                          block_k=dq_config.block_k, **static),
+        grid=(pl.cdiv(seqlen_q, dq_config.block_q), batch, num_heads),
+        in_specs=[rows_spec, kv_of_query_head, kv_of_query_head, rows_spec, stats_spec, stats_spec,
+                  *slopes_spec],
+        out_specs=rows_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_params(dq_config),
+        name="flash_attn_backward_dq",
+    )(q, k, v, dout, lse, delta, *slopes_arg)
+    return dq, dk, dv

@@ -1,0 +1,138 @@
+"""Tile-level helpers shared by the Pallas Triton kernels.
+
+Everything a kernel needs to stay within what the Triton lowering accepts and computes correctly:
+float32 accumulation and full-precision float32 dots, masked loads and stores at ragged edges
+(the lowering adds no bounds checks), and the block ranges and loops that skip masked-out blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
+
+from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, full_key_span, full_query_span,
+                                      key_span, query_span)
+
+
+def dot_precision(dtype):
+    # float32 inputs would silently get TF32 with the default precision.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+class ExpUnits:
+    """The exponential base of a kernel's softmax.
+
+    16-bit inputs use base 2 (``exp2`` is one instruction; scores carry a factor log2(e)). float32
+    inputs use base e: converting large logits to base 2 and the logsumexp back costs float32
+    precision that a float32 caller chose to keep.
+    """
+
+    def __init__(self, dtype):
+        self.base2 = jnp.dtype(dtype) != jnp.float32
+        self.unit = LOG2E if self.base2 else 1.0  # multiplies natural-log scores
+
+    def exp(self, x):
+        return jnp.exp2(x) if self.base2 else jnp.exp(x)
+
+    def lse(self, row_max, row_sum):
+        """Natural-log logsumexp from the running max (in units) and sum."""
+        if self.base2:
+            return (row_max + jnp.log2(row_sum)) * LN2
+        return row_max + jnp.log(row_sum)
+
+
+def matmul(a, b, *, transpose_b=False, precision=None):
+    """2-D a @ b (or a @ b.T) accumulated in float32."""
+    contract_b = 1 if transpose_b else 0
+    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                           preferred_element_type=jnp.float32, precision=precision)
+
+
+def _conjunction(masks, shape):
+    mask = None
+    for m in masks:
+        if m is not None:
+            mask = m if mask is None else mask & m
+    return None if mask is None else jnp.broadcast_to(mask, shape)
+
+
+def masked_load(ref, *masks, other=0):
+    """Loads ``ref`` with the conjunction of the non-None ``masks``; masked lanes read ``other``."""
+    mask = _conjunction(masks, ref.shape)
+    if mask is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def masked_store(ref, value, *masks):
+    mask = _conjunction(masks, ref.shape)
+    if mask is None:
+        plgpu.store(ref, value)
+    else:
+        plgpu.store(ref, value, mask=mask)
+
+
+def bounds_mask(index, size, block):
+    """``index < size`` (1-D), or None when ``size`` is a multiple of ``block`` (no ragged edge)."""
+    return None if size % block == 0 else index < size
+
+
+def as_rows(mask):
+    return None if mask is None else mask[:, None]
+
+
+def as_cols(mask):
+    return None if mask is None else mask[None, :]
+
+
+def head_dim_mask(head_dim, head_dim_p):
+    """(1, head_dim_p) mask of the real features, None without padding."""
+    return as_cols(bounds_mask(jnp.arange(head_dim_p, dtype=jnp.int32), head_dim, head_dim_p))
+
+
+def _block_range(lo, hi, block):
+    """Blocks ``[first, end)`` of size ``block`` that overlap ``[lo, hi)``."""
+    first = lax.div(jnp.maximum(lo, 0), block)
+    end = jnp.maximum(lax.div(jnp.maximum(hi, 0) + block - 1, block), first)
+    return first, end
+
+
+def _inner_block_range(lo, hi, block, first, end):
+    """Blocks inside ``[first, end)`` that lie entirely within ``[lo, hi)``."""
+    inner_first = jnp.clip(lax.div(jnp.maximum(lo, 0) + block - 1, block), first, end)
+    inner_end = jnp.clip(lax.div(jnp.maximum(hi, 0), block), inner_first, end)
+    return inner_first, inner_end
+
+
+def key_blocks(row_lo, block_q, block_k, spec: ScoreSpec, *, seqlen_q, seqlen_k):
+    """(first, inner_first, inner_end, end): the key blocks the query rows
+    ``[row_lo, row_lo + block_q)`` may attend; the inner ones they attend in full (no mask)."""
+    row_hi = jnp.minimum(row_lo + block_q, seqlen_q)
+    span = dict(offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k)
+    first, end = _block_range(*key_span(row_lo, row_hi, spec, **span), block_k)
+    inner = _inner_block_range(*full_key_span(row_lo, row_hi, spec, **span), block_k, first, end)
+    return first, *inner, end
+
+
+def query_blocks(col_lo, block_k, block_q, spec: ScoreSpec, *, seqlen_q, seqlen_k):
+    """(first, inner_first, inner_end, end): the query blocks that may attend the key columns
+    ``[col_lo, col_lo + block_k)``; the inner ones attend all of them (no mask)."""
+    col_hi = jnp.minimum(col_lo + block_k, seqlen_k)
+    span = dict(offset=seqlen_k - seqlen_q, seqlen_q=seqlen_q)
+    first, end = _block_range(*query_span(col_lo, col_hi, spec, **span), block_q)
+    inner_first, inner_end = _inner_block_range(*full_query_span(col_lo, col_hi, spec, **span),
+                                                block_q, first, end)
+    if seqlen_k % block_k:  # a key block past the end needs its column mask on every row block
+        inner_end = jnp.where(col_lo + block_k > seqlen_k, inner_first, inner_end)
+    return first, inner_first, inner_end, end
+
+
+def masked_full_masked_loop(body, carry, first, inner_first, inner_end, end):
+    """Runs ``carry = body(i, carry, masked=...)`` for i in ``[first, end)``: masked outside
+    ``[inner_first, inner_end)``, unmasked inside."""
+    carry = lax.fori_loop(first, inner_first, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(inner_first, inner_end, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
