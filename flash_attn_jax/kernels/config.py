@@ -64,12 +64,13 @@ _FORWARD_TABLE = {
 
 # The backward runs two kernels: dK/dV (a program per key block, looping over query blocks) and dQ
 # (a program per query block, looping over key blocks). Each holds two (block, head_dim) float32
-# accumulators or one plus the query tile, so blocks are smaller than the forward's.
+# accumulators or one plus the query tile, so blocks are smaller than the forward's. 16-bit d64 and
+# d128: the best of an H100 sweep (4 warps beat 8 on 64-row tiles by ~30 %; RESULTS.md).
 _DKDV_TABLE = {
     (2, 16): BlockConfig(64, 64, 4, 2),
     (2, 32): BlockConfig(64, 64, 4, 2),
     (2, 64): BlockConfig(64, 64, 4, 2),
-    (2, 128): BlockConfig(64, 64, 8, 2),
+    (2, 128): BlockConfig(64, 64, 4, 2),
     (2, 256): BlockConfig(32, 64, 8, 1),
     (4, 16): BlockConfig(32, 64, 4, 2),
     (4, 32): BlockConfig(32, 64, 4, 2),
@@ -81,7 +82,7 @@ _DQ_TABLE = {
     (2, 16): BlockConfig(64, 64, 4, 2),
     (2, 32): BlockConfig(64, 64, 4, 2),
     (2, 64): BlockConfig(64, 64, 4, 2),
-    (2, 128): BlockConfig(64, 64, 8, 2),
+    (2, 128): BlockConfig(64, 64, 4, 2),
     (2, 256): BlockConfig(64, 32, 8, 1),
     (4, 16): BlockConfig(64, 32, 4, 2),
     (4, 32): BlockConfig(64, 32, 4, 2),
