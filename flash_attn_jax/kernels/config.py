@@ -47,7 +47,7 @@ PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # (itemsize, padded head dim) -> the largest blocks. float32 tiles take twice the registers and
 # shared memory of 16-bit ones, hence smaller blocks. The 16-bit d64/d128 entries are the best of a
-# sweep on an H100 (benchmarks/bench_forward.py --sweep, benchmarks/RESULTS.md).
+# sweep on an H100 (benchmarks/bench_dense.py --sweep, benchmarks/RESULTS.md).
 _FORWARD_TABLE = {
     (2, 16): BlockConfig(128, 64, 4, 3),
     (2, 32): BlockConfig(128, 64, 4, 3),
