@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import DELTA_BLOCK, BlockConfig, padded_head_dim
-from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_rows, bounds_mask,
+from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_rows, block_indices,
                                                  dot_precision, head_dim_mask, key_blocks,
                                                  masked_full_masked_loop, masked_load,
                                                  masked_store, matmul, query_blocks)
@@ -33,9 +33,7 @@ from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_de
 
 
 def _delta_kernel(out_ref, dout_ref, dlse_ref, delta_ref, *, seqlen_q, head_dim, block_q):
-    row_lo = pl.program_id(0) * block_q
-    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
-    row_ok = bounds_mask(rows, seqlen_q, block_q)
+    row_lo, _, row_ok = block_indices(pl.program_id(0), block_q, seqlen_q)
     d_mask = head_dim_mask(head_dim, out_ref.shape[-1])
     out = masked_load(out_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
@@ -64,11 +62,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec:
     offset = seqlen_k - seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
 
-    col_lo = key_block * block_k
-    cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
-    col_ok = bounds_mask(cols, seqlen_k, block_k)
-    k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
-    v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
+    col_lo, cols, col_ok = block_indices(key_block, block_k, seqlen_k)
+    kv_mask = as_rows(col_ok)
+    k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
+    v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
     blocks = query_blocks(col_lo, block_k, block_q, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
 
     def head_body(member, carry):
@@ -76,9 +73,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec:
 
         def body(query_block, carry, *, masked):
             dk, dv = carry
-            row_lo = query_block * block_q
-            rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
-            row_ok = bounds_mask(rows, seqlen_q, block_q) if masked else None
+            row_lo, rows, row_ok = block_indices(query_block, block_q, seqlen_q, check_bounds=masked)
             q = masked_load(q_ref.at[pl.ds(row_lo, block_q), member, :], as_rows(row_ok), d_mask)
             dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), member, :], as_rows(row_ok),
                                d_mask)
@@ -116,9 +111,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: S
     offset = seqlen_k - seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
 
-    row_lo = query_block * block_q
-    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
-    row_ok = bounds_mask(rows, seqlen_q, block_q)
+    row_lo, rows, row_ok = block_indices(query_block, block_q, seqlen_q)
     q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     lse, delta = _row_stats(lse_ref.at[pl.ds(row_lo, block_q)], delta_ref.at[pl.ds(row_lo, block_q)],
@@ -126,11 +119,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: S
     slope = slopes_ref[batch, head] if spec.has_alibi else None
 
     def body(key_block, dq, *, masked):
-        col_lo = key_block * block_k
-        cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
-        col_ok = as_rows(bounds_mask(cols, seqlen_k, block_k)) if masked else None
-        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
-        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
+        col_lo, cols, col_ok = block_indices(key_block, block_k, seqlen_k, check_bounds=masked)
+        kv_mask = as_rows(col_ok)
+        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
+        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
         x = logits(matmul(q, k, transpose_b=True, precision=precision), spec, unit=units.unit)
         s = bias_and_mask(x, rows[:, None], cols[None, :], spec, offset=offset, seqlen_k=seqlen_k,
                           slope=slope, unit=units.unit, apply_mask=masked)

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
-from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_cols, as_rows, bounds_mask,
+from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_cols, as_rows, block_indices,
                                                  dot_precision, head_dim_mask, key_blocks,
                                                  masked_full_masked_loop, masked_load,
                                                  masked_store, matmul)
@@ -40,9 +40,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
     offset = seqlen_k - seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
 
-    row_lo = q_block * block_q
-    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
-    row_ok = bounds_mask(rows, seqlen_q, block_q)
+    row_lo, rows, row_ok = block_indices(q_block, block_q, seqlen_q)
     q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     slope = slopes_ref[batch, head] if spec.has_alibi else None
 
@@ -50,11 +48,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
 
     def body(key_block, carry, *, masked):
         acc, row_max, row_sum = carry
-        col_lo = key_block * block_k
-        cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
-        col_ok = as_rows(bounds_mask(cols, seqlen_k, block_k)) if masked else None
-        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
-        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], col_ok, d_mask)
+        col_lo, cols, col_ok = block_indices(key_block, block_k, seqlen_k, check_bounds=masked)
+        kv_mask = as_rows(col_ok)
+        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
+        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
         qk = matmul(q, k, transpose_b=True, precision=precision)
         s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=units.unit,
                    apply_mask=masked, offset=offset, seqlen_k=seqlen_k)
@@ -129,11 +126,8 @@ def _probs_kernel(q_ref, k_ref, lse_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
     q_block, k_block = pl.program_id(0), pl.program_id(1)
     batch, head = pl.program_id(2), pl.program_id(3)
     d_mask = head_dim_mask(head_dim, q_ref.shape[-1])
-    row_lo, col_lo = q_block * block_q, k_block * block_k
-    rows = row_lo + jnp.arange(block_q, dtype=jnp.int32)
-    cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
-    row_ok = bounds_mask(rows, seqlen_q, block_q)
-    col_ok = bounds_mask(cols, seqlen_k, block_k)
+    row_lo, rows, row_ok = block_indices(q_block, block_q, seqlen_q)
+    col_lo, cols, col_ok = block_indices(k_block, block_k, seqlen_k)
     q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
     lse = masked_load(lse_ref.at[pl.ds(row_lo, block_q)], row_ok)

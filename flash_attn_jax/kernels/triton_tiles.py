@@ -80,6 +80,14 @@ def bounds_mask(index, size, block):
     return None if size % block == 0 else index < size
 
 
+def block_indices(block_id, block, size, *, check_bounds=True):
+    """(start, indices, in_bounds) of block ``block_id`` of a ``size``-long axis. ``in_bounds`` is
+    None when no block of the axis is ragged (or when the caller knows this one is not)."""
+    start = block_id * block
+    indices = start + jnp.arange(block, dtype=jnp.int32)
+    return start, indices, bounds_mask(indices, size, block) if check_bounds else None
+
+
 def as_rows(mask):
     return None if mask is None else mask[:, None]
 
