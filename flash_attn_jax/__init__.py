@@ -8,9 +8,10 @@ from flash_attn_jax.interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
+    flash_attn_with_kvcache,
 )
 from flash_attn_jax.kernels import backend_name
-from flash_attn_jax.reference import attention_reference
+from flash_attn_jax.reference import attention_reference, kvcache_reference
 from flash_attn_jax.semantics import ScoreSpec
 
 __version__ = "0.1.0"
@@ -22,4 +23,6 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_with_kvcache",
+    "kvcache_reference",
 ]

@@ -1,40 +1,44 @@
 """The differentiable attention core that every public variant is a view onto.
 
 ``attention`` takes canonical dense inputs (B, S, H, D) and a static ScoreSpec and returns
-(out, lse); the packed variants slice their inputs into it.
+(out, lse); the packed variants slice their inputs into it. ``kvcache`` is the forward-only path
+of flash_attn_with_kvcache: rotary, the in-place cache append, then attention over the cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from flash_attn_jax import kernels
-from flash_attn_jax.semantics import ScoreSpec
+from flash_attn_jax._validation import CacheLayout
+from flash_attn_jax.semantics import ScoreSpec, kvcache_rotary
 
 
-def _first_order_only(kernel):
-    """``kernel(spec, *arrays)`` that raises a clear error when differentiated itself.
+def _not_differentiable(fn, message):
+    """``fn(static, *arrays)`` that raises NotImplementedError(message) when differentiated.
 
-    Reverse mode only needs the kernels evaluated; differentiating them (a gradient of a gradient)
-    would reach the raw pallas_calls, which cannot be differentiated.
+    Without it, differentiating would reach the raw pallas_calls and fail with an obscure error.
     """
-    guarded = jax.custom_jvp(kernel, nondiff_argnums=(0,))
+    guarded = jax.custom_jvp(fn, nondiff_argnums=(0,))
 
     @guarded.defjvp
-    def _jvp(spec, primals, tangents):
-        del spec, primals, tangents
-        raise NotImplementedError(
-            "flash_attn_jax: second-order differentiation (a gradient of the gradient) is not "
-            "supported; use flash_attn_jax.attention_reference where it is needed")
+    def _jvp(static, primals, tangents):
+        del static, primals, tangents
+        raise NotImplementedError(f"flash_attn_jax: {message}")
 
     return guarded
 
 
-_forward = _first_order_only(lambda spec, q, k, v, slopes: kernels.forward(q, k, v, slopes, spec))
-_backward = _first_order_only(lambda spec, *arrays: kernels.backward(*arrays, spec))
+# Reverse mode only evaluates these; a gradient of the gradient would differentiate them.
+_SECOND_ORDER = ("second-order differentiation (a gradient of the gradient) is not supported; "
+                 "use flash_attn_jax.attention_reference where it is needed")
+_forward = _not_differentiable(lambda spec, q, k, v, slopes: kernels.forward(q, k, v, slopes, spec),
+                               _SECOND_ORDER)
+_backward = _not_differentiable(lambda spec, *arrays: kernels.backward(*arrays, spec), _SECOND_ORDER)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -74,3 +78,40 @@ def attention_probs(q, k, lse, slopes, spec: ScoreSpec):
         return jnp.zeros(shape, jnp.float32)
     q, k, lse = (jax.lax.stop_gradient(x) for x in (q, k, lse))
     return kernels.probabilities(q, k, lse, slopes, spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheCall:
+    """The static arguments of one flash_attn_with_kvcache call."""
+
+    spec: ScoreSpec
+    layout: CacheLayout
+    rotary_interleaved: bool
+    num_splits: int
+
+
+def _kvcache(call: CacheCall, q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, batch_idx,
+             leftpad, table, slopes):
+    layout = call.layout
+    if cos is not None:
+        q, k = kvcache_rotary(q, k, cos, sin, cache_seqlens, call.spec,
+                              interleaved=call.rotary_interleaved)
+    if k is not None and layout.seqlen_new > 0:
+        k_cache, v_cache = kernels.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, batch_idx,
+                                                  table)
+    if cache_seqlens is None:
+        lengths = jnp.full((layout.batch,), layout.capacity, jnp.int32)
+    else:
+        lengths = jnp.minimum(cache_seqlens + layout.seqlen_new, layout.capacity)
+    if q.size == 0:
+        out = jnp.zeros(q.shape, q.dtype)
+        lse = jnp.zeros((layout.batch, layout.num_heads, layout.seqlen_q), jnp.float32)
+    else:
+        out, lse = kernels.kvcache_attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table,
+                                             slopes, call.spec, call.num_splits)
+    return out, lse, k_cache, v_cache
+
+
+kvcache = _not_differentiable(
+    _kvcache, "flash_attn_with_kvcache is forward-only (inference); it has no gradient. Use "
+    "flash_attn_func (or flash_attn_jax.kvcache_reference) to differentiate attention")

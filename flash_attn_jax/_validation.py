@@ -6,6 +6,7 @@ ValueError for a bad value or shape and TypeError for a bad type or dtype, namin
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import jax
@@ -39,6 +40,26 @@ def same_dtype(reference_name, reference, **others):
         if jnp.dtype(x.dtype) != jnp.dtype(reference.dtype):
             raise TypeError(f"{name} must have the dtype of {reference_name} "
                             f"({jnp.dtype(reference.dtype)}), got {jnp.dtype(x.dtype)}")
+
+
+def static_int(name, x, lo, hi):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be a Python int, got {type(x).__name__}")
+    if not lo <= int(x) <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
+    return int(x)
+
+
+def int32_vector(name, x, length):
+    """An int32 (length,) array (or None)."""
+    if x is None:
+        return None
+    array(name, x, 1)
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
+        raise TypeError(f"{name} must have dtype int32, got {jnp.dtype(x.dtype)}")
+    if x.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(x.shape)}")
+    return jnp.asarray(x)
 
 
 def static_bool(name, x):
@@ -137,3 +158,111 @@ def score_spec(*, head_dim, softmax_scale, causal, window, softcap, has_alibi):
     return ScoreSpec.create(softmax_scale=scale, causal=static_bool("causal", causal),
                             window_size=window_size(window),
                             softcap=static_float("softcap", softcap), has_alibi=has_alibi)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Static facts of a flash_attn_with_kvcache call, validated."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_new: int  # 0 without new k/v
+    num_heads: int
+    num_heads_k: int
+    head_dim: int
+    paged: bool
+    page_size: int  # the rows of one cache page; a contiguous cache is one page per batch row
+    capacity: int  # key positions one batch row can hold
+    rotary_dim: int  # 0 without rotary
+
+
+def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+            cache_leftpad, block_table):
+    """Checks flash_attn_with_kvcache's arrays; returns (layout, cache_seqlens as (B,) int32)."""
+    array("q", q, 4)
+    floating_dtype("q", q)
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    head_dim_checks("q", head_dim)
+    array("k_cache", k_cache, 4)
+    array("v_cache", v_cache, 4)
+    same_dtype("q", q, k_cache=k_cache, v_cache=v_cache)
+    if tuple(k_cache.shape) != tuple(v_cache.shape):
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    rows, page_size, num_heads_k, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"k_cache head dim (last axis) must be {head_dim} like q's, got {cache_head_dim}")
+    heads(num_heads, num_heads_k, "k_cache")
+    paged = block_table is not None
+    if paged:
+        array("block_table", block_table, 2)
+        if jnp.dtype(block_table.dtype) != jnp.dtype(jnp.int32):
+            raise TypeError(f"block_table must have dtype int32, got {jnp.dtype(block_table.dtype)}")
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape ({batch}, max_blocks_per_seq), got "
+                             f"{tuple(block_table.shape)}")
+        if page_size < 16 or page_size & (page_size - 1):
+            raise ValueError("paged k_cache must have shape (num_blocks, page_block_size, nheads_k, "
+                             f"headdim) with page_block_size a power of two >= 16, got {page_size}")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (the block table "
+                             "already maps each batch row to its pages)")
+        capacity = block_table.shape[1] * page_size
+    else:
+        if cache_batch_idx is None and rows != batch:
+            raise ValueError(f"k_cache must have shape (batch={batch}, seqlen_cache, nheads_k, headdim) "
+                             f"without cache_batch_idx, got {tuple(k_cache.shape)}")
+        capacity = page_size
+    int32_vector("cache_batch_idx", cache_batch_idx, batch)
+    int32_vector("cache_leftpad", cache_leftpad, batch)
+
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    seqlen_new = 0
+    if k is not None:
+        array("k", k, 4)
+        array("v", v, 4)
+        same_dtype("q", q, k=k, v=v)
+        seqlen_new = k.shape[1]
+        expected = (batch, seqlen_new, num_heads_k, head_dim)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"k and v must have shape (batch={batch}, seqlen_new, nheads_k="
+                             f"{num_heads_k}, headdim={head_dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens is required when k and v are appended")
+        if seqlen_q > capacity:
+            raise ValueError(f"q's seqlen ({seqlen_q}) must not exceed the cache capacity ({capacity}) "
+                             "when k and v are appended")
+    if cache_seqlens is not None:
+        if isinstance(cache_seqlens, (numbers.Integral, np.integer)) and not isinstance(cache_seqlens, bool):
+            cache_seqlens = jnp.full((batch,), int(cache_seqlens), jnp.int32)
+        elif hasattr(cache_seqlens, "shape") and cache_seqlens.shape == ():  # an int traced by jit
+            if jnp.dtype(cache_seqlens.dtype) != jnp.dtype(jnp.int32):
+                raise TypeError(f"cache_seqlens must have dtype int32, got {jnp.dtype(cache_seqlens.dtype)}")
+            cache_seqlens = jnp.full((batch,), cache_seqlens, jnp.int32)
+        else:
+            cache_seqlens = int32_vector("cache_seqlens", cache_seqlens, batch)
+
+    rotary_dim = 0
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin need new k and v (rotary applies to appended keys)")
+        array("rotary_cos", rotary_cos, 2)
+        array("rotary_sin", rotary_sin, 2)
+        same_dtype("q", q, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+        if tuple(rotary_cos.shape) != tuple(rotary_sin.shape):
+            raise ValueError(f"rotary_cos and rotary_sin must have the same shape, got "
+                             f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        rotary_dim = 2 * rotary_cos.shape[1]
+        if not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"rotary_cos must have shape (seqlen_ro, rotary_dim / 2) with rotary_dim "
+                             f"in [2, headdim={head_dim}], got {tuple(rotary_cos.shape)}")
+        if rotary_cos.shape[0] < capacity:
+            raise ValueError(f"rotary_cos must cover every cache position: seqlen_ro "
+                             f"({rotary_cos.shape[0]}) must be >= the cache capacity ({capacity})")
+    layout = CacheLayout(batch=batch, seqlen_q=seqlen_q, seqlen_new=seqlen_new, num_heads=num_heads,
+                         num_heads_k=num_heads_k, head_dim=head_dim, paged=paged,
+                         page_size=page_size, capacity=capacity, rotary_dim=rotary_dim)
+    return layout, cache_seqlens

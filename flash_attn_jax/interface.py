@@ -103,3 +103,68 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 for _fn in (flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func):
     _fn.__doc__ = _fn.__doc__.rstrip() + _COMMON_ARGS_DOC
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                            block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                            softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+    """Attention of new queries over a KV cache, appending new keys and values first (inference).
+
+    Functional: instead of mutating the caches the call returns them updated. Under ``jax.jit``
+    with ``k_cache`` and ``v_cache`` donated (``donate_argnums``), the update happens in place:
+    only the new rows are written, the caches are never copied. Forward only (no gradient).
+
+    Args:
+      q: (batch, seqlen_q, nheads, headdim), float16, bfloat16 or float32; headdim in [1, 256].
+      k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), batch_cache == batch unless
+        cache_batch_idx is given; or, with block_table, paged (num_blocks, page_block_size,
+        nheads_k, headdim) with page_block_size a power of two >= 16. Same dtype as q.
+      k, v: optional (batch, seqlen_new, nheads_k, headdim) new keys and values, written at cache
+        positions [cache_seqlens[b], cache_seqlens[b] + seqlen_new) of each row before attending.
+        Positions past the capacity are dropped.
+      rotary_cos, rotary_sin: optional (seqlen_ro >= capacity, rotary_dim / 2) in q's dtype (needs
+        k): the first rotary_dim features of the new keys are rotated at their cache positions,
+        those of q at cache_seqlens + i when causal or a window applies, else at cache_seqlens.
+      cache_seqlens: int or int32 (batch,): the positions already in use in each row (None: the
+        whole capacity, only without k).
+      cache_batch_idx: optional int32 (batch,): the cache row of each batch row.
+      cache_leftpad: optional int32 (batch,): each row's keys start at this cache position.
+      block_table: optional int32 (batch, max_blocks_per_seq): the cache pages of each row; the
+        capacity is max_blocks_per_seq * page_block_size. Entries outside [0, num_blocks) mark
+        missing pages: nothing is read from or written to them.
+      softmax_scale, causal, window_size, softcap, alibi_slopes: as for flash_attn_func, with
+        seqlen_k = cache_seqlens[b] + seqlen_new - cache_leftpad[b] keys in row b (key column j at
+        cache position cache_leftpad[b] + j).
+      rotary_interleaved: rotate feature pairs (2m, 2m + 1) (GPT-J; the default) rather than
+        halves (GPT-NeoX).
+      num_splits: 0 picks how many parts the cache length is split into (to fill the GPU when
+        batch x nheads_k is small), 1 does not split, n > 1 splits into n (at most 128). Results
+        agree up to floating-point rounding.
+      return_softmax_lse: also return softmax_lse (batch, nheads, seqlen_q) float32.
+
+    Returns:
+      ``out`` or ``(out, softmax_lse)`` without k and v; ``(out, k_cache, v_cache)`` or
+      ``(out, softmax_lse, k_cache, v_cache)`` with them. out is (batch, seqlen_q, nheads,
+      headdim) in q's dtype; rows without any key get out 0 and softmax_lse -inf.
+
+    Raises:
+      ValueError for bad shapes or values, TypeError for bad types or dtypes, naming the argument.
+    """
+    layout, cache_seqlens = check.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                          cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    slopes = check.alibi_slopes(alibi_slopes, layout.batch, layout.num_heads)
+    spec = check.score_spec(head_dim=layout.head_dim, softmax_scale=softmax_scale, causal=causal,
+                            window=window_size, softcap=softcap, has_alibi=slopes is not None)
+    call = _core.CacheCall(spec=spec, layout=layout,
+                           rotary_interleaved=check.static_bool("rotary_interleaved", rotary_interleaved),
+                           num_splits=check.static_int("num_splits", num_splits, 0, 128))
+    return_lse = check.static_bool("return_softmax_lse", return_softmax_lse)
+    out, lse, k_cache, v_cache = _core.kvcache(
+        call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+        cache_leftpad, block_table, slopes)
+    results = (out, lse) if return_lse else (out,)
+    if k is not None:
+        results += (k_cache, v_cache)
+    return results[0] if len(results) == 1 else results

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flash_attn_jax import _validation as check
-from flash_attn_jax.semantics import scores
+from flash_attn_jax.semantics import kvcache_rotary, scores
 
 
 def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -45,10 +45,29 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
       probs (batch, nheads, seqlen_q, seqlen_k) like lse. Rows with no key in their mask have
       out 0, lse -inf and probs 0.
     """
-    batch, seqlen_q, seqlen_k, num_heads, num_heads_k, head_dim = check.dense_qkv(q, k, v)
+    batch, seqlen_q, seqlen_k, num_heads, _, head_dim = check.dense_qkv(q, k, v)
     slopes = check.alibi_slopes(alibi_slopes, batch, num_heads)
     spec = check.score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
                             window=window_size, softcap=softcap, has_alibi=slopes is not None)
+    if keep_mask is not None and tuple(keep_mask.shape) != (batch, num_heads, seqlen_q, seqlen_k):
+        raise ValueError(f"keep_mask must have shape {(batch, num_heads, seqlen_q, seqlen_k)}, "
+                         f"got {tuple(keep_mask.shape)}")
+    results = attend(q, k, v, slopes, spec, cols=jnp.arange(seqlen_k), seqlen_k=seqlen_k,
+                     keep_mask=keep_mask, dropout_p=dropout_p, upcast=upcast,
+                     compute_dtype=compute_dtype)
+    return results if return_probs else results[:2]
+
+
+def attend(q, k, v, slopes, spec, *, cols, seqlen_k, key_valid=None, keep_mask=None,
+           dropout_p=0.0, upcast=True, compute_dtype=jnp.float32):
+    """The reference's core: (out, lse, probs) of q (B, Sq, H, D) over k, v (B, Sk, Hk, D).
+
+    ``cols`` (Sk,) or (B, Sk) are the key columns j of the semantics (the rows of k, or positions
+    relative to a cache's left padding); ``seqlen_k`` an int or (B,) the number of keys, so the
+    bottom-right offset is ``seqlen_k - Sq``; ``key_valid`` (B, Sk) removes further keys.
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    num_heads_k = k.shape[2]
     group = num_heads // num_heads_k
     dtype = q.dtype
     softmax_dtype = jnp.promote_types(compute_dtype, jnp.float32) if upcast else jnp.float32
@@ -61,10 +80,18 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
     else:
         qk = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32).astype(dtype)
 
+    def per_batch(x):  # (B,) or (B, Sk) -> broadcastable against (B, Hk, G, Sq, Sk)
+        x = jnp.asarray(x)
+        return x.reshape(x.shape[:1] + (1,) * (5 - x.ndim)) if x.ndim == 1 else x[:, None, None, None, :]
+
     rows = jnp.arange(seqlen_q)[:, None]
-    cols = jnp.arange(seqlen_k)[None, :]
+    cols = jnp.asarray(cols)
+    cols = cols[None, :] if cols.ndim == 1 else per_batch(cols)
+    seqlen_k = seqlen_k if isinstance(seqlen_k, int) else per_batch(seqlen_k)
     slope = None if slopes is None else slopes.reshape(batch, num_heads_k, group, 1, 1).astype(softmax_dtype)
     x = scores(qk, rows, cols, spec, offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k, slope=slope)
+    if key_valid is not None:
+        x = jnp.where(per_batch(key_valid), x, -jnp.inf)
     x = x.astype(softmax_dtype)
 
     row_max = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
@@ -78,10 +105,7 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
 
     p = probs
     if keep_mask is not None:
-        if tuple(keep_mask.shape) != (batch, num_heads, seqlen_q, seqlen_k):
-            raise ValueError(f"keep_mask must have shape {(batch, num_heads, seqlen_q, seqlen_k)}, "
-                             f"got {tuple(keep_mask.shape)}")
-        keep = jnp.asarray(keep_mask).reshape(batch, num_heads_k, group, seqlen_q, seqlen_k)
+        keep = jnp.asarray(keep_mask).reshape(probs.shape)
         p = jnp.where(keep, p / (1.0 - dropout_p), 0.0)
 
     if upcast:
@@ -89,8 +113,63 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
     else:
         out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(dtype), v, preferred_element_type=jnp.float32)
     out = out.reshape(batch, seqlen_q, num_heads, head_dim).astype(dtype)
-    lse = lse.reshape(batch, num_heads, seqlen_q)
-    if return_probs:
-        return out, lse, probs.reshape(batch, num_heads, seqlen_q, seqlen_k)
-    return out, lse
+    probs = probs.reshape(batch, num_heads, seqlen_q, probs.shape[-1])
+    return out, lse.reshape(batch, num_heads, seqlen_q), probs
 
+
+def kvcache_reference(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                      cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                      rotary_interleaved=True, alibi_slopes=None, upcast=True,
+                      compute_dtype=jnp.float32):
+    """flash_attn_with_kvcache in plain jnp: returns (out, lse, k_cache, v_cache).
+
+    The arguments mean what they mean for ``flash_attn_with_kvcache``; ``upcast`` and
+    ``compute_dtype`` as for ``attention_reference``. The cache update is a scatter, the attention
+    gathers each batch row's whole cache (O(batch x capacity) memory).
+    """
+    layout, cache_seqlens = check.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                          cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    batch = layout.batch
+    slopes = check.alibi_slopes(alibi_slopes, batch, layout.num_heads)
+    spec = check.score_spec(head_dim=layout.head_dim, softmax_scale=softmax_scale, causal=causal,
+                            window=window_size, softcap=softcap, has_alibi=slopes is not None)
+    if rotary_cos is not None:
+        q, k = kvcache_rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, spec,
+                              interleaved=check.static_bool("rotary_interleaved", rotary_interleaved))
+
+    num_pages, page_size = k_cache.shape[:2]
+    if layout.paged:
+        page_valid = (block_table >= 0) & (block_table < num_pages)
+        pages = jnp.where(page_valid, block_table, num_pages)  # num_pages: out of range, dropped
+
+        def slots(positions):  # (B, n) cache positions -> (page, offset) of each
+            slot = positions // page_size
+            page = jnp.take_along_axis(pages, jnp.minimum(slot, pages.shape[1] - 1), axis=1)
+            return jnp.where(slot < pages.shape[1], page, num_pages), positions % page_size
+    else:
+        rows = jnp.arange(batch, dtype=jnp.int32) if cache_batch_idx is None else cache_batch_idx
+
+        def slots(positions):
+            return jnp.broadcast_to(rows[:, None], positions.shape), positions
+
+    if k is not None:
+        positions = cache_seqlens[:, None] + jnp.arange(layout.seqlen_new, dtype=jnp.int32)
+        page, offset = slots(positions)
+        k_cache = k_cache.at[page, offset].set(k, mode="drop")
+        v_cache = v_cache.at[page, offset].set(v, mode="drop")
+
+    # Every batch row's keys at absolute positions 0 .. capacity - 1, and which of them exist.
+    positions = jnp.broadcast_to(jnp.arange(layout.capacity, dtype=jnp.int32), (batch, layout.capacity))
+    page, offset = slots(positions)
+    exists = (page >= 0) & (page < num_pages)
+    page = jnp.clip(page, 0, num_pages - 1)
+    keys, values = k_cache[page, offset], v_cache[page, offset]
+
+    length = jnp.full((batch,), layout.capacity, jnp.int32) if cache_seqlens is None else \
+        jnp.minimum(cache_seqlens + layout.seqlen_new, layout.capacity)
+    leftpad = jnp.zeros((batch,), jnp.int32) if cache_leftpad is None else cache_leftpad
+    cols = positions - leftpad[:, None]  # key column j is relative to the left padding
+    out, lse, _ = attend(q, keys, values, slopes, spec, cols=cols, seqlen_k=length - leftpad,
+                         key_valid=exists & (cols >= 0), upcast=upcast, compute_dtype=compute_dtype)
+    return out, lse, k_cache, v_cache

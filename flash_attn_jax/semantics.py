@@ -158,3 +158,36 @@ def full_query_span(col_lo, col_hi, spec: ScoreSpec, *, offset, seqlen_q):
     lo = 0 if spec.window_right < 0 else _max(0, col_hi - 1 - offset - spec.window_right)
     hi = seqlen_q if spec.window_left < 0 else _min(seqlen_q, col_lo + 1 - offset + spec.window_left)
     return lo, hi
+
+
+def apply_rotary(x, cos, sin, positions, *, interleaved):
+    """Rotary embedding of ``x`` (B, S, H, D) at integer ``positions`` (B, S).
+
+    ``cos``/``sin`` are (seqlen_ro, rotary_dim / 2); the first ``rotary_dim`` features rotate and
+    the rest pass through. ``interleaved`` rotates the pairs (2m, 2m+1) (GPT-J), otherwise the
+    halves (m, m + rotary_dim / 2) (GPT-NeoX). Computed in float32, returned in ``x.dtype``.
+    """
+    half = cos.shape[1]
+    rotary_dim = 2 * half
+    c = cos[positions].astype(jnp.float32)[:, :, None, :]
+    s = sin[positions].astype(jnp.float32)[:, :, None, :]
+    xr = x[..., :rotary_dim].astype(jnp.float32)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(xr.shape)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rotated = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
+
+
+def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleaved):
+    """flash_attn_with_kvcache's rotary positions: new key t of row b sits at
+    ``cache_seqlens[b] + t``; query i at ``cache_seqlens[b] + i`` when a mask (causal or a window)
+    applies, else every query at ``cache_seqlens[b]``. Returns (q, k) rotated."""
+    k_positions = cache_seqlens[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)
+    q_offsets = jnp.arange(q.shape[1], dtype=jnp.int32) if spec.is_masked else jnp.zeros(
+        (q.shape[1],), jnp.int32)
+    q_positions = cache_seqlens[:, None] + q_offsets
+    return (apply_rotary(q, cos, sin, q_positions, interleaved=interleaved),
+            apply_rotary(k, cos, sin, k_positions, interleaved=interleaved))

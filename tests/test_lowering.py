@@ -16,20 +16,21 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels import triton_backward, triton_forward
-from flash_attn_jax.kernels.config import (all_backward_configs, all_forward_configs, backward_configs,
-                                           forward_config)
+from flash_attn_jax.kernels import triton_backward, triton_decode, triton_forward
+from flash_attn_jax.kernels.config import (all_backward_configs, all_decode_configs,
+                                           all_forward_configs, backward_configs, forward_config)
 from flash_attn_jax.semantics import ScoreSpec
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
-MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=H100)
+H100_MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                     abstract_device=H100)
 _DOT = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<(\d+)x(\d+)x\w+>")
 
 
 def lower_for_h100(fn, *args):
     """Lowers ``fn`` for an H100; returns the Triton IR the kernels printed."""
     ttir = io.StringIO()
-    with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(MESH), contextlib.redirect_stdout(ttir):
+    with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(H100_MESH), contextlib.redirect_stdout(ttir):
         warnings.simplefilter("ignore", DeprecationWarning)  # the Triton backend's deprecation
         hlo = jax.jit(fn).trace(*args).lower().as_text()
     assert plgpu.CUSTOM_CALL_TARGET_NAME in hlo, "no Triton custom call in the lowered module"
@@ -124,6 +125,50 @@ def test_feature_variants_lower(dtype, head_dim_p, variant):
     _check(_lower_forward(dtype, head_dim_p, forward, variant), 3)
     _check(_lower_backward(dtype, head_dim_p, *backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20),
                            variant), 7)
+
+
+def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=FULL):
+    """The cache attention (+ combine when split) and the append, lowered for an H100."""
+    group = max(1, config.group_p - 1) if config.group_p > 2 else config.group_p  # padded heads too
+    num_heads_k, head_dim = 2, head_dim_p - 3 if head_dim_p > 16 else 13
+    seqlen_q = max(1, 2 * config.block_i - 1)
+    q = _struct((2, seqlen_q, num_heads_k * group, head_dim), dtype)
+    page_size = max(config.block_k, 16)
+    cache = _struct((7, page_size, num_heads_k, head_dim) if paged else (3, 200, num_heads_k, head_dim),
+                    dtype)
+    ints = lambda *shape: _struct(shape, jnp.int32)
+    table, batch_idx = (ints(2, 3), None) if paged else (None, ints(2))
+    slopes = _struct((2, num_heads_k * group), jnp.float32)
+    ttir = lower_for_h100(
+        lambda q, kc, vc, n, lp, bi, t, s: triton_decode.attention(
+            q, kc, vc, n, lp, bi, t, s, spec, config, num_splits, interpret=False, debug=True),
+        q, cache, cache, ints(2), ints(2), batch_idx, table, slopes)
+    new = _struct((2, 3, num_heads_k, head_dim), dtype)
+    return ttir + lower_for_h100(
+        lambda kc, vc, k, v, n, bi, t: triton_decode.append(kc, vc, k, v, n, bi, t, interpret=False,
+                                                             debug=True),
+        cache, cache, new, new, ints(2), batch_idx, table)
+
+
+def _decode_params():
+    for i, (dtype, head_dim_p, config) in enumerate(all_decode_configs()):
+        name = f"{jnp.dtype(dtype).name}-d{head_dim_p}-i{config.block_i}-g{config.group_p}-k{config.block_k}"
+        yield pytest.param(dtype, head_dim_p, config, i % 2 == 1, 1 + 2 * (i % 3 == 0), id=name)
+
+
+@pytest.mark.parametrize("dtype,head_dim_p,config,paged,num_splits", list(_decode_params()))
+def test_every_decode_config_lowers(dtype, head_dim_p, config, paged, num_splits):
+    _check(_lower_decode(dtype, head_dim_p, config, paged=paged, num_splits=num_splits), 3)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
+def test_decode_every_page_size_and_split_lowers(page_size, paged, num_splits):
+    from flash_attn_jax.kernels.config import decode_config
+    config = decode_config(jnp.bfloat16, 128, 1, 4, page_size * 3, page_size if paged else None)
+    spec = ScoreSpec(softmax_scale=0.1, window_left=5)
+    _check(_lower_decode(jnp.bfloat16, 128, config, paged=paged, num_splits=num_splits, spec=spec), 3)
 
 
 def _tiny_dot_kernel(x_ref, o_ref):

@@ -2,7 +2,7 @@
 
 Everything above this module (the public API, custom_vjp, the reference, the tests) calls only the
 functions defined here. Today they dispatch to the Pallas kernels lowered through Triton
-(``triton_forward``, ``triton_backward``); another backend (Mosaic GPU, say) would be selected here without touching
+(``triton_forward``, ``triton_backward``, ``triton_decode``); another backend (Mosaic GPU, say) would be selected here without touching
 anything else.
 
 Backend selection: on a GPU the kernels are compiled by Triton; on any other backend they run in
@@ -18,8 +18,9 @@ import os
 
 import jax
 
-from flash_attn_jax.kernels import triton_backward, triton_forward
-from flash_attn_jax.kernels.config import backward_configs, forward_config, padded_head_dim
+from flash_attn_jax.kernels import triton_backward, triton_decode, triton_forward
+from flash_attn_jax.kernels.config import (backward_configs, decode_config, forward_config,
+                                           num_splits_heuristic, padded_head_dim)
 
 INTERPRET_ENV = "FLASH_ATTN_JAX_INTERPRET"
 _TRUE = ("1", "true", "yes", "on")
@@ -63,3 +64,34 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec):
                                               k.shape[1])
     return triton_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, dkdv_config,
                                     dq_config, interpret=use_interpret())
+
+
+def _num_sms():
+    """Streaming multiprocessors of the GPU (an H100's 132 when there is none, for the heuristic)."""
+    device = jax.devices()[0]
+    return (getattr(device, "core_count", None) if device.platform == "gpu" else None) or 132
+
+
+def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table):
+    """The caches with k, v written at cache_seqlens (in place when the caches are donated)."""
+    return triton_decode.append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table,
+                                interpret=use_interpret())
+
+
+def kvcache_attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, spec,
+                      num_splits):
+    """(out (B, Sq, H, D), lse (B, H, Sq)) of q over the caches' first ``lengths`` positions.
+
+    ``num_splits`` 0 picks the split of the key range by a heuristic that fills the GPU.
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    page_size, num_heads_k = k_cache.shape[1], k_cache.shape[2]
+    capacity = page_size if table is None else table.shape[1] * page_size
+    config = decode_config(q.dtype, padded_head_dim(head_dim), seqlen_q, num_heads // num_heads_k,
+                           capacity, None if table is None else page_size)
+    if num_splits == 0:
+        programs = batch * num_heads_k * -(-seqlen_q // config.block_i)
+        num_splits = num_splits_heuristic(programs, -(-capacity // config.block_k), _num_sms())
+    out, lse = triton_decode.attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table,
+                                       slopes, spec, config, num_splits, interpret=use_interpret())
+    return out, lse.transpose(0, 2, 1)

@@ -12,6 +12,7 @@ return; the lowering test compiles each of them for an H100.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -141,3 +142,94 @@ def all_backward_configs():
     for name, table in (("dkdv", _DKDV_TABLE), ("dq", _DQ_TABLE)):
         for dtype, head_dim_p, config in _all_configs(table):
             yield name, dtype, head_dim_p, config
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles of the KV-cache attention kernel.
+
+    A program handles ``block_i`` query positions times ``group_p`` query heads (the query heads of
+    one kv head, padded to a power of two), so the cache is read once for all of them; its
+    ``block_i * group_p`` rows form the matmul's M side, at least 16.
+    """
+
+    block_i: int
+    group_p: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_i", "group_p", "block_k"):
+            size = getattr(self, name)
+            if size < 1 or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two, got {size}")
+        if self.rows < MIN_BLOCK or self.block_k < MIN_BLOCK:
+            raise ValueError(f"block_i * group_p and block_k must be >= {MIN_BLOCK}, got "
+                             f"{self.rows} and {self.block_k}")
+
+    @property
+    def rows(self):
+        return self.block_i * self.group_p
+
+
+# (itemsize, padded head dim) -> (block_k, num_warps, num_stages); block_k shrinks to the page size.
+_DECODE_TABLE = {
+    (2, 16): (128, 4, 3), (2, 32): (128, 4, 3), (2, 64): (128, 4, 3), (2, 128): (128, 4, 3),
+    (2, 256): (64, 4, 3),
+    (4, 16): (64, 4, 2), (4, 32): (64, 4, 2), (4, 64): (64, 4, 2), (4, 128): (64, 4, 2),
+    (4, 256): (32, 8, 2),
+}
+_DECODE_ROWS = (16, 64)  # rows per program: decode pads up to 16, chunked prefill takes up to 64
+
+
+def decode_config(dtype, head_dim_p: int, seqlen_q: int, group: int, capacity: int,
+                  page_size: int | None) -> DecodeConfig:
+    """``page_size`` None for a contiguous cache; a paged cache's blocks stay within a page."""
+    block_k, num_warps, num_stages = _DECODE_TABLE[(jnp.dtype(dtype).itemsize, head_dim_p)]
+    block_k = _shrink(block_k, capacity) if page_size is None else min(block_k, page_size)
+    group_p = next_power_of_2(group)
+    lo, hi = (max(1, rows // group_p) for rows in _DECODE_ROWS)
+    block_i = min(max(next_power_of_2(seqlen_q), lo), hi)
+    return DecodeConfig(block_i, group_p, block_k, num_warps, num_stages)
+
+
+def num_splits_heuristic(programs: int, key_blocks: int, num_sms: int) -> int:
+    """Splits of the key range so that ``programs`` (batch x kv heads x row blocks) fill the GPU.
+
+    None when they already make most of a wave. Otherwise, as flash-attn does, the smallest count
+    whose wave efficiency (work / whole waves launched) is within 85 % of the best, among counts
+    that change the number of key blocks per split, at most 128.
+    """
+    if programs >= 0.8 * num_sms:
+        return 1
+    candidates = [1]
+    for splits in range(2, min(num_sms, key_blocks, 128) + 1):
+        if -(-key_blocks // splits) != -(-key_blocks // candidates[-1]):
+            candidates.append(splits)
+
+    def efficiency(splits):
+        waves = programs * splits / num_sms
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(s) for s in candidates)
+    return next(s for s in candidates if efficiency(s) >= 0.85 * best)
+
+
+COMBINE_ROWS = 64  # rows of the split-combine kernel's tile
+
+
+def all_decode_configs():
+    """Yields (dtype, padded head dim, config) covering what decode_config can pick: every block_k
+    (each page size) at decode's row shape, and every row shape at the largest block_k."""
+    for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
+        for head_dim_p in PADDED_HEAD_DIMS:
+            block_k, num_warps, num_stages = _DECODE_TABLE[(jnp.dtype(dtype).itemsize, head_dim_p)]
+            for size in _block_sizes(block_k):
+                yield dtype, head_dim_p, DecodeConfig(4, 4, size, num_warps, num_stages)
+            for group_p in (1, 2, 4, 8, 16, 32, 64):
+                for rows in _DECODE_ROWS:
+                    block_i = max(1, rows // group_p)
+                    if block_i * group_p >= MIN_BLOCK:
+                        yield dtype, head_dim_p, DecodeConfig(block_i, group_p, block_k, num_warps,
+                                                              num_stages)

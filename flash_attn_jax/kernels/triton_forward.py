@@ -21,9 +21,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
 from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_cols, as_rows, block_indices,
-                                                 dot_precision, head_dim_mask, key_blocks,
+                                                 dot_precision, finish_softmax, head_dim_mask,
+                                                 initial_softmax_state, key_blocks,
                                                  masked_full_masked_loop, masked_load,
-                                                 masked_store, matmul)
+                                                 masked_store, matmul, online_softmax_step)
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
@@ -47,7 +48,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
     blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
 
     def body(key_block, carry, *, masked):
-        acc, row_max, row_sum = carry
         col_lo, cols, col_ok = block_indices(key_block, block_k, seqlen_k, check_bounds=masked)
         kv_mask = as_rows(col_ok)
         k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
@@ -55,24 +55,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
         qk = matmul(q, k, transpose_b=True, precision=precision)
         s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=units.unit,
                    apply_mask=masked, offset=offset, seqlen_k=seqlen_k)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        # A row that has seen only masked keys keeps max -inf; exponentiate against 0 instead.
-        ref_max = jnp.where(new_max == -jnp.inf, 0.0, new_max) if masked else new_max
-        correction = units.exp(row_max - ref_max)
-        p = units.exp(s - ref_max[:, None])
-        row_sum = row_sum * correction + jnp.sum(p, axis=1)
-        acc = acc * correction[:, None] + matmul(p.astype(v.dtype), v, precision=precision)
-        return acc, new_max, row_sum
+        return online_softmax_step(carry, s, v, units=units, masked=masked, precision=precision)
 
-    carry = (jnp.zeros((block_q, head_dim_p), jnp.float32),
-             jnp.full((block_q,), -jnp.inf, jnp.float32),
-             jnp.zeros((block_q,), jnp.float32))
-    acc, row_max, row_sum = masked_full_masked_loop(body, carry, *blocks)
-
-    empty = row_sum == 0.0
-    safe_sum = jnp.where(empty, 1.0, row_sum)
-    out = acc / safe_sum[:, None]
-    lse = jnp.where(empty, -jnp.inf, units.lse(row_max, safe_sum))
+    carry = masked_full_masked_loop(body, initial_softmax_state(block_q, head_dim_p), *blocks)
+    out, lse = finish_softmax(carry, units)
     masked_store(out_ref.at[pl.ds(row_lo, block_q), :], out.astype(out_ref.dtype), as_rows(row_ok),
                  d_mask)
     masked_store(lse_ref.at[pl.ds(row_lo, block_q)], lse, row_ok)

@@ -115,13 +115,19 @@ def _inner_block_range(lo, hi, block, first, end):
     return inner_first, inner_end
 
 
-def key_blocks(row_lo, block_q, block_k, spec: ScoreSpec, *, seqlen_q, seqlen_k):
+def key_blocks(row_lo, block_q, block_k, spec: ScoreSpec, *, seqlen_q, seqlen_k, key_start=0):
     """(first, inner_first, inner_end, end): the key blocks the query rows
-    ``[row_lo, row_lo + block_q)`` may attend; the inner ones they attend in full (no mask)."""
+    ``[row_lo, row_lo + block_q)`` may attend; the inner ones they attend in full (no mask).
+
+    Blocks count from key position ``-key_start``: key column j sits at position key_start + j
+    (a cache's left padding).
+    """
     row_hi = jnp.minimum(row_lo + block_q, seqlen_q)
     span = dict(offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k)
-    first, end = _block_range(*key_span(row_lo, row_hi, spec, **span), block_k)
-    inner = _inner_block_range(*full_key_span(row_lo, row_hi, spec, **span), block_k, first, end)
+    lo, hi = key_span(row_lo, row_hi, spec, **span)
+    first, end = _block_range(lo + key_start, hi + key_start, block_k)
+    full_lo, full_hi = full_key_span(row_lo, row_hi, spec, **span)
+    inner = _inner_block_range(full_lo + key_start, full_hi + key_start, block_k, first, end)
     return first, *inner, end
 
 
@@ -144,3 +150,30 @@ def masked_full_masked_loop(body, carry, first, inner_first, inner_end, end):
     carry = lax.fori_loop(first, inner_first, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(inner_first, inner_end, functools.partial(body, masked=False), carry)
     return lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
+
+
+def online_softmax_step(carry, s, v, *, units, masked, precision):
+    """One key block of the streaming softmax: ``carry`` = (acc, row_max, row_sum) updated with
+    scores ``s`` (in units, -inf where masked) and values ``v``."""
+    acc, row_max, row_sum = carry
+    new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+    # A row that has seen only masked keys keeps max -inf; exponentiate against 0 instead.
+    ref_max = jnp.where(new_max == -jnp.inf, 0.0, new_max) if masked else new_max
+    correction = units.exp(row_max - ref_max)
+    p = units.exp(s - ref_max[:, None])
+    row_sum = row_sum * correction + jnp.sum(p, axis=1)
+    acc = acc * correction[:, None] + matmul(p.astype(v.dtype), v, precision=precision)
+    return acc, new_max, row_sum
+
+
+def initial_softmax_state(rows, head_dim_p):
+    return (jnp.zeros((rows, head_dim_p), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def finish_softmax(carry, units):
+    """(out float32, lse natural log) from the final state; rows that saw no key: out 0, lse -inf."""
+    acc, row_max, row_sum = carry
+    empty = row_sum == 0.0
+    safe_sum = jnp.where(empty, 1.0, row_sum)
+    return acc / safe_sum[:, None], jnp.where(empty, -jnp.inf, units.lse(row_max, safe_sum))
