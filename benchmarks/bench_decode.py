@@ -112,7 +112,10 @@ def check_agreement(impls):
     fn, args = impls["flash_attn_jax"]
     expected = np.asarray(fn(*args), np.float32).reshape(-1, HEAD_DIM)
     for name, (fn, args) in impls.items():
-        got = np.asarray(fn(*args), np.float32).reshape(-1, HEAD_DIM)
+        try:
+            got = np.asarray(fn(*args), np.float32).reshape(-1, HEAD_DIM)
+        except Exception:  # reported in the table
+            continue
         error = float(np.abs(got - expected).max())
         if error > 2e-2:
             print(f"WARNING: {name} differs from flash_attn_jax by {error:.3g}")
