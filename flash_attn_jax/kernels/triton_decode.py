@@ -11,9 +11,9 @@ before they form an address, and what they would have reached is masked (reads) 
   aliased to the outputs), one program per (new token, batch row).
 * attention: one program per (row block, split, batch, kv head). Its rows are ``block_i`` query
   positions times all query heads of the kv head (GQA), so each cache block is read once for the
-  whole group. The key range of the row block is divided into ``num_splits`` contiguous parts
-  (flash-decoding); with one split the kernel writes the output, otherwise partial outputs and
-  logsumexps that the combine kernel merges.
+  whole group. The key blocks the row block attends are divided into ``num_splits`` equal
+  contiguous parts (flash-decoding); with one split the kernel writes the output, otherwise partial
+  outputs and logsumexps that the combine kernel merges.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, *, interpret
 
 def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, config: DecodeConfig,
                       seqlen_q, group, head_dim, paged, has_leftpad, has_batch_idx, page_size,
-                      num_pages, split_blocks):
+                      num_pages, num_splits):
     refs = list(refs)
     leftpad_ref = refs.pop(0) if has_leftpad else None
     table_ref = refs.pop(0) if paged else None
@@ -151,9 +151,11 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
     offset = seqlen_k - seqlen_q
     first, inner_first, inner_end, end = key_blocks(pos_lo, block_i, block_k, spec, seqlen_q=seqlen_q,
                                                     seqlen_k=seqlen_k, key_start=leftpad)
-    split_first = split * split_blocks  # this program's share: split_blocks blocks
-    first = jnp.clip(first, split_first, split_first + split_blocks)
-    end = jnp.clip(end, first, split_first + split_blocks)
+    # This program's share: an equal part of the blocks the rows really attend (not of the
+    # capacity, which may be mostly unused).
+    share = lax.div(end - first + num_splits - 1, num_splits)
+    first = jnp.minimum(first + split * share, end)
+    end = jnp.minimum(first + share, end)
     inner_first = jnp.clip(inner_first, first, end)
     inner_end = jnp.clip(inner_end, inner_first, end)
 
@@ -193,8 +195,6 @@ def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, s
     num_pages, page_size, num_heads_k = k_cache.shape[:3]
     group = num_heads // num_heads_k
     group_p, head_dim_p = config.group_p, padded_head_dim(head_dim)
-    capacity = page_size if table is None else table.shape[1] * page_size
-    split_blocks = pl.cdiv(pl.cdiv(capacity, config.block_k), num_splits)
     # Views that group the query heads of each kv head: (..., Hk, G, D).
     q = q.reshape(batch, seqlen_q, num_heads_k, group, head_dim)
     cache_spec = pl.BlockSpec((num_pages, page_size, None, head_dim_p), lambda r, s, b, h: (0, 0, h, 0))
@@ -221,7 +221,7 @@ def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, s
         _attention_kernel, spec=spec, config=config, seqlen_q=seqlen_q, group=group,
         head_dim=head_dim, paged=table is not None, has_leftpad=leftpad is not None,
         has_batch_idx=batch_idx is not None, page_size=page_size, num_pages=num_pages,
-        split_blocks=split_blocks)
+        num_splits=num_splits)
     out, lse = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(seqlen_q, config.block_i), num_splits, batch, num_heads_k),
