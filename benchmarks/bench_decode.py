@@ -28,32 +28,11 @@ import flash_attn_jax as fa
 from flash_attn_jax.kernels import triton_decode
 from flash_attn_jax.kernels.config import DecodeConfig
 from flash_attn_jax.semantics import ScoreSpec
+from timing import seconds_per_call
 
 SHAPES = [(8, 4096), (64, 4096), (8, 32768), (64, 32768)]
 NUM_HEADS, NUM_HEADS_K, HEAD_DIM = 32, 8, 128
 SCALE = HEAD_DIM ** -0.5
-
-
-def seconds_per_call(fn, *args, min_time=0.25, repeats=5):
-    """Median over ``repeats`` of the mean time of back-to-back calls."""
-    jax.block_until_ready(fn(*args))
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        if time.perf_counter() - start >= min_time / repeats or calls >= 1 << 14:
-            break
-        calls *= 2
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
 
 
 def make_inputs(batch, length, seed=0):

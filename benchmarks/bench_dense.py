@@ -19,7 +19,6 @@ import argparse
 import datetime
 import math
 import statistics
-import time
 import warnings
 
 import jax
@@ -29,6 +28,7 @@ import flash_attn_jax as fa
 from flash_attn_jax.kernels import triton_backward, triton_forward
 from flash_attn_jax.kernels.config import BlockConfig, backward_configs, forward_config, padded_head_dim
 from flash_attn_jax.semantics import ScoreSpec
+from timing import seconds_per_call
 
 TOKENS, WIDTH = 16384, 2048
 SHAPES = [(d, s, causal) for d in (128, 64) for s in (1024, 4096, 16384) for causal in (False, True)]
@@ -40,30 +40,6 @@ DQ_SWEEP = [BlockConfig(64, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(12
 FORWARD_SWEEP = [BlockConfig(128, 64, 4, 3), BlockConfig(128, 64, 8, 3), BlockConfig(128, 128, 8, 3),
          BlockConfig(128, 128, 8, 2), BlockConfig(64, 64, 4, 3), BlockConfig(128, 32, 4, 3),
          BlockConfig(64, 128, 4, 3), BlockConfig(128, 64, 8, 4)]
-
-
-def seconds_per_call(fn, *args, min_time=0.25, repeats=5):
-    """Median over ``repeats`` of the mean time of back-to-back calls (dispatch overlaps the GPU)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    calls = 1
-    while True:
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time / repeats or calls >= 1 << 14:
-            break
-        calls *= 2
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
 
 
 def peers(head_dim, causal):

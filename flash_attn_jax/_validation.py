@@ -109,17 +109,22 @@ def dropout(dropout_p, dropout_key):
     return p
 
 
+def array_pair(first_name, first, second_name, second, ndim, like_name, like):
+    """Two arrays of rank ``ndim`` with the same shape and the dtype of ``like``."""
+    array(first_name, first, ndim)
+    array(second_name, second, ndim)
+    same_dtype(like_name, like, **{first_name: first, second_name: second})
+    if tuple(first.shape) != tuple(second.shape):
+        raise ValueError(f"{first_name} and {second_name} must have the same shape, got "
+                         f"{tuple(first.shape)} and {tuple(second.shape)}")
+
+
 def dense_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v"):
     """Checks (B, Sq, H, D) queries against (B, Sk, Hk, D) keys and values; returns the dims."""
     array(q_name, q, 4)
-    array(k_name, k, 4)
-    array(v_name, v, 4)
     floating_dtype(q_name, q)
-    same_dtype(q_name, q, **{k_name: k, v_name: v})
+    array_pair(k_name, k, v_name, v, 4, q_name, q)
     batch, seqlen_q, num_heads, head_dim = q.shape
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"{k_name} and {v_name} must have the same shape (batch, seqlen_k, "
-                         f"nheads_k, headdim), got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"{k_name} must have shape (batch={batch}, seqlen_k, nheads_k, "
                          f"headdim={head_dim}) to match {q_name}, got {tuple(k.shape)}")
@@ -183,12 +188,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     floating_dtype("q", q)
     batch, seqlen_q, num_heads, head_dim = q.shape
     head_dim_checks("q", head_dim)
-    array("k_cache", k_cache, 4)
-    array("v_cache", v_cache, 4)
-    same_dtype("q", q, k_cache=k_cache, v_cache=v_cache)
-    if tuple(k_cache.shape) != tuple(v_cache.shape):
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
+    array_pair("k_cache", k_cache, "v_cache", v_cache, 4, "q", q)
     rows, page_size, num_heads_k, cache_head_dim = k_cache.shape
     if cache_head_dim != head_dim:
         raise ValueError(f"k_cache head dim (last axis) must be {head_dim} like q's, got {cache_head_dim}")
@@ -220,9 +220,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         raise ValueError("k and v must be given together")
     seqlen_new = 0
     if k is not None:
-        array("k", k, 4)
-        array("v", v, 4)
-        same_dtype("q", q, k=k, v=v)
+        array_pair("k", k, "v", v, 4, "q", q)
         seqlen_new = k.shape[1]
         expected = (batch, seqlen_new, num_heads_k, head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
@@ -249,12 +247,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     if rotary_cos is not None:
         if k is None:
             raise ValueError("rotary_cos/rotary_sin need new k and v (rotary applies to appended keys)")
-        array("rotary_cos", rotary_cos, 2)
-        array("rotary_sin", rotary_sin, 2)
-        same_dtype("q", q, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
-        if tuple(rotary_cos.shape) != tuple(rotary_sin.shape):
-            raise ValueError(f"rotary_cos and rotary_sin must have the same shape, got "
-                             f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        array_pair("rotary_cos", rotary_cos, "rotary_sin", rotary_sin, 2, "q", q)
         rotary_dim = 2 * rotary_cos.shape[1]
         if not 0 < rotary_dim <= head_dim:
             raise ValueError(f"rotary_cos must have shape (seqlen_ro, rotary_dim / 2) with rotary_dim "

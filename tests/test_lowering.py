@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as plgpu
 from flash_attn_jax.kernels import triton_backward, triton_decode, triton_forward
 from flash_attn_jax.kernels.config import (all_backward_configs, all_decode_configs,
                                            all_forward_configs, backward_configs, forward_config)
+from flash_attn_jax.kernels.triton_tiles import Numerics
 from flash_attn_jax.semantics import ScoreSpec
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
@@ -173,7 +174,7 @@ def test_decode_every_page_size_and_split_lowers(page_size, paged, num_splits):
 
 def _tiny_dot_kernel(x_ref, o_ref):
     x = plgpu.load(x_ref)
-    o_ref[...] = triton_forward.matmul(x, x, transpose_b=True).astype(o_ref.dtype)
+    o_ref[...] = Numerics(x.dtype).matmul(x, x, transpose_b=True).astype(o_ref.dtype)
 
 
 def _call(kernel, n):

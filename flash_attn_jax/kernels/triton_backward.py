@@ -25,10 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import DELTA_BLOCK, BlockConfig, padded_head_dim
-from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_rows, block_indices,
-                                                 dot_precision, head_dim_mask, key_blocks,
-                                                 masked_full_masked_loop, masked_load,
-                                                 masked_store, matmul, query_blocks)
+from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, head_dim_mask,
+                                                 key_blocks, masked_full_masked_loop, masked_load,
+                                                 masked_store, query_blocks)
 from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_derivative
 
 
@@ -42,10 +41,10 @@ def _delta_kernel(out_ref, dout_ref, dlse_ref, delta_ref, *, seqlen_q, head_dim,
     masked_store(delta_ref.at[pl.ds(row_lo, block_q)], delta, row_ok)
 
 
-def _row_stats(lse_ref, delta_ref, row_ok, units):
+def _row_stats(lse_ref, delta_ref, row_ok, numerics):
     """lse (in units; +inf for empty and out-of-range rows, so their P is 0) and delta."""
     lse = masked_load(lse_ref, row_ok, other=jnp.inf)
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse) * units.unit
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse) * numerics.unit
     return lse, masked_load(delta_ref, row_ok)
 
 
@@ -57,8 +56,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec:
         dk_ref, dv_ref = refs
     key_block, batch, head_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim_p = k_ref.shape[-1]
-    precision = dot_precision(k_ref.dtype)
-    units = ExpUnits(k_ref.dtype)
+    numerics = Numerics(k_ref.dtype)
     offset = seqlen_k - seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
 
@@ -78,16 +76,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec:
             dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), member, :], as_rows(row_ok),
                                d_mask)
             lse, delta = _row_stats(lse_ref.at[member, pl.ds(row_lo, block_q)],
-                                    delta_ref.at[member, pl.ds(row_lo, block_q)], row_ok, units)
+                                    delta_ref.at[member, pl.ds(row_lo, block_q)], row_ok, numerics)
             # Transposed tiles (keys x queries): the accumulators are per key.
-            x = logits(matmul(k, q, transpose_b=True, precision=precision), spec, unit=units.unit)
+            x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=numerics.unit)
             s = bias_and_mask(x, rows[None, :], cols[:, None], spec, offset=offset,
-                              seqlen_k=seqlen_k, slope=slope, unit=units.unit, apply_mask=masked)
-            p = units.exp(s - lse[None, :])
-            dv = dv + matmul(p.astype(dout.dtype), dout, precision=precision)
-            dp = matmul(v, dout, transpose_b=True, precision=precision)
-            ds = p * (dp - delta[None, :]) * logits_derivative(x, spec, unit=units.unit)
-            dk = dk + matmul(ds.astype(q.dtype), q, precision=precision)
+                              seqlen_k=seqlen_k, slope=slope, unit=numerics.unit, apply_mask=masked)
+            p = numerics.exp(s - lse[None, :])
+            dv = dv + numerics.matmul(p.astype(dout.dtype), dout)
+            dp = numerics.matmul(v, dout, transpose_b=True)
+            ds = p * (dp - delta[None, :]) * logits_derivative(x, spec, unit=numerics.unit)
+            dk = dk + numerics.matmul(ds.astype(q.dtype), q)
             return dk, dv
 
         return masked_full_masked_loop(body, carry, *blocks)
@@ -106,8 +104,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: S
         (dq_ref,) = refs
     query_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim_p = q_ref.shape[-1]
-    precision = dot_precision(q_ref.dtype)
-    units = ExpUnits(q_ref.dtype)
+    numerics = Numerics(q_ref.dtype)
     offset = seqlen_k - seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
 
@@ -115,7 +112,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: S
     q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     lse, delta = _row_stats(lse_ref.at[pl.ds(row_lo, block_q)], delta_ref.at[pl.ds(row_lo, block_q)],
-                            row_ok, units)
+                            row_ok, numerics)
     slope = slopes_ref[batch, head] if spec.has_alibi else None
 
     def body(key_block, dq, *, masked):
@@ -123,13 +120,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: S
         kv_mask = as_rows(col_ok)
         k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
         v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-        x = logits(matmul(q, k, transpose_b=True, precision=precision), spec, unit=units.unit)
+        x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
         s = bias_and_mask(x, rows[:, None], cols[None, :], spec, offset=offset, seqlen_k=seqlen_k,
-                          slope=slope, unit=units.unit, apply_mask=masked)
-        p = units.exp(s - lse[:, None])
-        dp = matmul(dout, v, transpose_b=True, precision=precision)
-        ds = p * (dp - delta[:, None]) * logits_derivative(x, spec, unit=units.unit)
-        return dq + matmul(ds.astype(k.dtype), k, precision=precision)
+                          slope=slope, unit=numerics.unit, apply_mask=masked)
+        p = numerics.exp(s - lse[:, None])
+        dp = numerics.matmul(dout, v, transpose_b=True)
+        ds = p * (dp - delta[:, None]) * logits_derivative(x, spec, unit=numerics.unit)
+        return dq + numerics.matmul(ds.astype(k.dtype), k)
 
     blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
     dq = masked_full_masked_loop(body, jnp.zeros((block_q, head_dim_p), jnp.float32), *blocks)

@@ -27,11 +27,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import COMBINE_ROWS, DecodeConfig, next_power_of_2, padded_head_dim
-from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_rows, block_indices, bounds_mask,
-                                                 dot_precision, finish_softmax, head_dim_mask,
+from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, bounds_mask,
+                                                 finish_softmax, head_dim_mask,
                                                  initial_softmax_state, key_blocks,
                                                  masked_full_masked_loop, masked_load,
-                                                 masked_store, matmul, online_softmax_step)
+                                                 masked_store, online_softmax_step)
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
@@ -125,8 +125,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
     row_block, split, batch, head_k = (pl.program_id(i) for i in range(4))
     block_i, group_p, block_k = config.block_i, config.group_p, config.block_k
     head_dim_p = q_ref.shape[-1]
-    precision = dot_precision(q_ref.dtype)
-    units = ExpUnits(q_ref.dtype)
+    numerics = Numerics(q_ref.dtype)
     d_mask = head_dim_mask(head_dim, head_dim_p)
     pages = _Pages(paged=paged, page_size=page_size, num_pages=num_pages, table_ref=table_ref,
                    batch_idx_ref=batch_idx_ref)
@@ -168,19 +167,19 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
                                       block_k))
         k = masked_load(k_ref.at[page, pl.ds(page_offset, block_k), :], in_page, d_mask)
         v = masked_load(v_ref.at[page, pl.ds(page_offset, block_k), :], in_page, d_mask)
-        qk = matmul(q, k, transpose_b=True, precision=precision)
-        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=units.unit,
+        qk = numerics.matmul(q, k, transpose_b=True)
+        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
                    apply_mask=masked, offset=offset, seqlen_k=seqlen_k)
         if masked and has_leftpad:
             s = jnp.where(cols[None, :] >= 0, s, -jnp.inf)
         if paged or has_batch_idx:  # a page the table or index cannot reach holds no keys
             s = jnp.where(exists, s, -jnp.inf)
-        return online_softmax_step(carry, s, v, units=units, masked=masked or paged or has_batch_idx,
-                                   precision=precision)
+        return online_softmax_step(carry, s, v, numerics=numerics,
+                                   masked=masked or paged or has_batch_idx)
 
     carry = initial_softmax_state(config.rows, head_dim_p)
     carry = masked_full_masked_loop(body, carry, first, inner_first, inner_end, end)
-    out, lse = finish_softmax(carry, units)
+    out, lse = finish_softmax(carry, numerics)
     out = out.reshape(block_i, group_p, head_dim_p).astype(out_ref.dtype)
     masked_store(out_ref.at[pl.ds(pos_lo, block_i), :, :], out, *row_masks)
     masked_store(lse_ref.at[pl.ds(pos_lo, block_i), :], lse.reshape(block_i, group_p), pos_rows,

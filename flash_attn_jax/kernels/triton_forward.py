@@ -20,11 +20,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
-from flash_attn_jax.kernels.triton_tiles import (ExpUnits, as_cols, as_rows, block_indices,
-                                                 dot_precision, finish_softmax, head_dim_mask,
+from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, block_indices,
+                                                 finish_softmax, head_dim_mask,
                                                  initial_softmax_state, key_blocks,
                                                  masked_full_masked_loop, masked_load,
-                                                 masked_store, matmul, online_softmax_step)
+                                                 masked_store, online_softmax_step)
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
@@ -36,8 +36,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
         out_ref, lse_ref = refs
     q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head_dim_p = q_ref.shape[-1]
-    precision = dot_precision(q_ref.dtype)
-    units = ExpUnits(q_ref.dtype)
+    numerics = Numerics(q_ref.dtype)
     offset = seqlen_k - seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
 
@@ -52,13 +51,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
         kv_mask = as_rows(col_ok)
         k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
         v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-        qk = matmul(q, k, transpose_b=True, precision=precision)
-        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=units.unit,
+        qk = numerics.matmul(q, k, transpose_b=True)
+        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
                    apply_mask=masked, offset=offset, seqlen_k=seqlen_k)
-        return online_softmax_step(carry, s, v, units=units, masked=masked, precision=precision)
+        return online_softmax_step(carry, s, v, numerics=numerics, masked=masked)
 
     carry = masked_full_masked_loop(body, initial_softmax_state(block_q, head_dim_p), *blocks)
-    out, lse = finish_softmax(carry, units)
+    out, lse = finish_softmax(carry, numerics)
     masked_store(out_ref.at[pl.ds(row_lo, block_q), :], out.astype(out_ref.dtype), as_rows(row_ok),
                  d_mask)
     masked_store(lse_ref.at[pl.ds(row_lo, block_q)], lse, row_ok)
@@ -118,12 +117,12 @@ def _probs_kernel(q_ref, k_ref, lse_ref, *refs, spec: ScoreSpec, seqlen_q, seqle
     k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
     lse = masked_load(lse_ref.at[pl.ds(row_lo, block_q)], row_ok)
     slope = slopes_ref[batch, head] if spec.has_alibi else None
-    units = ExpUnits(q_ref.dtype)
-    qk = matmul(q, k, transpose_b=True, precision=dot_precision(q_ref.dtype))
+    numerics = Numerics(q_ref.dtype)
+    qk = numerics.matmul(q, k, transpose_b=True)
     s = scores(qk, rows[:, None], cols[None, :], spec, offset=seqlen_k - seqlen_q,
-               seqlen_k=seqlen_k, slope=slope, unit=units.unit)
-    lse = lse * units.unit
-    probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, units.exp(s - lse[:, None]))
+               seqlen_k=seqlen_k, slope=slope, unit=numerics.unit)
+    lse = lse * numerics.unit
+    probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
     masked_store(probs_ref.at[pl.ds(row_lo, block_q), pl.ds(col_lo, block_k)], probs,
                  as_rows(row_ok), as_cols(col_ok))
 

@@ -17,22 +17,27 @@ from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, full_key_span, full
                                       key_span, query_span)
 
 
-def dot_precision(dtype):
-    # float32 inputs would silently get TF32 with the default precision.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+class Numerics:
+    """How a kernel computes for its input dtype.
 
-
-class ExpUnits:
-    """The exponential base of a kernel's softmax.
-
-    16-bit inputs use base 2 (``exp2`` is one instruction; scores carry a factor log2(e)). float32
-    inputs use base e: converting large logits to base 2 and the logsumexp back costs float32
-    precision that a float32 caller chose to keep.
+    Dots accumulate in float32; float32 inputs get full-precision dots (the default precision would
+    silently be TF32). The softmax exponentials: 16-bit inputs use base 2 (``exp2`` is one
+    instruction; scores then carry a factor log2(e)); float32 inputs use base e, because
+    converting large logits to base 2 and the logsumexp back costs float32 precision that a
+    float32 caller chose to keep.
     """
 
     def __init__(self, dtype):
-        self.base2 = jnp.dtype(dtype) != jnp.float32
+        full_f32 = jnp.dtype(dtype) == jnp.float32
+        self.precision = lax.Precision.HIGHEST if full_f32 else None
+        self.base2 = not full_f32
         self.unit = LOG2E if self.base2 else 1.0  # multiplies natural-log scores
+
+    def matmul(self, a, b, *, transpose_b=False):
+        """2-D a @ b (or a @ b.T) accumulated in float32."""
+        contract_b = 1 if transpose_b else 0
+        return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                               preferred_element_type=jnp.float32, precision=self.precision)
 
     def exp(self, x):
         return jnp.exp2(x) if self.base2 else jnp.exp(x)
@@ -42,13 +47,6 @@ class ExpUnits:
         if self.base2:
             return (row_max + jnp.log2(row_sum)) * LN2
         return row_max + jnp.log(row_sum)
-
-
-def matmul(a, b, *, transpose_b=False, precision=None):
-    """2-D a @ b (or a @ b.T) accumulated in float32."""
-    contract_b = 1 if transpose_b else 0
-    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
-                           preferred_element_type=jnp.float32, precision=precision)
 
 
 def _conjunction(masks, shape):
@@ -152,17 +150,17 @@ def masked_full_masked_loop(body, carry, first, inner_first, inner_end, end):
     return lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
 
 
-def online_softmax_step(carry, s, v, *, units, masked, precision):
+def online_softmax_step(carry, s, v, *, numerics, masked):
     """One key block of the streaming softmax: ``carry`` = (acc, row_max, row_sum) updated with
     scores ``s`` (in units, -inf where masked) and values ``v``."""
     acc, row_max, row_sum = carry
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
     # A row that has seen only masked keys keeps max -inf; exponentiate against 0 instead.
     ref_max = jnp.where(new_max == -jnp.inf, 0.0, new_max) if masked else new_max
-    correction = units.exp(row_max - ref_max)
-    p = units.exp(s - ref_max[:, None])
+    correction = numerics.exp(row_max - ref_max)
+    p = numerics.exp(s - ref_max[:, None])
     row_sum = row_sum * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + matmul(p.astype(v.dtype), v, precision=precision)
+    acc = acc * correction[:, None] + numerics.matmul(p.astype(v.dtype), v)
     return acc, new_max, row_sum
 
 
@@ -171,9 +169,9 @@ def initial_softmax_state(rows, head_dim_p):
             jnp.zeros((rows,), jnp.float32))
 
 
-def finish_softmax(carry, units):
+def finish_softmax(carry, numerics):
     """(out float32, lse natural log) from the final state; rows that saw no key: out 0, lse -inf."""
     acc, row_max, row_sum = carry
     empty = row_sum == 0.0
     safe_sum = jnp.where(empty, 1.0, row_sum)
-    return acc / safe_sum[:, None], jnp.where(empty, -jnp.inf, units.lse(row_max, safe_sum))
+    return acc / safe_sum[:, None], jnp.where(empty, -jnp.inf, numerics.lse(row_max, safe_sum))
