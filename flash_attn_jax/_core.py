@@ -36,48 +36,77 @@ def _not_differentiable(fn, message):
 # Reverse mode only evaluates these; a gradient of the gradient would differentiate them.
 _SECOND_ORDER = ("second-order differentiation (a gradient of the gradient) is not supported; "
                  "use flash_attn_jax.attention_reference where it is needed")
-_forward = _not_differentiable(lambda spec, q, k, v, slopes: kernels.forward(q, k, v, slopes, spec),
-                               _SECOND_ORDER)
-_backward = _not_differentiable(lambda spec, *arrays: kernels.backward(*arrays, spec), _SECOND_ORDER)
+_forward = _not_differentiable(
+    lambda spec, q, k, v, slopes, varlen: kernels.forward(q, k, v, slopes, spec, varlen),
+    _SECOND_ORDER)
+_backward = _not_differentiable(
+    lambda spec, q, k, v, slopes, varlen, out, lse, dout, dlse: kernels.backward(
+        q, k, v, slopes, out, lse, dout, dlse, spec, varlen), _SECOND_ORDER)
+# Paged keys (varlen with a block table) are an inference path, like flash-attn's.
+_paged_forward = _not_differentiable(
+    lambda spec, q, k, v, slopes, varlen: kernels.forward(q, k, v, slopes, spec, varlen),
+    "flash_attn_varlen_func with block_table (paged keys) is forward-only; it has no gradient")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, slopes, spec: ScoreSpec):
-    return kernels.forward(q, k, v, slopes, spec)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, slopes, varlen, spec: ScoreSpec):
+    return kernels.forward(q, k, v, slopes, spec, varlen)
 
 
-def _attention_fwd(q, k, v, slopes, spec):
-    out, lse = _forward(spec, q, k, v, slopes)
-    return (out, lse), (q, k, v, slopes, out, lse)
+def _attention_fwd(q, k, v, slopes, varlen, spec):
+    out, lse = _forward(spec, q, k, v, slopes, varlen)
+    return (out, lse), (q, k, v, slopes, varlen, out, lse)
 
 
 def _attention_bwd(spec, residuals, cotangents):
     dq, dk, dv = _backward(spec, *residuals, *cotangents)
-    return dq, dk, dv, None  # ALiBi slopes get no gradient
+    return dq, dk, dv, None, None  # ALiBi slopes and sequence bounds get no gradient
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _empty_outputs(q, lse_shape):
+    """(out 0, lse -inf) without any kernel, for calls where no query row has a key."""
+    return jnp.zeros(q.shape, q.dtype), jnp.full(lse_shape, -jnp.inf, jnp.float32)
 
 
 def attention(q, k, v, slopes, spec: ScoreSpec):
     """(out (B, Sq, H, D), lse (B, H, Sq) float32) of dense attention, differentiable in q, k, v."""
     batch, seqlen_q, num_heads, _ = q.shape
     lse_shape = (batch, num_heads, seqlen_q)
-    if q.size == 0:
-        return jnp.zeros(q.shape, q.dtype), jnp.zeros(lse_shape, jnp.float32)
-    if k.shape[1] == 0:  # no keys at all: every row is empty
-        return jnp.zeros(q.shape, q.dtype), jnp.full(lse_shape, -jnp.inf, jnp.float32)
-    return _attention(q, k, v, slopes, spec)
-
-
-def attention_probs(q, k, lse, slopes, spec: ScoreSpec):
-    """Softmax probabilities (B, H, Sq, Sk) float32; not differentiable (a diagnostic output)."""
-    batch, seqlen_q, num_heads, _ = q.shape
-    shape = (batch, num_heads, seqlen_q, k.shape[1])
     if q.size == 0 or k.shape[1] == 0:
+        return _empty_outputs(q, lse_shape)
+    return _attention(q, k, v, slopes, None, spec)
+
+
+def varlen_attention(q, k, v, slopes, varlen: kernels.Varlen, spec: ScoreSpec):
+    """(out (T, H, D), lse (H, T) float32) of packed variable-length attention, differentiable in
+    q, k, v (not with paged keys). Tokens after the last sequence: out 0, lse -inf, gradient 0."""
+    num_tokens, num_heads, _ = q.shape
+    lse_shape = (num_heads, num_tokens)
+    no_keys = k.shape[0] == 0 or varlen.max_seqlen_k == 0
+    if q.size == 0 or no_keys or varlen.max_seqlen_q == 0 or varlen.cu_seqlens_q.shape[0] == 1:
+        return _empty_outputs(q, lse_shape)
+    if varlen.block_table is not None:
+        return _paged_forward(spec, q, k, v, slopes, varlen)
+    return _attention(q, k, v, slopes, varlen, spec)
+
+
+def attention_probs(q, k, lse, slopes, spec: ScoreSpec, varlen: kernels.Varlen | None = None):
+    """Softmax probabilities float32, not differentiable (a diagnostic output): dense
+    (B, H, Sq, Sk), varlen (B, H, max_seqlen_q, max_seqlen_k) zero outside each row."""
+    if varlen is None:
+        batch, seqlen_q, num_heads, _ = q.shape
+        shape, no_keys = (batch, num_heads, seqlen_q, k.shape[1]), k.shape[1] == 0
+    else:
+        shape = (varlen.cu_seqlens_q.shape[0] - 1, q.shape[1], varlen.max_seqlen_q,
+                 varlen.max_seqlen_k)
+        no_keys = k.shape[0] == 0
+    if q.size == 0 or no_keys or 0 in shape:
         return jnp.zeros(shape, jnp.float32)
     q, k, lse = (jax.lax.stop_gradient(x) for x in (q, k, lse))
-    return kernels.probabilities(q, k, lse, slopes, spec)
+    return kernels.probabilities(q, k, lse, slopes, spec, varlen)
 
 
 @dataclasses.dataclass(frozen=True)

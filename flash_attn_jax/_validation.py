@@ -133,6 +133,60 @@ def dense_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v"):
     return batch, seqlen_q, k.shape[1], num_heads, k.shape[2], head_dim
 
 
+def cu_seqlens(name, x):
+    """An int32 (batch + 1,) cumulative-lengths array; returns batch."""
+    array(name, x, 1)
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
+        raise TypeError(f"{name} must have dtype int32, got {jnp.dtype(x.dtype)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 0, got {tuple(x.shape)}")
+    return x.shape[0] - 1
+
+
+def paged_keys(name, page_size, table, batch):
+    """Checks a paged ``name`` (num_blocks, page_block_size, ...) and its block_table (batch, n)."""
+    array("block_table", table, 2)
+    if jnp.dtype(table.dtype) != jnp.dtype(jnp.int32):
+        raise TypeError(f"block_table must have dtype int32, got {jnp.dtype(table.dtype)}")
+    if table.shape[0] != batch:
+        raise ValueError(f"block_table must have shape ({batch}, max_blocks_per_seq), got "
+                         f"{tuple(table.shape)}")
+    if page_size < 16 or page_size & (page_size - 1):
+        raise ValueError(f"paged {name} must have shape (num_blocks, page_block_size, nheads_k, "
+                         f"headdim) with page_block_size a power of two >= 16, got {page_size}")
+
+
+_MAX_SEQLEN = 2**31 - 1
+
+
+def varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, table, *,
+               q_name="q", k_name="k", v_name="v", cu_q_name="cu_seqlens_q",
+               cu_k_name="cu_seqlens_k", max_q_name="max_seqlen_q", max_k_name="max_seqlen_k"):
+    """Checks packed (total_q, H, D) queries against (total_k, Hk, D) keys and values, or paged
+    (num_blocks, page_block_size, Hk, D) ones with ``table``; returns (batch, H, D, max_q, max_k)."""
+    array(q_name, q, 3)
+    floating_dtype(q_name, q)
+    is_paged = table is not None
+    array_pair(k_name, k, v_name, v, 4 if is_paged else 3, q_name, q)
+    _, num_heads, head_dim = q.shape
+    num_heads_k, key_head_dim = k.shape[-2:]
+    if key_head_dim != head_dim:
+        shape = "(num_blocks, page_block_size, nheads_k, headdim" if is_paged else "(total_k, nheads_k, headdim"
+        raise ValueError(f"{k_name} must have shape {shape}={head_dim}) to match {q_name}, got "
+                         f"{tuple(k.shape)}")
+    head_dim_checks(q_name, head_dim)
+    heads(num_heads, num_heads_k, k_name)
+    batch = cu_seqlens(cu_q_name, cu_seqlens_q)
+    if cu_seqlens(cu_k_name, cu_seqlens_k) != batch:
+        raise ValueError(f"{cu_k_name} must have shape ({batch + 1},) like {cu_q_name}, got "
+                         f"{tuple(cu_seqlens_k.shape)}")
+    max_q = static_int(max_q_name, max_seqlen_q, 0, _MAX_SEQLEN)
+    max_k = static_int(max_k_name, max_seqlen_k, 0, _MAX_SEQLEN)
+    if is_paged:
+        paged_keys(k_name, k.shape[1], table, batch)
+    return batch, num_heads, head_dim, max_q, max_k
+
+
 def head_dim_checks(name, head_dim):
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"{name} head dim (last axis) must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
@@ -195,15 +249,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     heads(num_heads, num_heads_k, "k_cache")
     paged = block_table is not None
     if paged:
-        array("block_table", block_table, 2)
-        if jnp.dtype(block_table.dtype) != jnp.dtype(jnp.int32):
-            raise TypeError(f"block_table must have dtype int32, got {jnp.dtype(block_table.dtype)}")
-        if block_table.shape[0] != batch:
-            raise ValueError(f"block_table must have shape ({batch}, max_blocks_per_seq), got "
-                             f"{tuple(block_table.shape)}")
-        if page_size < 16 or page_size & (page_size - 1):
-            raise ValueError("paged k_cache must have shape (num_blocks, page_block_size, nheads_k, "
-                             f"headdim) with page_block_size a power of two >= 16, got {page_size}")
+        paged_keys("k_cache", page_size, block_table, batch)
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (the block table "
                              "already maps each batch row to its pages)")

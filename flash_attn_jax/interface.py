@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flash_attn_jax import _core
 from flash_attn_jax import _validation as check
+from flash_attn_jax.kernels import Varlen
 
 _COMMON_ARGS_DOC = """
       dropout_p: dropout probability in [0, 1). Only 0.0 is supported so far.
@@ -36,26 +37,36 @@ _COMMON_ARGS_DOC = """
     """
 
 
-def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-           deterministic, return_attn_probs, dropout_key, names):
-    batch, _, _, num_heads, _, head_dim = check.dense_qkv(q, k, v, **names)
+def _options(batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
+             alibi_slopes, deterministic, return_attn_probs, dropout_key):
+    """(slopes (batch, nheads) or None, ScoreSpec, return_attn_probs) of the shared flags."""
     check.dropout(dropout_p, dropout_key)
     check.static_bool("deterministic", deterministic)
     return_attn_probs = check.static_bool("return_attn_probs", return_attn_probs)
     slopes = check.alibi_slopes(alibi_slopes, batch, num_heads)
     spec = check.score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
                             window=window_size, softcap=softcap, has_alibi=slopes is not None)
+    return slopes, spec, return_attn_probs
+
+
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+           deterministic, return_attn_probs, dropout_key, names):
+    batch, _, _, num_heads, _, head_dim = check.dense_qkv(q, k, v, **names)
+    slopes, spec, return_attn_probs = _options(
+        batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
+        alibi_slopes, deterministic, return_attn_probs, dropout_key)
     out, lse = _core.attention(q, k, v, slopes, spec)
     if not return_attn_probs:
         return out
     return out, lse, _core.attention_probs(q, k, lse, slopes, spec)
 
 
-def _packed(name, x, count, what):
-    check.array(name, x, 5)
-    if x.shape[2] != count:
-        raise ValueError(f"{name} must have shape {what} with {count} on axis 2, got {tuple(x.shape)}")
-    return [x[:, :, i] for i in range(count)]
+def _packed(name, x, count, what, axis=2):
+    check.array(name, x, axis + 3)
+    if x.shape[axis] != count:
+        raise ValueError(f"{name} must have shape {what} with {count} on axis {axis}, got "
+                         f"{tuple(x.shape)}")
+    return [x[(slice(None),) * axis + (i,)] for i in range(count)]
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -103,6 +114,107 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 for _fn in (flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func):
     _fn.__doc__ = _fn.__doc__.rstrip() + _COMMON_ARGS_DOC
+
+
+_VARLEN_ARGS_DOC = """
+      cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative: sequence b holds the query tokens
+        [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and the key tokens [cu_seqlens_k[b],
+        cu_seqlens_k[b + 1]). Lengths may be 0. Tokens after cu_seqlens[-1] (padding at the end)
+        belong to no sequence: out 0, softmax_lse -inf, zero gradients.
+      max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length (overestimates are fine;
+        they size the launch grid and S_dmask, the work follows the real lengths).
+      dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+      dropout_key: as for flash_attn_func, per sequence: causal and the window are aligned to the
+        bottom-right corner of each sequence's (seqlen_q_b, seqlen_k_b) score matrix.
+      return_attn_probs: also return softmax_lse and the probabilities.
+
+    Returns:
+      out (total_q, nheads, headdim) in the input dtype, or, with return_attn_probs,
+      (out, softmax_lse, S_dmask): softmax_lse (nheads, total_q) float32 (flash-attn's varlen
+      layout); S_dmask (batch, nheads, max_seqlen_q, max_seqlen_k) float32, the probabilities of
+      sequence b at [b, :, i, j], 0 outside its lengths.
+
+    Raises:
+      ValueError for bad shapes or values, TypeError for bad types or dtypes, naming the argument.
+    """
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+            return_attn_probs, block_table, dropout_key, names):
+    batch, num_heads, head_dim, max_q, max_k = check.varlen_qkv(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, **names)
+    slopes, spec, return_attn_probs = _options(
+        batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
+        alibi_slopes, deterministic, return_attn_probs, dropout_key)
+    varlen = Varlen(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
+                    max_seqlen_q=max_q, max_seqlen_k=max_k)
+    out, lse = _core.varlen_attention(q, k, v, slopes, varlen, spec)
+    if not return_attn_probs:
+        return out
+    return out, lse, _core.attention_probs(q, k, lse, slopes, spec, varlen)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None, *, dropout_key=None):
+    """Flash attention over variable-length sequences packed along the token axis.
+
+    Args:
+      q: (total_q, nheads, headdim), float16, bfloat16 or float32; headdim in [1, 256].
+      k, v: (total_k, nheads_k, headdim) with q's dtype, nheads a multiple of nheads_k (GQA/MQA);
+        or, with block_table, paged (num_blocks, page_block_size, nheads_k, headdim) with
+        page_block_size a power of two >= 16.
+      block_table: optional int32 (batch, max_blocks_per_seq): sequence b's key j lies in page
+        block_table[b, j // page_block_size] (paged prefill; forward only, no gradient). Its
+        length is still cu_seqlens_k[b + 1] - cu_seqlens_k[b]. Entries must lie in
+        [0, num_blocks); others are clipped into range (never read out of bounds).
+    """
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_attn_probs, block_table, dropout_key, {})
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
+                                     softmax_scale=None, causal=False, window_size=(-1, -1),
+                                     softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, dropout_key=None):
+    """Variable-length self-attention over packed queries, keys and values.
+
+    Args:
+      qkv: (total, 3, nheads, headdim): qkv[:, 0] are the queries, 1 the keys, 2 the values.
+      cu_seqlens: int32 (batch + 1,), the sequences of both queries and keys.
+      max_seqlen: Python int >= every sequence's length.
+    """
+    q, k, v = _packed("qkv", qkv, 3, "(total, 3, nheads, headdim)", axis=1)
+    names = dict(q_name="qkv", k_name="qkv", v_name="qkv", cu_q_name="cu_seqlens",
+                 cu_k_name="cu_seqlens", max_q_name="max_seqlen", max_k_name="max_seqlen")
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_attn_probs, None, dropout_key, names)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False, *,
+                                    dropout_key=None):
+    """Variable-length attention over queries and packed keys and values.
+
+    Args:
+      q: (total_q, nheads, headdim).
+      kv: (total_k, 2, nheads_k, headdim): kv[:, 0] are the keys, 1 the values.
+    """
+    k, v = _packed("kv", kv, 2, "(total_k, 2, nheads_k, headdim)", axis=1)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_attn_probs, None, dropout_key, dict(k_name="kv", v_name="kv"))
+
+
+for _fn in (flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func,
+            flash_attn_varlen_kvpacked_func):
+    _fn.__doc__ = _fn.__doc__.rstrip() + _VARLEN_ARGS_DOC
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

@@ -94,7 +94,7 @@ def attend(q, k, v, slopes, spec, *, cols, seqlen_k, key_valid=None, keep_mask=N
         x = jnp.where(per_batch(key_valid), x, -jnp.inf)
     x = x.astype(softmax_dtype)
 
-    row_max = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    row_max = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True, initial=-jnp.inf))
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     e = jnp.exp(x - row_max)
     total = jnp.sum(e, axis=-1, keepdims=True)

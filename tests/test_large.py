@@ -3,6 +3,7 @@
 import pytest
 
 from helpers import DTYPE_IDS, DTYPES, run_case
+from test_varlen import run_varlen_case
 
 pytestmark = pytest.mark.gpu
 
@@ -27,3 +28,19 @@ def test_large(dtype, case):
     seqlen_q, seqlen_k, head_dim, nheads, nheads_k, options = case
     run_case(17, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, nheads=nheads,
              nheads_k=nheads_k, dtype=dtype, batch=1, **options)
+
+
+VARLEN_CASES = [
+    # (sequences (seqlen_q, seqlen_k), padding tokens, head_dim, (nheads, nheads_k), options)
+    ([(1000, 1000), (2048, 2048), (1, 3000), (3000, 517), (0, 0), (777, 4096)], (100, 50), 128,
+     (8, 2), dict(causal=True)),
+    ([(4096, 4096), (1500, 2500), (33, 1)], (0, 7), 64, (4, 4), dict(window_size=(256, 0), alibi=True)),
+    ([(2000, 2000), (1024, 1024), (2047, 2049)], (0, 0), 256, (4, 1), dict()),
+]
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"d{c[2]}-{c[3][0]}/{c[3][1]}-{c[4]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_large_varlen(dtype, case):
+    seqlens, tail, head_dim, heads, options = case
+    run_varlen_case(18, seqlens, tail, dtype=dtype, head_dim=head_dim, heads=heads, **options)

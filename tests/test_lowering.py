@@ -6,6 +6,7 @@ under 16 that lower but compute garbage on the GPU (see the Pallas Triton notes)
 """
 
 import contextlib
+import dataclasses
 import io
 import re
 import warnings
@@ -16,7 +17,8 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels import triton_backward, triton_decode, triton_forward
+from flash_attn_jax.kernels import (Varlen, triton_backward, triton_decode, triton_forward,
+                                    triton_segments)
 from flash_attn_jax.kernels.config import (all_backward_configs, all_decode_configs,
                                            all_forward_configs, backward_configs, forward_config)
 from flash_attn_jax.kernels.triton_tiles import Numerics
@@ -170,6 +172,59 @@ def test_decode_every_page_size_and_split_lowers(page_size, paged, num_splits):
     config = decode_config(jnp.bfloat16, 128, 1, 4, page_size * 3, page_size if paged else None)
     spec = ScoreSpec(softmax_scale=0.1, window_left=5)
     _check(_lower_decode(jnp.bfloat16, 128, config, paged=paged, num_splits=num_splits, spec=spec), 3)
+
+
+def _lower_varlen(dtype, head_dim_p, *, page_size=0, spec=FULL):
+    """The varlen forward, probabilities and (contiguous keys) backward, and the tail fill."""
+    batch, num_heads, num_heads_k, max_seqlen = 3, 4, 2, 150
+    head_dim = head_dim_p - 3 if head_dim_p > 16 else 13
+    q = _struct((301, num_heads, head_dim), dtype)
+    keys = (_struct((9, page_size, num_heads_k, head_dim), dtype) if page_size
+            else _struct((250, num_heads_k, head_dim), dtype))
+    lse = _struct((num_heads, 301), jnp.float32)
+    ints = lambda *shape: _struct(shape, jnp.int32)
+    table = ints(batch, 4) if page_size else None
+    slopes = _struct((batch, num_heads), jnp.float32)
+    forward = forward_config(dtype, head_dim_p, max_seqlen, max_seqlen)
+    if page_size:
+        forward = dataclasses.replace(forward, block_k=min(forward.block_k, page_size))
+
+    def options(cu_q, cu_k, table):
+        varlen = Varlen(cu_q, cu_k, table, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+        return dict(varlen.kernel_args(keys), interpret=False, debug=True)
+
+    ttir = lower_for_h100(
+        lambda q, k, v, s, cu_q, cu_k, t: triton_forward.forward(
+            q, k, v, s, spec, forward, **options(cu_q, cu_k, t)),
+        q, keys, keys, slopes, ints(batch + 1), ints(batch + 1), table)
+    ttir += lower_for_h100(
+        lambda q, k, lse, s, cu_q, cu_k, t: triton_forward.probabilities(
+            q, k, lse, s, spec, forward, **options(cu_q, cu_k, t)),
+        q, keys, lse, slopes, ints(batch + 1), ints(batch + 1), table)
+    if not page_size:
+        configs = backward_configs(dtype, head_dim_p, max_seqlen, max_seqlen)
+        ttir += lower_for_h100(
+            lambda q, k, v, s, o, lse, do, dlse, cu_q, cu_k: triton_backward.backward(
+                q, k, v, s, o, lse, do, dlse, spec, *configs, **options(cu_q, cu_k, None)),
+            q, keys, keys, slopes, q, lse, q, lse, ints(batch + 1), ints(batch + 1))
+        for x, axis in ((q, 0), (lse, 1)):
+            ttir += lower_for_h100(
+                lambda x, cu: triton_segments.fill_tail(x, cu, 0.0, token_axis=axis,
+                                                        interpret=False, debug=True),
+                x, ints(batch + 1))
+    return ttir
+
+
+@pytest.mark.parametrize("head_dim_p", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["fp16", "bf16", "fp32"])
+def test_varlen_kernels_lower(dtype, head_dim_p):
+    _check(_lower_varlen(dtype, head_dim_p), 10)
+
+
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+def test_varlen_paged_kernels_lower(dtype, page_size):
+    _check(_lower_varlen(dtype, 128, page_size=page_size), 3)
 
 
 def _tiny_dot_kernel(x_ref, o_ref):

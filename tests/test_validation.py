@@ -106,3 +106,57 @@ def test_accepted_argument_forms():
     _trace(fa.flash_attn_func, Q, KV, KV, window_size=np.array([3, 4]), softmax_scale=np.float32(0.2),
            causal=np.bool_(True), softcap=np.float64(0.0))
     _trace(fa.flash_attn_func, Q, KV, KV, window_size=[-1, -1], softmax_scale=1)
+
+
+VQ, VKV, CU = _s((40, 4, 32)), _s((50, 2, 32)), _s((4,), jnp.int32)
+PAGES, TABLE = _s((6, 32, 2, 32)), _s((3, 2), jnp.int32)
+BAD_VARLEN = [
+    ("q rank", (_s((2, 40, 4, 32)), VKV, VKV, CU, CU), {}, ValueError, "q must have rank 3"),
+    ("k rank", (VQ, _s((50, 2)), VKV, CU, CU), {}, ValueError, "k must have rank 3"),
+    ("kv heads", (VQ, _s((50, 3, 32)), _s((50, 3, 32)), CU, CU), {}, ValueError,
+     "multiple of the number of key/value heads"),
+    ("head dim", (VQ, _s((50, 2, 16)), _s((50, 2, 16)), CU, CU), {}, ValueError, "headdim=32"),
+    ("cu dtype", (VQ, VKV, VKV, _s((4,), jnp.float32), CU), {}, TypeError,
+     "cu_seqlens_q must have dtype int32"),
+    ("cu rank", (VQ, VKV, VKV, CU, _s((4, 1), jnp.int32)), {}, ValueError,
+     "cu_seqlens_k must have rank 1"),
+    ("cu empty", (VQ, VKV, VKV, _s((0,), jnp.int32), CU), {}, ValueError, r"batch \+ 1"),
+    ("cu lengths differ", (VQ, VKV, VKV, CU, _s((5,), jnp.int32)), {}, ValueError,
+     r"cu_seqlens_k must have shape \(4,\)"),
+    ("max_seqlen negative", (VQ, VKV, VKV, CU, CU), dict(max_seqlen_q=-1), ValueError,
+     "max_seqlen_q"),
+    ("max_seqlen float", (VQ, VKV, VKV, CU, CU), dict(max_seqlen_k=2.0), TypeError,
+     "max_seqlen_k must be a Python int"),
+    ("alibi shape", (VQ, VKV, VKV, CU, CU), dict(alibi_slopes=jnp.ones((2, 4), jnp.float32)),
+     ValueError, r"alibi_slopes must have shape \(4,\) or \(3, 4\)"),
+    ("paged rank", (VQ, VKV, VKV, CU, CU), dict(block_table=jnp.zeros((3, 2), jnp.int32)),
+     ValueError, "k must have rank 4"),
+    ("page size", (VQ, _s((6, 24, 2, 32)), _s((6, 24, 2, 32)), CU, CU),
+     dict(block_table=jnp.zeros((3, 2), jnp.int32)), ValueError, "power of two >= 16"),
+    ("table dtype", (VQ, PAGES, PAGES, CU, CU), dict(block_table=np.zeros((3, 2), np.uint32)),
+     TypeError, "block_table must have dtype int32"),
+    ("table batch", (VQ, PAGES, PAGES, CU, CU), dict(block_table=jnp.zeros((2, 2), jnp.int32)),
+     ValueError, r"block_table must have shape \(3, max_blocks_per_seq\)"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [c[1:] for c in BAD_VARLEN],
+                         ids=[c[0] for c in BAD_VARLEN])
+def test_flash_attn_varlen_func_rejects(args, kwargs, error, match):
+    options = dict(max_seqlen_q=16, max_seqlen_k=16) | kwargs
+    with pytest.raises(error, match=match):
+        _trace(lambda *a: fa.flash_attn_varlen_func(*a, **options), *args)
+
+
+def test_varlen_max_seqlen_must_be_static():
+    with pytest.raises(TypeError, match="max_seqlen_q must be a Python int"):
+        _trace(lambda q, k, v, cu, m: fa.flash_attn_varlen_func(q, k, v, cu, cu, m, 16),
+               VQ, VKV, VKV, CU, _s((), jnp.int32))
+
+
+def test_varlen_packed_shapes_rejected():
+    with pytest.raises(ValueError, match=r"qkv must have shape \(total, 3, nheads, headdim\)"):
+        _trace(lambda x, cu: fa.flash_attn_varlen_qkvpacked_func(x, cu, 16), _s((40, 2, 4, 32)), CU)
+    with pytest.raises(ValueError, match=r"kv must have shape \(total_k, 2, nheads_k, headdim\)"):
+        _trace(lambda q, kv, cu: fa.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 16, 16), VQ,
+               _s((50, 3, 2, 32)), CU)

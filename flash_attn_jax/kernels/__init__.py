@@ -14,11 +14,13 @@ to lower kernels for an abstract GPU, as the lowering tests do). It is read at t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 
-from flash_attn_jax.kernels import triton_backward, triton_decode, triton_forward
+from flash_attn_jax.kernels import triton_backward, triton_decode, triton_forward, triton_segments
 from flash_attn_jax.kernels.config import (backward_configs, decode_config, forward_config,
                                            num_splits_heuristic, padded_head_dim)
 
@@ -43,27 +45,86 @@ def backend_name() -> str:
     return "pallas-interpret" if use_interpret() else "pallas-triton"
 
 
-def _config(q, k):
-    return forward_config(q.dtype, padded_head_dim(q.shape[-1]), q.shape[1], k.shape[1])
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Varlen:
+    """Variable-length batch rows packed along the token axis (the varlen functions' layout).
+
+    Batch row b holds query tokens ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` and key tokens
+    ``[cu_seqlens_k[b], cu_seqlens_k[b + 1])``, or, with ``block_table`` (B, max_pages) int32, its
+    ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` keys in the pages the table lists. The static
+    ``max_seqlen_q``/``max_seqlen_k`` bound the lengths (they size the grids).
+    """
+
+    cu_seqlens_q: jax.Array
+    cu_seqlens_k: jax.Array
+    block_table: jax.Array | None
+    max_seqlen_q: int = dataclasses.field(metadata=dict(static=True))
+    max_seqlen_k: int = dataclasses.field(metadata=dict(static=True))
+
+    def kernel_args(self, k):
+        """Keyword arguments of the Triton kernels for keys ``k``."""
+        paged = self.block_table is not None
+        arrays = (self.cu_seqlens_q, self.cu_seqlens_k) + ((self.block_table,) if paged else ())
+        layout = triton_segments.Layout(varlen=True, page_size=k.shape[1] if paged else 0)
+        return dict(layout=layout, seq_arrays=arrays, max_seqlen_q=self.max_seqlen_q,
+                    max_seqlen_k=self.max_seqlen_k)
 
 
-def forward(q, k, v, slopes, spec):
-    """Dense attention: out (B, Sq, H, D) and lse (B, H, Sq) float32."""
-    return triton_forward.forward(q, k, v, slopes, spec, _config(q, k), interpret=use_interpret())
+def _lengths(q, k, varlen):
+    """(max query length, max key length) of a batch row."""
+    if varlen is None:
+        return q.shape[1], k.shape[1]
+    return varlen.max_seqlen_q, varlen.max_seqlen_k
 
 
-def probabilities(q, k, lse, slopes, spec):
-    """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse."""
-    return triton_forward.probabilities(q, k, lse, slopes, spec, _config(q, k),
-                                        interpret=use_interpret())
+def _forward_config(q, k, varlen):
+    config = forward_config(q.dtype, padded_head_dim(q.shape[-1]), *_lengths(q, k, varlen))
+    if varlen is not None and varlen.block_table is not None:  # key blocks stay within a page
+        config = dataclasses.replace(config, block_k=min(config.block_k, k.shape[1]))
+    return config
 
 
-def backward(q, k, v, slopes, out, lse, dout, dlse, spec):
-    """(dq, dk, dv) of dense attention from its residuals and the cotangents of (out, lse)."""
-    dkdv_config, dq_config = backward_configs(q.dtype, padded_head_dim(q.shape[-1]), q.shape[1],
-                                              k.shape[1])
-    return triton_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, dkdv_config,
-                                    dq_config, interpret=use_interpret())
+def _layout_args(k, varlen):
+    return {} if varlen is None else varlen.kernel_args(k)
+
+
+def _fill_tail(x, cu_seqlens, value, token_axis=0):
+    return triton_segments.fill_tail(x, cu_seqlens, value, token_axis=token_axis,
+                                     interpret=use_interpret())
+
+
+def forward(q, k, v, slopes, spec, varlen: Varlen | None = None):
+    """Attention: out like q, lse float32. Dense: q (B, Sq, H, D), lse (B, H, Sq). Varlen: q
+    (T, H, D), lse (H, T); tokens after the last row get out 0 and lse -inf."""
+    out, lse = triton_forward.forward(q, k, v, slopes, spec, _forward_config(q, k, varlen),
+                                      interpret=use_interpret(), **_layout_args(k, varlen))
+    if varlen is not None:
+        out = _fill_tail(out, varlen.cu_seqlens_q, 0.0)
+        lse = _fill_tail(lse, varlen.cu_seqlens_q, -jnp.inf, token_axis=1)
+    return out, lse
+
+
+def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None):
+    """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse (varlen:
+    (B, H, max_seqlen_q, max_seqlen_k), zero outside each row's lengths)."""
+    return triton_forward.probabilities(q, k, lse, slopes, spec, _forward_config(q, k, varlen),
+                                        interpret=use_interpret(), **_layout_args(k, varlen))
+
+
+def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None = None):
+    """(dq, dk, dv) from the residuals and the cotangents of (out, lse); layouts as ``forward``
+    (contiguous keys only), tokens after the last row get zero gradients."""
+    dkdv_config, dq_config = backward_configs(q.dtype, padded_head_dim(q.shape[-1]),
+                                              *_lengths(q, k, varlen))
+    dq, dk, dv = triton_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, dkdv_config,
+                                          dq_config, interpret=use_interpret(),
+                                          **_layout_args(k, varlen))
+    if varlen is not None:
+        dq = _fill_tail(dq, varlen.cu_seqlens_q, 0.0)
+        dk = _fill_tail(dk, varlen.cu_seqlens_k, 0.0)
+        dv = _fill_tail(dv, varlen.cu_seqlens_k, 0.0)
+    return dq, dk, dv
 
 
 def _num_sms():

@@ -1,6 +1,6 @@
 """Pallas (Triton lowering) backward kernels of dense attention.
 
-Three launches, no atomics (so every run is bitwise reproducible):
+Dense or varlen (``triton_segments``). Three launches, no atomics (so every run is bitwise reproducible):
 
 1. delta = rowsum(dO * O) - dlse per query row (the lse cotangent enters here: d lse_i / d s_ij
    = P_ij, so it shifts delta).
@@ -25,14 +25,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import DELTA_BLOCK, BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, split_refs, stats_spec,
+                                                    token_spec, whole_spec)
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, head_dim_mask,
                                                  key_blocks, masked_full_masked_loop, masked_load,
                                                  masked_store, query_blocks)
 from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_derivative
 
 
-def _delta_kernel(out_ref, dout_ref, dlse_ref, delta_ref, *, seqlen_q, head_dim, block_q):
-    row_lo, _, row_ok = block_indices(pl.program_id(0), block_q, seqlen_q)
+def _delta_kernel(out_ref, dout_ref, dlse_ref, delta_ref, *, head_dim, block_q):
+    # Per token, so it ignores the batch rows: varlen tokens form one long row.
+    row_lo, _, row_ok = block_indices(pl.program_id(0), block_q, out_ref.shape[0])
     d_mask = head_dim_mask(head_dim, out_ref.shape[-1])
     out = masked_load(out_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
     dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
@@ -48,89 +51,98 @@ def _row_stats(lse_ref, delta_ref, row_ok, numerics):
     return lse, masked_load(delta_ref, row_ok)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: ScoreSpec,
-                 seqlen_q, seqlen_k, head_dim, group, block_q, block_k):
-    if spec.has_alibi:
-        slopes_ref, dk_ref, dv_ref = refs
-    else:
-        dk_ref, dv_ref = refs
+def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_q, block_k):
+    seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
+    slopes_ref, dk_ref, dv_ref = refs if spec.has_alibi else (None, *refs)
     key_block, batch, head_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = k_ref.shape[-1]
     numerics = Numerics(k_ref.dtype)
-    offset = seqlen_k - seqlen_q
+    offset = seg.seqlen_k - seg.seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
-
-    col_lo, cols, col_ok = block_indices(key_block, block_k, seqlen_k)
+    col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k)
     kv_mask = as_rows(col_ok)
-    k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-    v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-    blocks = query_blocks(col_lo, block_k, block_q, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
 
-    def head_body(member, carry):
-        slope = slopes_ref[batch, head_k * group + member] if spec.has_alibi else None
+    def accumulate():
+        k = masked_load(k_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
+        v = masked_load(v_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
+        blocks = query_blocks(col_lo, block_k, block_q, spec, seqlen_q=seg.seqlen_q,
+                              seqlen_k=seg.seqlen_k)
 
-        def body(query_block, carry, *, masked):
-            dk, dv = carry
-            row_lo, rows, row_ok = block_indices(query_block, block_q, seqlen_q, check_bounds=masked)
-            q = masked_load(q_ref.at[pl.ds(row_lo, block_q), member, :], as_rows(row_ok), d_mask)
-            dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), member, :], as_rows(row_ok),
-                               d_mask)
-            lse, delta = _row_stats(lse_ref.at[member, pl.ds(row_lo, block_q)],
-                                    delta_ref.at[member, pl.ds(row_lo, block_q)], row_ok, numerics)
-            # Transposed tiles (keys x queries): the accumulators are per key.
-            x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=numerics.unit)
-            s = bias_and_mask(x, rows[None, :], cols[:, None], spec, offset=offset,
-                              seqlen_k=seqlen_k, slope=slope, unit=numerics.unit, apply_mask=masked)
-            p = numerics.exp(s - lse[None, :])
-            dv = dv + numerics.matmul(p.astype(dout.dtype), dout)
-            dp = numerics.matmul(v, dout, transpose_b=True)
-            ds = p * (dp - delta[None, :]) * logits_derivative(x, spec, unit=numerics.unit)
-            dk = dk + numerics.matmul(ds.astype(q.dtype), q)
-            return dk, dv
+        def head_body(member, carry):
+            slope = slopes_ref[batch, head_k * group + member] if spec.has_alibi else None
 
-        return masked_full_masked_loop(body, carry, *blocks)
+            def body(query_block, carry, *, masked):
+                dk, dv = carry
+                row_lo, rows, row_ok = block_indices(query_block, block_q, seg.seqlen_q,
+                                                     check_bounds=masked)
+                rows_at = seg.q_slice(row_lo, block_q)
+                q = masked_load(q_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
+                dout = masked_load(dout_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
+                lse, delta = _row_stats(lse_ref.at[member, rows_at], delta_ref.at[member, rows_at],
+                                        row_ok, numerics)
+                # Transposed tiles (keys x queries): the accumulators are per key.
+                x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=numerics.unit)
+                s = bias_and_mask(x, rows[None, :], cols[:, None], spec, offset=offset,
+                                  seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit,
+                                  apply_mask=masked)
+                p = numerics.exp(s - lse[None, :])
+                dv = dv + numerics.matmul(p.astype(dout.dtype), dout)
+                dp = numerics.matmul(v, dout, transpose_b=True)
+                ds = p * (dp - delta[None, :]) * logits_derivative(x, spec, unit=numerics.unit)
+                dk = dk + numerics.matmul(ds.astype(q.dtype), q)
+                return dk, dv
 
-    zeros = jnp.zeros((block_k, head_dim_p), jnp.float32)
-    dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
-    masked_store(dk_ref.at[pl.ds(col_lo, block_k), :], dk.astype(dk_ref.dtype), as_rows(col_ok), d_mask)
-    masked_store(dv_ref.at[pl.ds(col_lo, block_k), :], dv.astype(dv_ref.dtype), as_rows(col_ok), d_mask)
+            return masked_full_masked_loop(body, carry, *blocks)
+
+        zeros = jnp.zeros((block_k, head_dim_p), jnp.float32)
+        dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+        for ref, grad in ((dk_ref, dk), (dv_ref, dv)):
+            masked_store(ref.at[seg.k_slice(col_lo, block_k), :], grad.astype(ref.dtype), kv_mask,
+                         d_mask)
+
+    seg.run_if_within(col_lo, seg.seqlen_k, accumulate)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs, spec: ScoreSpec,
-               seqlen_q, seqlen_k, head_dim, block_q, block_k):
-    if spec.has_alibi:
-        slopes_ref, dq_ref = refs
-    else:
-        (dq_ref,) = refs
+def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
+    seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
+    slopes_ref, dq_ref = refs if spec.has_alibi else (None, *refs)
     query_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
     numerics = Numerics(q_ref.dtype)
-    offset = seqlen_k - seqlen_q
+    offset = seg.seqlen_k - seg.seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
+    row_lo, rows, row_ok = block_indices(query_block, block_q, seg.seqlen_q)
+    rows_at = seg.q_slice(row_lo, block_q)
 
-    row_lo, rows, row_ok = block_indices(query_block, block_q, seqlen_q)
-    q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
-    dout = masked_load(dout_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
-    lse, delta = _row_stats(lse_ref.at[pl.ds(row_lo, block_q)], delta_ref.at[pl.ds(row_lo, block_q)],
-                            row_ok, numerics)
-    slope = slopes_ref[batch, head] if spec.has_alibi else None
+    def accumulate():
+        q = masked_load(q_ref.at[rows_at, :], as_rows(row_ok), d_mask)
+        dout = masked_load(dout_ref.at[rows_at, :], as_rows(row_ok), d_mask)
+        lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok, numerics)
+        slope = slopes_ref[batch, head] if spec.has_alibi else None
 
-    def body(key_block, dq, *, masked):
-        col_lo, cols, col_ok = block_indices(key_block, block_k, seqlen_k, check_bounds=masked)
-        kv_mask = as_rows(col_ok)
-        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-        x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
-        s = bias_and_mask(x, rows[:, None], cols[None, :], spec, offset=offset, seqlen_k=seqlen_k,
-                          slope=slope, unit=numerics.unit, apply_mask=masked)
-        p = numerics.exp(s - lse[:, None])
-        dp = numerics.matmul(dout, v, transpose_b=True)
-        ds = p * (dp - delta[:, None]) * logits_derivative(x, spec, unit=numerics.unit)
-        return dq + numerics.matmul(ds.astype(k.dtype), k)
+        def body(key_block, dq, *, masked):
+            col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
+                                                 check_bounds=masked)
+            kv_mask = as_rows(col_ok)
+            k = masked_load(k_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
+            v = masked_load(v_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
+            x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
+            s = bias_and_mask(x, rows[:, None], cols[None, :], spec, offset=offset,
+                              seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit,
+                              apply_mask=masked)
+            p = numerics.exp(s - lse[:, None])
+            dp = numerics.matmul(dout, v, transpose_b=True)
+            ds = p * (dp - delta[:, None]) * logits_derivative(x, spec, unit=numerics.unit)
+            return dq + numerics.matmul(ds.astype(k.dtype), k)
 
-    blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
-    dq = masked_full_masked_loop(body, jnp.zeros((block_q, head_dim_p), jnp.float32), *blocks)
-    masked_store(dq_ref.at[pl.ds(row_lo, block_q), :], dq.astype(dq_ref.dtype), as_rows(row_ok), d_mask)
+        blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,
+                            seqlen_k=seg.seqlen_k)
+        dq = masked_full_masked_loop(body, jnp.zeros((block_q, head_dim_p), jnp.float32), *blocks)
+        masked_store(dq_ref.at[rows_at, :], dq.astype(dq_ref.dtype), as_rows(row_ok), d_mask)
+
+    seg.run_if_within(row_lo, seg.seqlen_q, accumulate)
 
 
 def _params(config: BlockConfig):
@@ -138,55 +150,65 @@ def _params(config: BlockConfig):
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config: BlockConfig,
-             dq_config: BlockConfig, *, interpret: bool, debug: bool = False):
-    """(dq, dk, dv) in the input dtype from the residuals and the cotangents of (out, lse)."""
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+             dq_config: BlockConfig, *, layout: Layout = DENSE, seq_arrays=(), max_seqlen_q=None,
+             max_seqlen_k=None, interpret: bool, debug: bool = False):
+    """(dq, dk, dv) in the input dtype from the residuals and the cotangents of (out, lse).
+
+    Dense: q (B, Sq, H, D), lse (B, H, Sq). Varlen: q (T, H, D), lse (H, T), ``seq_arrays``
+    (cu_q, cu_k) and the static ``max_seqlen_q``/``max_seqlen_k`` that size the grids.
+    """
+    num_heads, head_dim = q.shape[-2:]
+    num_heads_k = k.shape[-2]
     group = num_heads // num_heads_k
     head_dim_p = padded_head_dim(head_dim)
-    static = dict(seqlen_q=seqlen_q, head_dim=head_dim)
+    if layout.varlen:
+        batch, seqlen_q, seqlen_k = seq_arrays[0].shape[0] - 1, q.shape[0], k.shape[0]
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
     call = functools.partial(pl.pallas_call, interpret=interpret, debug=debug)
-    rows_spec = pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, b, h: (b, 0, h, 0))
-    stats_spec = pl.BlockSpec((None, None, seqlen_q), lambda i, b, h: (b, h, 0))
-    stats_shape = jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32)
-    slopes_spec = [pl.BlockSpec((batch, num_heads), lambda i, b, h: (0, 0))] if spec.has_alibi else []
+    rows_spec = token_spec(layout, seqlen_q, head_dim_p)
+    stats = stats_spec(layout, seqlen_q)
+    seq_specs = [whole_spec(x) for x in seq_arrays]
+    slopes_spec = [whole_spec(slopes)] if spec.has_alibi else []
     slopes_arg = [slopes] if spec.has_alibi else []
 
+    # Per token: a varlen batch is one row of all its tokens.
     delta = call(
-        functools.partial(_delta_kernel, block_q=DELTA_BLOCK, **static),
-        grid=(pl.cdiv(seqlen_q, DELTA_BLOCK), batch, num_heads),
-        in_specs=[rows_spec, rows_spec, stats_spec], out_specs=stats_spec, out_shape=stats_shape,
+        functools.partial(_delta_kernel, head_dim=head_dim, block_q=DELTA_BLOCK),
+        grid=(pl.cdiv(seqlen_q, DELTA_BLOCK), 1 if layout.varlen else batch, num_heads),
+        in_specs=[rows_spec, rows_spec, stats], out_specs=stats,
+        out_shape=jax.ShapeDtypeStruct(lse.shape, jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         name="flash_attn_backward_delta",
     )(out, dout, dlse)
 
     # dK/dV: the query-side operands of all `group` query heads of one kv head.
-    kv_spec = pl.BlockSpec((None, seqlen_k, None, head_dim_p), lambda j, b, h: (b, 0, h, 0))
-    group_rows_spec = pl.BlockSpec((None, seqlen_q, group, head_dim_p), lambda j, b, h: (b, 0, h, 0))
-    group_stats_spec = pl.BlockSpec((None, group, seqlen_q), lambda j, b, h: (b, h, 0))
+    kv_spec = token_spec(layout, seqlen_k, head_dim_p)
+    group_rows_spec = token_spec(layout, seqlen_q, head_dim_p, heads=group)
+    group_stats_spec = stats_spec(layout, seqlen_q, heads=group)
     dk, dv = call(
-        functools.partial(_dkdv_kernel, spec=spec, seqlen_k=seqlen_k, group=group,
-                          block_q=dkdv_config.block_q, block_k=dkdv_config.block_k, **static),
-        grid=(pl.cdiv(seqlen_k, dkdv_config.block_k), batch, num_heads_k),
-        in_specs=[group_rows_spec, kv_spec, kv_spec, group_rows_spec, group_stats_spec,
+        functools.partial(_dkdv_kernel, layout=layout, spec=spec, head_dim=head_dim, group=group,
+                          block_q=dkdv_config.block_q, block_k=dkdv_config.block_k),
+        grid=(pl.cdiv(max_seqlen_k, dkdv_config.block_k), batch, num_heads_k),
+        in_specs=[*seq_specs, group_rows_spec, kv_spec, kv_spec, group_rows_spec, group_stats_spec,
                   group_stats_spec, *slopes_spec],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(dkdv_config),
         name="flash_attn_backward_dkdv",
-    )(q, k, v, dout, lse, delta, *slopes_arg)
+    )(*seq_arrays, q, k, v, dout, lse, delta, *slopes_arg)
 
-    kv_of_query_head = pl.BlockSpec((None, seqlen_k, None, head_dim_p),
-                                    lambda i, b, h: (b, 0, lax.div(h, group), 0))
+    kv_of_query_head = token_spec(layout, seqlen_k, head_dim_p, head=lambda h: lax.div(h, group))
     dq = call(
-        functools.partial(_dq_kernel, spec=spec, seqlen_k=seqlen_k, block_q=dq_config.block_q,
-                          block_k=dq_config.block_k, **static),
-        grid=(pl.cdiv(seqlen_q, dq_config.block_q), batch, num_heads),
-        in_specs=[rows_spec, kv_of_query_head, kv_of_query_head, rows_spec, stats_spec, stats_spec,
-                  *slopes_spec],
+        functools.partial(_dq_kernel, layout=layout, spec=spec, head_dim=head_dim,
+                          block_q=dq_config.block_q, block_k=dq_config.block_k),
+        grid=(pl.cdiv(max_seqlen_q, dq_config.block_q), batch, num_heads),
+        in_specs=[*seq_specs, rows_spec, kv_of_query_head, kv_of_query_head, rows_spec, stats,
+                  stats, *slopes_spec],
         out_specs=rows_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(dq_config),
         name="flash_attn_backward_dq",
-    )(q, k, v, dout, lse, delta, *slopes_arg)
+    )(*seq_arrays, q, k, v, dout, lse, delta, *slopes_arg)
     return dq, dk, dv

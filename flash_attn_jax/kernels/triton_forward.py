@@ -1,7 +1,8 @@
 """Pallas (Triton lowering) forward kernels: attention output + logsumexp, and the probabilities.
 
-Layout is the caller's (batch, seqlen, heads, headdim); one program handles one block of query
-rows of one (batch, query head). Sequence and head-dim edges are handled with masked loads and
+Layout is the caller's: dense (batch, seqlen, heads, headdim) or varlen (tokens, heads, headdim)
+with cu_seqlens, keys optionally paged (``triton_segments``). One program handles one block of query
+rows of one (batch row, query head). Sequence and head-dim edges are handled with masked loads and
 stores (the lowering adds no bounds checks of its own), so no input is ever padded in memory.
 
 The key loop is split in three: key blocks the mask cuts on the left, the blocks that every row of
@@ -20,6 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, key_spec, split_refs,
+                                                    stats_spec, token_spec, whole_spec)
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, block_indices,
                                                  finish_softmax, head_dim_mask,
                                                  initial_softmax_state, key_blocks,
@@ -28,132 +31,158 @@ from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, blo
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, spec: ScoreSpec, seqlen_q, seqlen_k, head_dim,
-                    block_q, block_k):
-    if spec.has_alibi:
-        slopes_ref, out_ref, lse_ref = refs
-    else:
-        out_ref, lse_ref = refs
+def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
+    seq_refs, (q_ref, k_ref, v_ref, *refs) = split_refs(layout, refs)
+    slopes_ref, out_ref, lse_ref = refs if spec.has_alibi else (None, *refs)
     q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
     numerics = Numerics(q_ref.dtype)
-    offset = seqlen_k - seqlen_q
+    offset = seg.seqlen_k - seg.seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
+    row_lo, rows, row_ok = block_indices(q_block, block_q, seg.seqlen_q)
 
-    row_lo, rows, row_ok = block_indices(q_block, block_q, seqlen_q)
-    q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
-    slope = slopes_ref[batch, head] if spec.has_alibi else None
+    def attend():
+        q = masked_load(q_ref.at[seg.q_slice(row_lo, block_q), :], as_rows(row_ok), d_mask)
+        slope = slopes_ref[batch, head] if spec.has_alibi else None
+        blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,
+                            seqlen_k=seg.seqlen_k)
 
-    blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+        def body(key_block, carry, *, masked):
+            col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
+                                                 check_bounds=masked)
+            kv_mask = as_rows(col_ok)
+            k = masked_load(seg.keys(k_ref, col_lo, block_k), kv_mask, d_mask)
+            v = masked_load(seg.keys(v_ref, col_lo, block_k), kv_mask, d_mask)
+            qk = numerics.matmul(q, k, transpose_b=True)
+            s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
+                       apply_mask=masked, offset=offset, seqlen_k=seg.seqlen_k)
+            return online_softmax_step(carry, s, v, numerics=numerics, masked=masked)
 
-    def body(key_block, carry, *, masked):
-        col_lo, cols, col_ok = block_indices(key_block, block_k, seqlen_k, check_bounds=masked)
-        kv_mask = as_rows(col_ok)
-        k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-        v = masked_load(v_ref.at[pl.ds(col_lo, block_k), :], kv_mask, d_mask)
-        qk = numerics.matmul(q, k, transpose_b=True)
-        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
-                   apply_mask=masked, offset=offset, seqlen_k=seqlen_k)
-        return online_softmax_step(carry, s, v, numerics=numerics, masked=masked)
+        carry = masked_full_masked_loop(body, initial_softmax_state(block_q, head_dim_p), *blocks)
+        out, lse = finish_softmax(carry, numerics)
+        masked_store(out_ref.at[seg.q_slice(row_lo, block_q), :], out.astype(out_ref.dtype),
+                     as_rows(row_ok), d_mask)
+        masked_store(lse_ref.at[seg.q_slice(row_lo, block_q)], lse, row_ok)
 
-    carry = masked_full_masked_loop(body, initial_softmax_state(block_q, head_dim_p), *blocks)
-    out, lse = finish_softmax(carry, numerics)
-    masked_store(out_ref.at[pl.ds(row_lo, block_q), :], out.astype(out_ref.dtype), as_rows(row_ok),
-                 d_mask)
-    masked_store(lse_ref.at[pl.ds(row_lo, block_q)], lse, row_ok)
+    seg.run_if_within(row_lo, seg.seqlen_q, attend)
 
 
 def _compiler_params(config: BlockConfig):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, interpret: bool,
-            debug: bool = False):
-    """out (B, Sq, H, D) in q.dtype and lse (B, H, Sq) float32 of dense attention."""
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
-    group = num_heads // num_heads_k
-    head_dim_p = padded_head_dim(head_dim)
-    kernel = functools.partial(_forward_kernel, spec=spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                               head_dim=head_dim, block_q=config.block_q, block_k=config.block_k)
-    in_specs = [
-        pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, seqlen_k, None, head_dim_p), lambda i, b, h: (b, 0, lax.div(h, group), 0)),
-        pl.BlockSpec((None, seqlen_k, None, head_dim_p), lambda i, b, h: (b, 0, lax.div(h, group), 0)),
-    ]
-    operands = [q, k, v]
-    if spec.has_alibi:
-        in_specs.append(pl.BlockSpec((batch, num_heads), lambda i, b, h: (0, 0)))
+def _operands(layout, seq_arrays, q, kv_arrays, q_stats, slopes, head_dim_p):
+    """(in_specs, operands) of the forward and probability kernels: the sequence arrays, q, the
+    key-side arrays, per-row statistics of q, the ALiBi slopes (None without ALiBi)."""
+    group = q.shape[-2] // kv_arrays[0].shape[-2]
+    seqlen_q = q.shape[0] if layout.varlen else q.shape[1]
+    specs = [whole_spec(x) for x in seq_arrays] + [token_spec(layout, seqlen_q, head_dim_p)]
+    specs += [key_spec(layout, x, head_dim_p, head=lambda h: lax.div(h, group)) for x in kv_arrays]
+    specs += [stats_spec(layout, seqlen_q) for _ in q_stats]
+    operands = [*seq_arrays, q, *kv_arrays, *q_stats]
+    if slopes is not None:
+        specs.append(whole_spec(slopes))
         operands.append(slopes)
+    return specs, operands
+
+
+def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, layout: Layout = DENSE,
+            seq_arrays=(), max_seqlen_q=None, max_seqlen_k=None, interpret: bool,
+            debug: bool = False):
+    """out in q.dtype and lse float32 of attention: dense q (B, Sq, H, D) -> lse (B, H, Sq);
+    varlen q (T, H, D) with ``seq_arrays`` (cu_q, cu_k[, block_table]) -> lse (H, T). The key
+    loops follow each row's real length, so ``max_seqlen_k`` is not needed."""
+    del max_seqlen_k
+    num_heads, head_dim = q.shape[-2:]
+    head_dim_p = padded_head_dim(head_dim)
+    if layout.varlen:
+        num_tokens = q.shape[0]
+        batch, seqlen_q = seq_arrays[0].shape[0] - 1, num_tokens
+        grid_rows, lse_shape = max_seqlen_q, (num_heads, num_tokens)
+    else:
+        batch, seqlen_q = q.shape[:2]
+        grid_rows, lse_shape = seqlen_q, (batch, num_heads, seqlen_q)
+    in_specs, operands = _operands(layout, seq_arrays, q, (k, v), (), slopes if spec.has_alibi else None,
+                                   head_dim_p)
+    kernel = functools.partial(_forward_kernel, layout=layout, spec=spec, head_dim=head_dim,
+                               block_q=config.block_q, block_k=config.block_k)
     return pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(seqlen_q, config.block_q), batch, num_heads),
+        grid=(pl.cdiv(grid_rows, config.block_q), batch, num_heads),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, None, seqlen_q), lambda i, b, h: (b, h, 0)),
-        ],
+        out_specs=[token_spec(layout, seqlen_q, head_dim_p), stats_spec(layout, seqlen_q)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32)],
+                   jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
         compiler_params=_compiler_params(config),
         interpret=interpret,
         debug=debug,  # prints the Triton IR; the lowering tests lint it
-        name="flash_attn_forward",
+        name="flash_attn_varlen_forward" if layout.varlen else "flash_attn_forward",
     )(*operands)
 
 
-def _probs_kernel(q_ref, k_ref, lse_ref, *refs, spec: ScoreSpec, seqlen_q, seqlen_k, head_dim,
-                  block_q, block_k):
-    if spec.has_alibi:
-        slopes_ref, probs_ref = refs
-    else:
-        (probs_ref,) = refs
+def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
+    seq_refs, (q_ref, k_ref, lse_ref, *refs) = split_refs(layout, refs)
+    slopes_ref, probs_ref = refs if spec.has_alibi else (None, *refs)
     q_block, k_block = pl.program_id(0), pl.program_id(1)
     batch, head = pl.program_id(2), pl.program_id(3)
+    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     d_mask = head_dim_mask(head_dim, q_ref.shape[-1])
-    row_lo, rows, row_ok = block_indices(q_block, block_q, seqlen_q)
-    col_lo, cols, col_ok = block_indices(k_block, block_k, seqlen_k)
-    q = masked_load(q_ref.at[pl.ds(row_lo, block_q), :], as_rows(row_ok), d_mask)
-    k = masked_load(k_ref.at[pl.ds(col_lo, block_k), :], as_rows(col_ok), d_mask)
-    lse = masked_load(lse_ref.at[pl.ds(row_lo, block_q)], row_ok)
+    # The output (S_dmask) is (max_seqlen_q, max_seqlen_k) per (batch row, head); entries past the
+    # row's lengths are 0 (the lse of a missing row reads -inf, a missing key's score is -inf).
+    max_q, max_k = probs_ref.shape
+    row_lo, rows, store_row_ok = block_indices(q_block, block_q, max_q)
+    col_lo, cols, store_col_ok = block_indices(k_block, block_k, max_k)
+    _, _, row_ok = block_indices(q_block, block_q, seg.seqlen_q)
+    _, _, col_ok = block_indices(k_block, block_k, seg.seqlen_k)
+    q = masked_load(q_ref.at[seg.q_slice(row_lo, block_q), :], as_rows(row_ok), d_mask)
+    k = masked_load(seg.keys(k_ref, col_lo, block_k), as_rows(col_ok), d_mask)
+    lse = masked_load(lse_ref.at[seg.q_slice(row_lo, block_q)], row_ok, other=-jnp.inf)
     slope = slopes_ref[batch, head] if spec.has_alibi else None
     numerics = Numerics(q_ref.dtype)
     qk = numerics.matmul(q, k, transpose_b=True)
-    s = scores(qk, rows[:, None], cols[None, :], spec, offset=seqlen_k - seqlen_q,
-               seqlen_k=seqlen_k, slope=slope, unit=numerics.unit)
+    s = scores(qk, rows[:, None], cols[None, :], spec, offset=seg.seqlen_k - seg.seqlen_q,
+               seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit)
     lse = lse * numerics.unit
     probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
     masked_store(probs_ref.at[pl.ds(row_lo, block_q), pl.ds(col_lo, block_k)], probs,
-                 as_rows(row_ok), as_cols(col_ok))
+                 as_rows(store_row_ok), as_cols(store_col_ok))
 
 
-def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *, interpret: bool,
-                  debug: bool = False):
-    """The softmax probabilities (B, H, Sq, Sk) float32 from q, k and the forward's lse."""
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
-    group = num_heads // num_heads_k
+def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *,
+                  layout: Layout = DENSE, seq_arrays=(), max_seqlen_q=None, max_seqlen_k=None,
+                  interpret: bool, debug: bool = False):
+    """The softmax probabilities (B, H, Sq, Sk) float32 from q, k and the forward's lse; varlen:
+    (B, H, max_seqlen_q, max_seqlen_k), zero outside each row's lengths."""
+    num_heads, head_dim = q.shape[-2:]
     head_dim_p = padded_head_dim(head_dim)
-    kernel = functools.partial(_probs_kernel, spec=spec, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                               head_dim=head_dim, block_q=config.block_q, block_k=config.block_k)
-    in_specs = [
-        pl.BlockSpec((None, seqlen_q, None, head_dim_p), lambda i, j, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, seqlen_k, None, head_dim_p),
-                     lambda i, j, b, h: (b, 0, lax.div(h, group), 0)),
-        pl.BlockSpec((None, None, seqlen_q), lambda i, j, b, h: (b, h, 0)),
-    ]
-    operands = [q, k, lse]
-    if spec.has_alibi:
-        in_specs.append(pl.BlockSpec((batch, num_heads), lambda i, j, b, h: (0, 0)))
-        operands.append(slopes)
+    if layout.varlen:
+        batch, seqlen_q = seq_arrays[0].shape[0] - 1, q.shape[0]
+    else:
+        batch, seqlen_q, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], q.shape[1], k.shape[1]
+    in_specs, operands = _operands(layout, seq_arrays, q, (k,), (lse,),
+                                   slopes if spec.has_alibi else None, head_dim_p)
+    in_specs = [_with_key_block_axis(s) for s in in_specs]
+    kernel = functools.partial(_probs_kernel, layout=layout, spec=spec, head_dim=head_dim,
+                               block_q=config.block_q, block_k=config.block_k)
+    shape = (batch, num_heads, max_seqlen_q, max_seqlen_k)
     return pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(seqlen_q, config.block_q), pl.cdiv(seqlen_k, config.block_k), batch, num_heads),
+        grid=(pl.cdiv(max_seqlen_q, config.block_q), pl.cdiv(max_seqlen_k, config.block_k), batch,
+              num_heads),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, seqlen_q, seqlen_k), lambda i, j, b, h: (b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((batch, num_heads, seqlen_q, seqlen_k), jnp.float32),
+        out_specs=pl.BlockSpec((None, None, max_seqlen_q, max_seqlen_k),
+                               lambda i, j, b, h: (b, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
         compiler_params=_compiler_params(config),
         interpret=interpret,
         debug=debug,  # prints the Triton IR; the lowering tests lint it
         name="flash_attn_probs",
     )(*operands)
+
+
+def _with_key_block_axis(block_spec):
+    """The (block, batch, head) BlockSpec for the probability kernel's (block, key block, batch,
+    head) grid."""
+    index_map = block_spec.index_map
+    return pl.BlockSpec(block_spec.block_shape, lambda i, j, b, h: index_map(i, b, h))

@@ -74,8 +74,9 @@ def masked_store(ref, value, *masks):
 
 
 def bounds_mask(index, size, block):
-    """``index < size`` (1-D), or None when ``size`` is a multiple of ``block`` (no ragged edge)."""
-    return None if size % block == 0 else index < size
+    """``index < size`` (1-D), or None when ``size`` is a static multiple of ``block`` (no ragged
+    edge). A traced ``size`` (a variable-length sequence) always gets the mask."""
+    return None if isinstance(size, int) and size % block == 0 else index < size
 
 
 def block_indices(block_id, block, size, *, check_bounds=True):
@@ -137,7 +138,8 @@ def query_blocks(col_lo, block_k, block_q, spec: ScoreSpec, *, seqlen_q, seqlen_
     first, end = _block_range(*query_span(col_lo, col_hi, spec, **span), block_q)
     inner_first, inner_end = _inner_block_range(*full_query_span(col_lo, col_hi, spec, **span),
                                                 block_q, first, end)
-    if seqlen_k % block_k:  # a key block past the end needs its column mask on every row block
+    if not isinstance(seqlen_k, int) or seqlen_k % block_k:
+        # A key block past the end needs its column mask on every row block.
         inner_end = jnp.where(col_lo + block_k > seqlen_k, inner_first, inner_end)
     return first, inner_first, inner_end, end
 

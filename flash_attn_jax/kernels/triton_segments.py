@@ -1,0 +1,195 @@
+"""Where each batch row's tokens lie: the dense and the variable-length layouts of the kernels.
+
+The forward and backward kernels are written once against a ``Segment``: the query rows and key
+columns of one batch row, at an offset in the kernel's refs, with a length.
+
+* dense: q (B, Sq, H, D), k/v (B, Sk, Hk, D), lse (B, H, Sq). The BlockSpecs hand a program its
+  batch row's tokens, so the offsets are 0 and the lengths are the static Sq and Sk.
+* varlen: q (total_q, H, D), k/v (total_k, Hk, D), lse (H, total_q). Batch row b holds the tokens
+  ``[cu_q[b], cu_q[b + 1])`` and ``[cu_k[b], cu_k[b + 1])``; a program sees all tokens and offsets
+  by its row's start. Lengths are traced, so every ragged edge is masked. The grid covers
+  ``max_seqlen`` blocks per row and a program past its row's end does nothing, so the work follows
+  the real tokens, not ``batch x max_seqlen``. Bounds read from cu_seqlens are clipped to the
+  arrays, so no cu_seqlens makes a kernel touch memory outside them.
+* paged keys (varlen forward): k/v (num_pages, page, Hk, D) through block_table (B, max_pages):
+  key j of row b is at page ``block_table[b, j // page]``, row ``j % page``. Key blocks never
+  cross a page (block_k <= page); page ids are clipped into range.
+
+Tokens after the last sequence (``cu[-1] < total``, padding at the end of a packed batch) belong
+to no batch row: ``fill_tail`` sets their outputs (out 0, lse -inf, zero gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flash_attn_jax.kernels.triton_tiles import as_cols, as_rows, block_indices, masked_store
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static: dense or varlen, and the page size of paged keys (0: contiguous keys)."""
+
+    varlen: bool = False
+    page_size: int = 0
+
+    @property
+    def num_seq_refs(self) -> int:
+        """The int32 refs that lead a kernel's arguments: cu_q, cu_k[, block_table] for varlen."""
+        return (3 if self.page_size else 2) if self.varlen else 0
+
+
+DENSE = Layout()
+
+
+def _same(h):
+    return h
+
+
+def token_spec(layout: Layout, length, width, *, heads=None, head=_same):
+    """BlockSpec (grid (block, batch, head)) of a token-major array: one batch row's ``length``
+    tokens (dense (B, S, H, D)) or all ``length`` tokens (varlen (T, H, D)), of the head
+    ``head(h)``, or with ``heads`` the ``head(h)``-th block of that many heads."""
+    if layout.varlen:
+        return pl.BlockSpec((length, heads, width), lambda i, b, h: (0, head(h), 0))
+    return pl.BlockSpec((None, length, heads, width), lambda i, b, h: (b, 0, head(h), 0))
+
+
+def stats_spec(layout: Layout, length, *, heads=None, head=_same):
+    """BlockSpec of per-row statistics: dense (B, H, S), varlen (H, T); ``heads`` as above."""
+    if layout.varlen:
+        return pl.BlockSpec((heads, length), lambda i, b, h: (head(h), 0))
+    return pl.BlockSpec((None, heads, length), lambda i, b, h: (b, head(h), 0))
+
+
+def key_spec(layout: Layout, k, width, *, head=_same):
+    """BlockSpec of the keys (or values) of the kv head ``head(h)``, paged or token-major."""
+    if layout.page_size:
+        num_pages, page_size = k.shape[:2]
+        return pl.BlockSpec((num_pages, page_size, None, width), lambda i, b, h: (0, 0, head(h), 0))
+    return token_spec(layout, k.shape[0] if layout.varlen else k.shape[1], width, head=head)
+
+
+def whole_spec(x):
+    """A BlockSpec covering a whole small integer array, for scalar reads."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def split_refs(layout: Layout, refs):
+    """(sequence refs, the kernel's other refs)."""
+    return refs[:layout.num_seq_refs], refs[layout.num_seq_refs:]
+
+
+def _token_range(cu_ref, batch, total):
+    start = jnp.clip(cu_ref[batch], 0, total)
+    return start, jnp.clip(cu_ref[batch + 1], start, total) - start
+
+
+def _offset(start, lo):
+    return lo if isinstance(start, int) and start == 0 else start + lo
+
+
+class Segment:
+    """One batch row's queries and keys inside a kernel's refs.
+
+    ``seqlen_q`` and ``seqlen_k`` are Python ints (dense) or traced int32 (varlen).
+    ``total_q``/``total_k``: the refs' token counts (dense: the row's lengths).
+    """
+
+    def __init__(self, layout: Layout, seq_refs, batch, *, total_q, total_k):
+        self.layout, self.batch = layout, batch
+        if not layout.varlen:
+            self.q_start, self.seqlen_q, self.k_start, self.seqlen_k = 0, total_q, 0, total_k
+            return
+        cu_q_ref, cu_k_ref = seq_refs[:2]
+        self.q_start, self.seqlen_q = _token_range(cu_q_ref, batch, total_q)
+        if layout.page_size:
+            self.table_ref = seq_refs[2]
+            capacity = self.table_ref.shape[1] * layout.page_size
+            self.k_start = 0
+            self.seqlen_k = jnp.clip(cu_k_ref[batch + 1] - cu_k_ref[batch], 0, capacity)
+        else:
+            self.k_start, self.seqlen_k = _token_range(cu_k_ref, batch, total_k)
+
+    def q_slice(self, lo, size):
+        """The ref slice of this row's query rows ``[lo, lo + size)``."""
+        return pl.ds(_offset(self.q_start, lo), size)
+
+    def k_slice(self, lo, size):
+        """The ref slice of this row's key columns ``[lo, lo + size)`` (contiguous keys)."""
+        return pl.ds(_offset(self.k_start, lo), size)
+
+    def keys(self, ref, lo, size):
+        """The ref view of this row's key columns ``[lo, lo + size)``, paged or contiguous."""
+        page_size = self.layout.page_size
+        if not page_size:
+            return ref.at[self.k_slice(lo, size), :]
+        num_pages, max_pages = ref.shape[0], self.table_ref.shape[1]
+        page = self.table_ref[self.batch, jnp.minimum(lax.div(lo, page_size), max_pages - 1)]
+        return ref.at[jnp.clip(page, 0, num_pages - 1), pl.ds(lax.rem(lo, page_size), size), :]
+
+    def run_if_within(self, lo, length, fn):
+        """Runs ``fn()`` when a block starting at ``lo`` overlaps ``[0, length)``; dense grids
+        only hold such blocks."""
+        if isinstance(length, int):
+            fn()
+        else:
+            pl.when(lo < length)(fn)
+
+
+# Tokens after the last sequence: tiles of _TAIL_TOKENS tokens x _TAIL_WIDTH other elements.
+_TAIL_TOKENS = 64
+_TAIL_WIDTH = 128
+
+
+def _fill_tail_kernel(cu_ref, x_ref, out_ref, *, value, token_axis):
+    del x_ref  # aliased to out_ref
+    total, width = out_ref.shape[token_axis], out_ref.shape[1 - token_axis]
+    start = jnp.clip(cu_ref[cu_ref.shape[0] - 1], 0, total)
+    token_lo, _, token_ok = block_indices(pl.program_id(0), _TAIL_TOKENS, total)
+    tokens = token_lo + jnp.arange(_TAIL_TOKENS, dtype=jnp.int32)
+    in_tail = tokens >= start if token_ok is None else (tokens >= start) & token_ok
+
+    @pl.when(token_lo + _TAIL_TOKENS > start)
+    def _():
+        def chunk(c, _):
+            col_lo, _, col_ok = block_indices(c, _TAIL_WIDTH, width)
+            tile = (_TAIL_TOKENS, _TAIL_WIDTH) if token_axis == 0 else (_TAIL_WIDTH, _TAIL_TOKENS)
+            fill = jnp.full(tile, value, out_ref.dtype)
+            if token_axis == 0:
+                masked_store(out_ref.at[pl.ds(token_lo, _TAIL_TOKENS), pl.ds(col_lo, _TAIL_WIDTH)],
+                             fill, as_rows(in_tail), as_cols(col_ok))
+            else:
+                masked_store(out_ref.at[pl.ds(col_lo, _TAIL_WIDTH), pl.ds(token_lo, _TAIL_TOKENS)],
+                             fill, as_rows(col_ok), as_cols(in_tail))
+            return 0
+
+        lax.fori_loop(0, pl.cdiv(width, _TAIL_WIDTH), chunk, 0)
+
+
+def fill_tail(x, cu_seqlens, value, *, token_axis=0, interpret, debug=False):
+    """``x`` with the tokens at and after ``cu_seqlens[-1]`` (along ``token_axis``) set to
+    ``value``; written in place (aliased), so it costs a pass over the tail only."""
+    shape = x.shape
+    x2 = x.reshape(shape[0], -1) if token_axis == 0 else x.reshape(-1, shape[-1])
+    total = x2.shape[token_axis]
+    out = pl.pallas_call(
+        functools.partial(_fill_tail_kernel, value=value, token_axis=token_axis),
+        grid=(pl.cdiv(total, _TAIL_TOKENS),),
+        in_specs=[whole_spec(cu_seqlens), pl.BlockSpec(x2.shape, lambda i: (0, 0))],
+        out_specs=pl.BlockSpec(x2.shape, lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
+        input_output_aliases={1: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        debug=debug,
+        name="flash_attn_varlen_fill_tail",
+    )(cu_seqlens, x2)
+    return out.reshape(shape)
