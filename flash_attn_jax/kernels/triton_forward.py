@@ -157,9 +157,9 @@ def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *,
     num_heads, head_dim = q.shape[-2:]
     head_dim_p = padded_head_dim(head_dim)
     if layout.varlen:
-        batch, seqlen_q = seq_arrays[0].shape[0] - 1, q.shape[0]
+        batch = seq_arrays[0].shape[0] - 1
     else:
-        batch, seqlen_q, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], q.shape[1], k.shape[1]
+        batch, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     in_specs, operands = _operands(layout, seq_arrays, q, (k,), (lse,),
                                    slopes if spec.has_alibi else None, head_dim_p)
     in_specs = [_with_key_block_axis(s) for s in in_specs]
