@@ -134,6 +134,9 @@ _VARLEN_ARGS_DOC = """
       layout); S_dmask (batch, nheads, max_seqlen_q, max_seqlen_k) float32, the probabilities of
       sequence b at [b, :, i, j], 0 outside its lengths.
 
+    Composes with jax.jit, jax.grad and jax.vmap: vmapping over an outer axis of the arrays runs
+    independent packed batches, with cu_seqlens shared (in_axes None) or batched as well.
+
     Raises:
       ValueError for bad shapes or values, TypeError for bad types or dtypes, naming the argument.
     """
