@@ -4,6 +4,7 @@ Public functions keep flash-attn's (batch, seqlen, nheads, headdim) layout and a
 see README.md for the differences (explicit ``dropout_key``, caches returned instead of mutated).
 """
 
+from flash_attn_jax._validation import DtypeError
 from flash_attn_jax.interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -20,6 +21,7 @@ from flash_attn_jax.semantics import ScoreSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "DtypeError",
     "ScoreSpec",
     "attention_reference",
     "backend_name",

@@ -1,7 +1,8 @@
 """Argument checks shared by the public functions and the reference.
 
 Every check runs on static information (shapes, dtypes, Python scalars) at trace time and raises
-ValueError for a bad value or shape and TypeError for a bad type or dtype, naming the argument.
+ValueError for a bad value or shape and TypeError for a bad type, naming the argument. A bad
+dtype raises DtypeError, which is both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flash_attn_jax.semantics import ScoreSpec
+
+class DtypeError(TypeError, ValueError):
+    """An array with the wrong dtype: a TypeError, and a ValueError as flash-attn's interface
+    (and a caller catching ValueError for any bad input) may expect."""
+
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 MAX_HEAD_DIM = 256
@@ -31,14 +37,14 @@ def array(name, x, ndim=None):
 def floating_dtype(name, x):
     """Checks that ``x`` has one of the supported floating dtypes."""
     if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must have dtype float16, bfloat16 or float32, got {jnp.dtype(x.dtype)}")
+        raise DtypeError(f"{name} must have dtype float16, bfloat16 or float32, got {jnp.dtype(x.dtype)}")
 
 
 def same_dtype(reference_name, reference, **others):
     """Checks that every array in ``others`` has the dtype of ``reference``."""
     for name, x in others.items():
         if jnp.dtype(x.dtype) != jnp.dtype(reference.dtype):
-            raise TypeError(f"{name} must have the dtype of {reference_name} "
+            raise DtypeError(f"{name} must have the dtype of {reference_name} "
                             f"({jnp.dtype(reference.dtype)}), got {jnp.dtype(x.dtype)}")
 
 
@@ -50,13 +56,17 @@ def static_int(name, x, lo, hi):
     return int(x)
 
 
+def int32_dtype(name, x):
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
+        raise DtypeError(f"{name} must have dtype int32, got {jnp.dtype(x.dtype)}")
+
+
 def int32_vector(name, x, length):
     """An int32 (length,) array (or None)."""
     if x is None:
         return None
     array(name, x, 1)
-    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
-        raise TypeError(f"{name} must have dtype int32, got {jnp.dtype(x.dtype)}")
+    int32_dtype(name, x)
     if x.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got {tuple(x.shape)}")
     return jnp.asarray(x)
@@ -136,8 +146,7 @@ def dense_qkv(q, k, v, *, q_name="q", k_name="k", v_name="v"):
 def cu_seqlens(name, x):
     """An int32 (batch + 1,) cumulative-lengths array; returns batch."""
     array(name, x, 1)
-    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
-        raise TypeError(f"{name} must have dtype int32, got {jnp.dtype(x.dtype)}")
+    int32_dtype(name, x)
     if x.shape[0] < 1:
         raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 0, got {tuple(x.shape)}")
     return x.shape[0] - 1
@@ -146,8 +155,7 @@ def cu_seqlens(name, x):
 def paged_keys(name, page_size, table, batch):
     """Checks a paged ``name`` (num_blocks, page_block_size, ...) and its block_table (batch, n)."""
     array("block_table", table, 2)
-    if jnp.dtype(table.dtype) != jnp.dtype(jnp.int32):
-        raise TypeError(f"block_table must have dtype int32, got {jnp.dtype(table.dtype)}")
+    int32_dtype("block_table", table)
     if table.shape[0] != batch:
         raise ValueError(f"block_table must have shape ({batch}, max_blocks_per_seq), got "
                          f"{tuple(table.shape)}")
@@ -204,7 +212,7 @@ def alibi_slopes(x, batch, num_heads):
         return None
     array("alibi_slopes", x)
     if jnp.dtype(x.dtype) != jnp.dtype(jnp.float32):
-        raise TypeError(f"alibi_slopes must have dtype float32, got {jnp.dtype(x.dtype)}")
+        raise DtypeError(f"alibi_slopes must have dtype float32, got {jnp.dtype(x.dtype)}")
     if tuple(x.shape) not in ((num_heads,), (batch, num_heads)):
         raise ValueError(f"alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}), "
                          f"got {tuple(x.shape)}")
@@ -281,8 +289,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         if isinstance(cache_seqlens, (numbers.Integral, np.integer)) and not isinstance(cache_seqlens, bool):
             cache_seqlens = jnp.full((batch,), int(cache_seqlens), jnp.int32)
         elif hasattr(cache_seqlens, "shape") and cache_seqlens.shape == ():  # an int traced by jit
-            if jnp.dtype(cache_seqlens.dtype) != jnp.dtype(jnp.int32):
-                raise TypeError(f"cache_seqlens must have dtype int32, got {jnp.dtype(cache_seqlens.dtype)}")
+            int32_dtype("cache_seqlens", cache_seqlens)
             cache_seqlens = jnp.full((batch,), cache_seqlens, jnp.int32)
         else:
             cache_seqlens = int32_vector("cache_seqlens", cache_seqlens, batch)

@@ -25,6 +25,7 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+import numpy as np
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -191,3 +192,80 @@ def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleave
     q_positions = cache_seqlens[:, None] + q_offsets
     return (apply_rotary(q, cos, sin, q_positions, interleaved=interleaved),
             apply_rotary(k, cos, sin, k_positions, interleaved=interleaved))
+
+
+# Dropout (step 6, after the softmax): a keep mask that is a pure function of (key, batch row,
+# query head, query row, key column), computed from uint32 operations only so that the kernels
+# (where jax.random does not lower) and the reference produce the same bits.
+#
+# Bits: Threefry-2x32 with 20 rounds (jax.random's generator). The key of one (batch row, head) is
+# threefry(key, (batch, head)). Key column j belongs to the counter (row, 16 * (j // 64) + j % 16)
+# and takes 16 of its 64 output bits: chunk (j // 16) % 4, low half of word 0, high half of word 0,
+# low half of word 1, high half of word 1. So each hash serves four columns, and a tile of 64
+# aligned columns needs 16 hashes per row with no interleaving (see ``dropout_keep_tile``).
+# A column is kept when its 16 bits are >= round(p * 2**16): keep probability 1 - p to 1/65536.
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+DROPOUT_BITS = 16
+_COLUMNS_PER_GROUP = 64  # key columns that share 16 counters
+_LANES = 16  # counters per group
+
+
+def threefry2x32(key0, key1, x0, x1):
+    """Threefry-2x32 (20 rounds) of the counters (x0, x1) under the key (key0, key1): uint32
+    values that broadcast; returns the two uint32 output words."""
+    ks = (key0, key1, key0 ^ key1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for group in range(5):
+        for rotation in _THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << np.uint32(rotation)) | (x1 >> np.uint32(32 - rotation))
+            x1 = x1 ^ x0
+        x0 = x0 + ks[(group + 1) % 3]
+        x1 = x1 + ks[(group + 2) % 3] + np.uint32(group + 1)
+    return x0, x1
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The 16-bit threshold under which a column is dropped."""
+    return int(round(dropout_p * (1 << DROPOUT_BITS)))
+
+
+def dropout_row_key(key0, key1, batch, head):
+    """The key of one (batch row, query head) from the dropout key's two uint32 words."""
+    as_u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
+    return threefry2x32(as_u32(key0), as_u32(key1), as_u32(batch), as_u32(head))
+
+
+def _chunk(word0, word1, chunk):
+    """16 bits of (word0, word1) by ``chunk`` in 0..3."""
+    word = jnp.where(chunk < 2, word0, word1)
+    return (word >> ((chunk % 2) * 16).astype(jnp.uint32)) & np.uint32(0xFFFF)
+
+
+def dropout_keep(row_key, rows, cols, threshold):
+    """True where (rows, cols) (int arrays that broadcast, positions inside the sequence) are
+    kept, for the (batch row, head) key ``row_key``. One hash per element: the reference's form."""
+    rows, cols = jnp.asarray(rows), jnp.asarray(cols)
+    lane = (cols // _COLUMNS_PER_GROUP) * _LANES + cols % _LANES
+    word0, word1 = threefry2x32(*row_key, rows.astype(jnp.uint32), lane.astype(jnp.uint32))
+    return _chunk(word0, word1, (cols // _LANES) % 4) >= np.uint32(threshold)
+
+
+def dropout_keep_tile(row_key, rows, col_lo, block_k, threshold):
+    """``dropout_keep`` of the tile rows (R,) x columns [col_lo, col_lo + block_k): the kernels'
+    form, one hash per four columns when the tile holds whole 64-column groups (``col_lo`` a
+    multiple of 64, ``block_k`` of 64), else the per-element form."""
+    if block_k % _COLUMNS_PER_GROUP:
+        return dropout_keep(row_key, rows[:, None], col_lo + jnp.arange(block_k, dtype=jnp.int32)[None, :],
+                            threshold)
+    groups = block_k // _COLUMNS_PER_GROUP
+    group = (col_lo // _COLUMNS_PER_GROUP + jnp.arange(groups, dtype=jnp.int32))[None, :, None]
+    lane = group * _LANES + jnp.arange(_LANES, dtype=jnp.int32)[None, None, :]  # (1, G, 16)
+    word0, word1 = threefry2x32(*row_key, rows.astype(jnp.uint32)[:, None, None],
+                                lane.astype(jnp.uint32))  # (R, G, 16)
+    shape = (rows.shape[0], groups, 4, _LANES)
+    chunk = jnp.arange(4, dtype=jnp.int32)[None, None, :, None]
+    bits = _chunk(jnp.broadcast_to(word0[:, :, None, :], shape),
+                  jnp.broadcast_to(word1[:, :, None, :], shape), chunk)
+    return (bits >= np.uint32(threshold)).reshape(rows.shape[0], block_k)

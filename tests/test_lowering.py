@@ -227,6 +227,14 @@ def test_varlen_paged_kernels_lower(dtype, page_size):
     _check(_lower_varlen(dtype, 128, page_size=page_size), 3)
 
 
+@pytest.mark.parametrize("block_k", [16, 32, 64, 128])
+def test_dropout_hash_lowers(block_k):
+    from test_dropout_hash import keep_tile_call
+    ttir = lower_for_h100(keep_tile_call(64, block_k, interpret=False, debug=True),
+                          _struct((2,), jnp.uint32))
+    assert "arith.xori" in ttir and lint_ttir(ttir) == []
+
+
 def _tiny_dot_kernel(x_ref, o_ref):
     x = plgpu.load(x_ref)
     o_ref[...] = Numerics(x.dtype).matmul(x, x, transpose_b=True).astype(o_ref.dtype)

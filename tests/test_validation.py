@@ -160,3 +160,11 @@ def test_varlen_packed_shapes_rejected():
     with pytest.raises(ValueError, match=r"kv must have shape \(total_k, 2, nheads_k, headdim\)"):
         _trace(lambda q, kv, cu: fa.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 16, 16), VQ,
                _s((50, 3, 2, 32)), CU)
+
+
+def test_dtype_errors_are_value_errors_too():
+    # flash-attn's callers may catch ValueError for any bad input, e.g. a cu_seqlens dtype.
+    with pytest.raises(ValueError, match="cu_seqlens_q must have dtype int32"):
+        _trace(lambda *a: fa.flash_attn_varlen_func(*a, 16, 16), VQ, VKV, VKV,
+               _s((4,), jnp.float32), CU)
+    assert issubclass(fa.DtypeError, TypeError) and issubclass(fa.DtypeError, ValueError)
