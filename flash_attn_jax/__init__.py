@@ -15,7 +15,7 @@ from flash_attn_jax.interface import (
     flash_attn_with_kvcache,
 )
 from flash_attn_jax.kernels import backend_name
-from flash_attn_jax.reference import attention_reference, kvcache_reference
+from flash_attn_jax.reference import attention_reference, dropout_mask, kvcache_reference
 from flash_attn_jax.semantics import ScoreSpec
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "ScoreSpec",
     "attention_reference",
     "backend_name",
+    "dropout_mask",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

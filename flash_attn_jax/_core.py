@@ -37,30 +37,30 @@ def _not_differentiable(fn, message):
 _SECOND_ORDER = ("second-order differentiation (a gradient of the gradient) is not supported; "
                  "use flash_attn_jax.attention_reference where it is needed")
 _forward = _not_differentiable(
-    lambda spec, q, k, v, slopes, varlen: kernels.forward(q, k, v, slopes, spec, varlen),
+    lambda spec, q, k, v, slopes, varlen, seed: kernels.forward(q, k, v, slopes, spec, varlen, seed),
     _SECOND_ORDER)
 _backward = _not_differentiable(
-    lambda spec, q, k, v, slopes, varlen, out, lse, dout, dlse: kernels.backward(
-        q, k, v, slopes, out, lse, dout, dlse, spec, varlen), _SECOND_ORDER)
+    lambda spec, q, k, v, slopes, varlen, seed, out, lse, dout, dlse: kernels.backward(
+        q, k, v, slopes, out, lse, dout, dlse, spec, varlen, seed), _SECOND_ORDER)
 # Paged keys (varlen with a block table) are an inference path, like flash-attn's.
 _paged_forward = _not_differentiable(
-    lambda spec, q, k, v, slopes, varlen: kernels.forward(q, k, v, slopes, spec, varlen),
+    lambda spec, q, k, v, slopes, varlen, seed: kernels.forward(q, k, v, slopes, spec, varlen, seed),
     "flash_attn_varlen_func with block_table (paged keys) is forward-only; it has no gradient")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, slopes, varlen, spec: ScoreSpec):
-    return kernels.forward(q, k, v, slopes, spec, varlen)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, slopes, varlen, seed, spec: ScoreSpec):
+    return kernels.forward(q, k, v, slopes, spec, varlen, seed)
 
 
-def _attention_fwd(q, k, v, slopes, varlen, spec):
-    out, lse = _forward(spec, q, k, v, slopes, varlen)
-    return (out, lse), (q, k, v, slopes, varlen, out, lse)
+def _attention_fwd(q, k, v, slopes, varlen, seed, spec):
+    out, lse = _forward(spec, q, k, v, slopes, varlen, seed)
+    return (out, lse), (q, k, v, slopes, varlen, seed, out, lse)
 
 
 def _attention_bwd(spec, residuals, cotangents):
     dq, dk, dv = _backward(spec, *residuals, *cotangents)
-    return dq, dk, dv, None, None  # ALiBi slopes and sequence bounds get no gradient
+    return dq, dk, dv, None, None, None  # slopes, sequence bounds and the key: no gradient
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -71,16 +71,17 @@ def _empty_outputs(q, lse_shape):
     return jnp.zeros(q.shape, q.dtype), jnp.full(lse_shape, -jnp.inf, jnp.float32)
 
 
-def attention(q, k, v, slopes, spec: ScoreSpec):
-    """(out (B, Sq, H, D), lse (B, H, Sq) float32) of dense attention, differentiable in q, k, v."""
+def attention(q, k, v, slopes, spec: ScoreSpec, seed=None):
+    """(out (B, Sq, H, D), lse (B, H, Sq) float32) of dense attention, differentiable in q, k, v.
+    ``seed``: the dropout key's uint32 words when ``spec`` has dropout."""
     batch, seqlen_q, num_heads, _ = q.shape
     lse_shape = (batch, num_heads, seqlen_q)
     if q.size == 0 or k.shape[1] == 0:
         return _empty_outputs(q, lse_shape)
-    return _attention(q, k, v, slopes, None, spec)
+    return _attention(q, k, v, slopes, None, seed, spec)
 
 
-def varlen_attention(q, k, v, slopes, varlen: kernels.Varlen, spec: ScoreSpec):
+def varlen_attention(q, k, v, slopes, varlen: kernels.Varlen, spec: ScoreSpec, seed=None):
     """(out (T, H, D), lse (H, T) float32) of packed variable-length attention, differentiable in
     q, k, v (not with paged keys). Tokens after the last sequence: out 0, lse -inf, gradient 0."""
     num_tokens, num_heads, _ = q.shape
@@ -89,13 +90,15 @@ def varlen_attention(q, k, v, slopes, varlen: kernels.Varlen, spec: ScoreSpec):
     if q.size == 0 or no_keys or varlen.max_seqlen_q == 0 or varlen.cu_seqlens_q.shape[0] == 1:
         return _empty_outputs(q, lse_shape)
     if varlen.block_table is not None:
-        return _paged_forward(spec, q, k, v, slopes, varlen)
-    return _attention(q, k, v, slopes, varlen, spec)
+        return _paged_forward(spec, q, k, v, slopes, varlen, seed)
+    return _attention(q, k, v, slopes, varlen, seed, spec)
 
 
-def attention_probs(q, k, lse, slopes, spec: ScoreSpec, varlen: kernels.Varlen | None = None):
+def attention_probs(q, k, lse, slopes, spec: ScoreSpec, varlen: kernels.Varlen | None = None,
+                    seed=None):
     """Softmax probabilities float32, not differentiable (a diagnostic output): dense
-    (B, H, Sq, Sk), varlen (B, H, max_seqlen_q, max_seqlen_k) zero outside each row."""
+    (B, H, Sq, Sk), varlen (B, H, max_seqlen_q, max_seqlen_k) zero outside each row; with
+    dropout the dropped entries negated (sign bit set)."""
     if varlen is None:
         batch, seqlen_q, num_heads, _ = q.shape
         shape, no_keys = (batch, num_heads, seqlen_q, k.shape[1]), k.shape[1] == 0
@@ -106,7 +109,7 @@ def attention_probs(q, k, lse, slopes, spec: ScoreSpec, varlen: kernels.Varlen |
     if q.size == 0 or no_keys or 0 in shape:
         return jnp.zeros(shape, jnp.float32)
     q, k, lse = (jax.lax.stop_gradient(x) for x in (q, k, lse))
-    return kernels.probabilities(q, k, lse, slopes, spec, varlen)
+    return kernels.probabilities(q, k, lse, slopes, spec, varlen, seed)
 
 
 @dataclasses.dataclass(frozen=True)

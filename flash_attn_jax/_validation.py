@@ -109,14 +109,28 @@ def window_size(x):
 
 
 def dropout(dropout_p, dropout_key):
+    """(dropout_p as a Python float, the key's two uint32 words (2,) or None without dropout)."""
     p = static_float("dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    if p > 0.0:
-        raise NotImplementedError("dropout_p > 0 is not supported yet; dropout arrives with the "
-                                  "in-kernel RNG")
-    del dropout_key
-    return p
+    if p == 0.0:
+        return 0.0, None
+    if dropout_key is None:
+        raise ValueError("dropout_key (a jax PRNG key) is required when dropout_p > 0")
+    array("dropout_key", dropout_key)
+    if jnp.issubdtype(dropout_key.dtype, jax.dtypes.prng_key):
+        if dropout_key.shape != ():
+            raise ValueError(f"dropout_key must be a single key, got shape {tuple(dropout_key.shape)}")
+        words = jax.random.key_data(dropout_key)
+    else:
+        words = dropout_key
+    if jnp.dtype(words.dtype) != jnp.dtype(jnp.uint32):
+        raise DtypeError(f"dropout_key must be a typed PRNG key or raw uint32 key data, got "
+                         f"{jnp.dtype(words.dtype)}")
+    if tuple(words.shape) != (2,):
+        raise ValueError(f"dropout_key must hold two uint32 words (a threefry key, jax.random.key "
+                         f"or PRNGKey), got key data of shape {tuple(words.shape)}")
+    return p, jnp.asarray(words)
 
 
 def array_pair(first_name, first, second_name, second, ndim, like_name, like):
@@ -219,12 +233,13 @@ def alibi_slopes(x, batch, num_heads):
     return jnp.broadcast_to(jnp.asarray(x), (batch, num_heads))
 
 
-def score_spec(*, head_dim, softmax_scale, causal, window, softcap, has_alibi):
+def score_spec(*, head_dim, softmax_scale, causal, window, softcap, has_alibi, dropout_p=0.0):
     """The ScoreSpec of validated arguments; softmax_scale defaults to head_dim ** -0.5."""
     scale = head_dim ** -0.5 if softmax_scale is None else static_float("softmax_scale", softmax_scale)
     return ScoreSpec.create(softmax_scale=scale, causal=static_bool("causal", causal),
                             window_size=window_size(window),
-                            softcap=static_float("softcap", softcap), has_alibi=has_alibi)
+                            softcap=static_float("softcap", softcap), has_alibi=has_alibi,
+                            dropout_p=dropout_p)
 
 
 @dataclasses.dataclass(frozen=True)

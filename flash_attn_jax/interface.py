@@ -39,26 +39,28 @@ _COMMON_ARGS_DOC = """
 
 def _options(batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
              alibi_slopes, deterministic, return_attn_probs, dropout_key):
-    """(slopes (batch, nheads) or None, ScoreSpec, return_attn_probs) of the shared flags."""
-    check.dropout(dropout_p, dropout_key)
+    """(slopes (batch, nheads) or None, ScoreSpec, dropout key words or None, return_attn_probs)
+    of the shared flags."""
+    dropout_p, seed = check.dropout(dropout_p, dropout_key)
     check.static_bool("deterministic", deterministic)
     return_attn_probs = check.static_bool("return_attn_probs", return_attn_probs)
     slopes = check.alibi_slopes(alibi_slopes, batch, num_heads)
     spec = check.score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
-                            window=window_size, softcap=softcap, has_alibi=slopes is not None)
-    return slopes, spec, return_attn_probs
+                            window=window_size, softcap=softcap, has_alibi=slopes is not None,
+                            dropout_p=dropout_p)
+    return slopes, spec, seed, return_attn_probs
 
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
            deterministic, return_attn_probs, dropout_key, names):
     batch, _, _, num_heads, _, head_dim = check.dense_qkv(q, k, v, **names)
-    slopes, spec, return_attn_probs = _options(
+    slopes, spec, seed, return_attn_probs = _options(
         batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
         alibi_slopes, deterministic, return_attn_probs, dropout_key)
-    out, lse = _core.attention(q, k, v, slopes, spec)
+    out, lse = _core.attention(q, k, v, slopes, spec, seed)
     if not return_attn_probs:
         return out
-    return out, lse, _core.attention_probs(q, k, lse, slopes, spec)
+    return out, lse, _core.attention_probs(q, k, lse, slopes, spec, seed=seed)
 
 
 def _packed(name, x, count, what, axis=2):
@@ -147,15 +149,15 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
             return_attn_probs, block_table, dropout_key, names):
     batch, num_heads, head_dim, max_q, max_k = check.varlen_qkv(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, **names)
-    slopes, spec, return_attn_probs = _options(
+    slopes, spec, seed, return_attn_probs = _options(
         batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
         alibi_slopes, deterministic, return_attn_probs, dropout_key)
     varlen = Varlen(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
                     max_seqlen_q=max_q, max_seqlen_k=max_k)
-    out, lse = _core.varlen_attention(q, k, v, slopes, varlen, spec)
+    out, lse = _core.varlen_attention(q, k, v, slopes, varlen, spec, seed)
     if not return_attn_probs:
         return out
-    return out, lse, _core.attention_probs(q, k, lse, slopes, spec, varlen)
+    return out, lse, _core.attention_probs(q, k, lse, slopes, spec, varlen, seed)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

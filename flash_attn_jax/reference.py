@@ -11,12 +11,29 @@ import jax
 import jax.numpy as jnp
 
 from flash_attn_jax import _validation as check
-from flash_attn_jax.semantics import kvcache_rotary, scores
+from flash_attn_jax.semantics import (dropout_keep, dropout_row_key, dropout_threshold,
+                                      kvcache_rotary, scores)
+
+
+def dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k, *, first_batch=0):
+    """(batch, num_heads, seqlen_q, seqlen_k) bool: the keep mask of the kernels' dropout for
+    batch rows ``first_batch ..`` (a varlen sequence b alone: ``first_batch=b``, batch 1)."""
+    p, words = check.dropout(dropout_p, dropout_key)
+    threshold = dropout_threshold(p)
+    rows = jnp.arange(seqlen_q, dtype=jnp.int32)[:, None]
+    cols = jnp.arange(seqlen_k, dtype=jnp.int32)[None, :]
+
+    def one(b, h):
+        return dropout_keep(dropout_row_key(words[0], words[1], b, h), rows, cols, threshold)
+
+    b, h = jnp.meshgrid(first_batch + jnp.arange(batch), jnp.arange(num_heads), indexing="ij")
+    return jax.vmap(jax.vmap(one))(b, h)
 
 
 def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                        softcap=0.0, alibi_slopes=None, dropout_p=0.0, keep_mask=None,
-                        upcast=True, compute_dtype=jnp.float32, return_probs=False):
+                        softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_key=None,
+                        keep_mask=None, upcast=True, compute_dtype=jnp.float32,
+                        return_probs=False):
     """Dense attention in plain jnp with flash-attn's semantics.
 
     Args:
@@ -28,9 +45,10 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
       window_size: (left, right), -1 leaves a side unbounded.
       softcap: > 0 applies softcap * tanh(x / softcap) to the scaled scores.
       alibi_slopes: float32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
-      dropout_p, keep_mask: with a boolean keep_mask (batch, nheads, seqlen_q, seqlen_k) the kept
-        probabilities are scaled by 1 / (1 - dropout_p) and the others zeroed. The logsumexp is the
-        pre-dropout one.
+      dropout_p, dropout_key, keep_mask: dropout with the kernels' keep mask for ``dropout_key``
+        (``dropout_mask``), or with an explicit boolean keep_mask (batch, nheads, seqlen_q,
+        seqlen_k): the kept probabilities are scaled by 1 / (1 - dropout_p) and the others zeroed.
+        The logsumexp is the pre-dropout one.
       upcast: True computes in ``compute_dtype`` (float32, or float64 under ``jax.enable_x64``).
         False mirrors a low-precision implementation: matmuls take the input dtype (float32
         accumulation) and round their results to it, the softmax runs in float32 and its
@@ -49,6 +67,8 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
     slopes = check.alibi_slopes(alibi_slopes, batch, num_heads)
     spec = check.score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
                             window=window_size, softcap=softcap, has_alibi=slopes is not None)
+    if keep_mask is None and dropout_p != 0.0:
+        keep_mask = dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k)
     if keep_mask is not None and tuple(keep_mask.shape) != (batch, num_heads, seqlen_q, seqlen_k):
         raise ValueError(f"keep_mask must have shape {(batch, num_heads, seqlen_q, seqlen_k)}, "
                          f"got {tuple(keep_mask.shape)}")

@@ -42,6 +42,8 @@ class ScoreSpec:
       window_right: ``R >= 0`` keeps keys ``j <= i + offset + R``; ``-1`` leaves the right side open.
         ``causal=True`` is ``window_right = 0``.
       has_alibi: an ALiBi bias with per-(batch, head) slopes is added.
+      dropout_p: after the softmax, probabilities are dropped with this probability (the keep mask
+        of ``dropout_keep``) and the kept ones scaled by 1 / (1 - dropout_p); 0 disables it.
     """
 
     softmax_scale: float
@@ -49,17 +51,32 @@ class ScoreSpec:
     window_left: int = -1
     window_right: int = -1
     has_alibi: bool = False
+    dropout_p: float = 0.0
 
     @classmethod
     def create(cls, *, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,
-               has_alibi=False):
+               has_alibi=False, dropout_p=0.0):
         """Builds a spec from the flash-attn arguments (already validated)."""
         left, right = (int(w) for w in window_size)
         if causal:
             right = 0
         return cls(softmax_scale=float(softmax_scale),
                    softcap=float(softcap) if softcap > 0 else 0.0,
-                   window_left=left, window_right=right, has_alibi=bool(has_alibi))
+                   window_left=left, window_right=right, has_alibi=bool(has_alibi),
+                   dropout_p=float(dropout_p))
+
+    @property
+    def has_dropout(self) -> bool:
+        return self.dropout_p > 0.0
+
+    @property
+    def dropout_threshold(self) -> int:
+        return dropout_threshold(self.dropout_p)
+
+    @property
+    def keep_scale(self) -> float:
+        """The factor of kept probabilities: 1 / (1 - dropout_p)."""
+        return 1.0 / (1.0 - self.dropout_p)
 
     @property
     def is_masked(self) -> bool:

@@ -64,28 +64,31 @@ def _with_grads(attend, q, k, v, dout, dlse):
 
 
 @functools.partial(jax.jit, static_argnames=("options", "compute_dtype"))
-def _references(q, k, v, slopes, dout, dlse, *, options, compute_dtype):
+def _references(q, k, v, slopes, dout, dlse, keep_mask, *, options, compute_dtype):
     def reference(upcast, dtype):
         return functools.partial(fa.attention_reference, alibi_slopes=slopes, upcast=upcast,
-                                 compute_dtype=dtype, return_probs=True, **dict(options))
+                                 compute_dtype=dtype, return_probs=True, keep_mask=keep_mask,
+                                 **dict(options))
     return (_with_grads(reference(True, compute_dtype), q, k, v, dout, dlse),
             _with_grads(reference(False, jnp.float32), q, k, v, dout, dlse))
 
 
-def references(q, k, v, slopes=None, dout=None, dlse=None, **options):
+def references(q, k, v, slopes=None, dout=None, dlse=None, keep_mask=None, **options):
     """(ref, pt), each (out, lse, probs, (dq, dk, dv)) as float64 numpy arrays, from one program.
 
-    Without cotangents the gradients are those of zero cotangents.
+    Without cotangents the gradients are those of zero cotangents. ``keep_mask``: a dropout keep
+    mask (with ``dropout_p`` in the options).
     """
     if dout is None:
         dout, dlse = jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
     frozen = tuple(sorted(options.items()))
     if q.dtype == jnp.float32:
         with jax.enable_x64(True):  # float64 oracle; the same-dtype reference stays float32
-            ref, pt = _references(q, k, v, slopes, dout, dlse, options=frozen,
+            ref, pt = _references(q, k, v, slopes, dout, dlse, keep_mask, options=frozen,
                                   compute_dtype=jnp.float64)
     else:
-        ref, pt = _references(q, k, v, slopes, dout, dlse, options=frozen, compute_dtype=jnp.float32)
+        ref, pt = _references(q, k, v, slopes, dout, dlse, keep_mask, options=frozen,
+                              compute_dtype=jnp.float32)
     as_f64 = lambda result: (*map(to_f64, result[:3]), tuple(map(to_f64, result[3])))
     return as_f64(ref), as_f64(pt)
 

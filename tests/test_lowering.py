@@ -62,7 +62,9 @@ def _struct(shape, dtype):
 # Feature sets that change the kernel code: masks, softcap, ALiBi, ragged edges, head-dim padding.
 # Every block configuration is lowered with all of them at once; the other sets at the default
 # configuration of each dtype and head dim.
-FULL = ScoreSpec(softmax_scale=0.1, softcap=5.0, window_left=30, window_right=0, has_alibi=True)
+FULL = ScoreSpec(softmax_scale=0.1, softcap=5.0, window_left=30, window_right=0, has_alibi=True,
+                 dropout_p=0.1)
+SEED = jax.ShapeDtypeStruct((2,), jnp.uint32)
 VARIANTS = {"all-features-ragged": (FULL, 203, 150, 3),
             "plain-aligned": (ScoreSpec(softmax_scale=0.1), 256, 256, 0),
             "window-right-ragged": (ScoreSpec(softmax_scale=0.1, window_right=7), 97, 113, 1)}
@@ -81,20 +83,23 @@ def _lower_forward(dtype, head_dim_p, config, variant):
     spec = VARIANTS[variant][0]
     q, kv, lse, slopes = _shapes(dtype, head_dim_p, variant)
     options = dict(interpret=False, debug=True)
-    ttir = lower_for_h100(lambda q, k, v, s: triton_forward.forward(q, k, v, s, spec, config, **options),
-                          q, kv, kv, slopes)
+    ttir = lower_for_h100(
+        lambda q, k, v, s, seed: triton_forward.forward(q, k, v, s, spec, config, seed=seed, **options),
+        q, kv, kv, slopes, SEED)
     return ttir + lower_for_h100(
-        lambda q, k, lse, s: triton_forward.probabilities(q, k, lse, s, spec, config, **options),
-        q, kv, lse, slopes)
+        lambda q, k, lse, s, seed: triton_forward.probabilities(q, k, lse, s, spec, config, seed=seed,
+                                                                **options),
+        q, kv, lse, slopes, SEED)
 
 
 def _lower_backward(dtype, head_dim_p, dkdv_config, dq_config, variant):
     spec = VARIANTS[variant][0]
     q, kv, lse, slopes = _shapes(dtype, head_dim_p, variant)
     return lower_for_h100(
-        lambda q, k, v, s, o, lse, do, dlse: triton_backward.backward(
-            q, k, v, s, o, lse, do, dlse, spec, dkdv_config, dq_config, interpret=False, debug=True),
-        q, kv, kv, slopes, q, lse, q, lse)
+        lambda q, k, v, s, o, lse, do, dlse, seed: triton_backward.backward(
+            q, k, v, s, o, lse, do, dlse, spec, dkdv_config, dq_config, seed=seed, interpret=False,
+            debug=True),
+        q, kv, kv, slopes, q, lse, q, lse, SEED)
 
 
 def _check(ttir, expected_dots):
@@ -130,7 +135,10 @@ def test_feature_variants_lower(dtype, head_dim_p, variant):
                            variant), 7)
 
 
-def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=FULL):
+DECODE_FULL = dataclasses.replace(FULL, dropout_p=0.0)  # the KV cache has no dropout
+
+
+def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=DECODE_FULL):
     """The cache attention (+ combine when split) and the append, lowered for an H100."""
     group = max(1, config.group_p - 1) if config.group_p > 2 else config.group_p  # padded heads too
     num_heads_k, head_dim = 2, head_dim_p - 3 if head_dim_p > 16 else 13
@@ -194,19 +202,19 @@ def _lower_varlen(dtype, head_dim_p, *, page_size=0, spec=FULL):
         return dict(varlen.kernel_args(keys), interpret=False, debug=True)
 
     ttir = lower_for_h100(
-        lambda q, k, v, s, cu_q, cu_k, t: triton_forward.forward(
-            q, k, v, s, spec, forward, **options(cu_q, cu_k, t)),
-        q, keys, keys, slopes, ints(batch + 1), ints(batch + 1), table)
+        lambda q, k, v, s, cu_q, cu_k, t, seed: triton_forward.forward(
+            q, k, v, s, spec, forward, seed=seed, **options(cu_q, cu_k, t)),
+        q, keys, keys, slopes, ints(batch + 1), ints(batch + 1), table, SEED)
     ttir += lower_for_h100(
-        lambda q, k, lse, s, cu_q, cu_k, t: triton_forward.probabilities(
-            q, k, lse, s, spec, forward, **options(cu_q, cu_k, t)),
-        q, keys, lse, slopes, ints(batch + 1), ints(batch + 1), table)
+        lambda q, k, lse, s, cu_q, cu_k, t, seed: triton_forward.probabilities(
+            q, k, lse, s, spec, forward, seed=seed, **options(cu_q, cu_k, t)),
+        q, keys, lse, slopes, ints(batch + 1), ints(batch + 1), table, SEED)
     if not page_size:
         configs = backward_configs(dtype, head_dim_p, max_seqlen, max_seqlen)
         ttir += lower_for_h100(
-            lambda q, k, v, s, o, lse, do, dlse, cu_q, cu_k: triton_backward.backward(
-                q, k, v, s, o, lse, do, dlse, spec, *configs, **options(cu_q, cu_k, None)),
-            q, keys, keys, slopes, q, lse, q, lse, ints(batch + 1), ints(batch + 1))
+            lambda q, k, v, s, o, lse, do, dlse, cu_q, cu_k, seed: triton_backward.backward(
+                q, k, v, s, o, lse, do, dlse, spec, *configs, seed=seed, **options(cu_q, cu_k, None)),
+            q, keys, keys, slopes, q, lse, q, lse, ints(batch + 1), ints(batch + 1), SEED)
         for x, axis in ((q, 0), (lse, 1)):
             ttir += lower_for_h100(
                 lambda x, cu: triton_segments.fill_tail(x, cu, 0.0, token_axis=axis,

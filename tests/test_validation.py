@@ -85,9 +85,23 @@ def test_traced_softmax_scale_is_type_error():
         jax.jit(lambda s: fa.flash_attn_func(q, q, q, softmax_scale=s))(0.5)
 
 
-def test_dropout_is_not_supported_yet():
-    with pytest.raises(NotImplementedError, match="dropout"):
-        _trace(fa.flash_attn_func, Q, KV, KV, dropout_p=0.1)
+BAD_DROPOUT = [
+    ("no key", dict(dropout_p=0.1), ValueError, "dropout_key .* is required"),
+    ("key dtype", dict(dropout_p=0.1, dropout_key=np.zeros(2, np.int32)), TypeError,
+     "dropout_key must be a typed PRNG key or raw uint32"),
+    ("key shape", dict(dropout_p=0.1, dropout_key=np.zeros(3, np.uint32)), ValueError,
+     "two uint32 words"),
+    ("key batch", dict(dropout_p=0.1, dropout_key=jax.random.split(jax.random.key(0), 2)),
+     ValueError, "a single key"),
+    ("key type", dict(dropout_p=0.1, dropout_key=7), TypeError, "dropout_key must be a jax"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [c[1:] for c in BAD_DROPOUT],
+                         ids=[c[0] for c in BAD_DROPOUT])
+def test_dropout_arguments_rejected(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _trace(lambda q, k, v: fa.flash_attn_func(q, k, v, **kwargs), Q, KV, KV)
 
 
 def test_packed_layouts_rejected():

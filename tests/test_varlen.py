@@ -62,9 +62,11 @@ def make_varlen(seed, seqlens, tail, *, nheads, nheads_k, head_dim, dtype, alibi
     return q, k, v, cu_q, cu_k, slopes, dout
 
 
-def sequence_references(q, k, v, cu_q, cu_k, slopes, dout, max_q, max_k, **options):
+def sequence_references(q, k, v, cu_q, cu_k, slopes, dout, max_q, max_k, keep_mask_of=None,
+                        **options):
     """(ref, pt) like helpers.references, assembled in the varlen layouts from the dense
-    reference of each sequence alone; tokens outside every sequence: out 0, lse -inf, grads 0."""
+    reference of each sequence alone; tokens outside every sequence: out 0, lse -inf, grads 0.
+    ``keep_mask_of(b, seqlen_q, seqlen_k)``: sequence b's dropout keep mask."""
     batch, num_heads = len(cu_q) - 1, q.shape[1]
     assembled = []
     for _ in range(2):
@@ -77,6 +79,8 @@ def sequence_references(q, k, v, cu_q, cu_k, slopes, dout, max_q, max_k, **optio
         if seqlen_q == 0:
             continue
         dlse = jnp.zeros((1, num_heads, seqlen_q), jnp.float32)
+        if keep_mask_of is not None:
+            options["keep_mask"] = keep_mask_of(b, seqlen_q, seqlen_k)
         per_sequence = references(q[None, rows], k[None, cols], v[None, cols],
                                   None if slopes is None else slopes[b:b + 1], dout[None, rows],
                                   dlse, **options)

@@ -94,31 +94,35 @@ def _fill_tail(x, cu_seqlens, value, token_axis=0):
                                      interpret=use_interpret())
 
 
-def forward(q, k, v, slopes, spec, varlen: Varlen | None = None):
+def forward(q, k, v, slopes, spec, varlen: Varlen | None = None, seed=None):
     """Attention: out like q, lse float32. Dense: q (B, Sq, H, D), lse (B, H, Sq). Varlen: q
-    (T, H, D), lse (H, T); tokens after the last row get out 0 and lse -inf."""
+    (T, H, D), lse (H, T); tokens after the last row get out 0 and lse -inf. ``seed``: the
+    dropout key's two uint32 words when ``spec`` has dropout."""
     out, lse = triton_forward.forward(q, k, v, slopes, spec, _forward_config(q, k, varlen),
-                                      interpret=use_interpret(), **_layout_args(k, varlen))
+                                      seed=seed, interpret=use_interpret(),
+                                      **_layout_args(k, varlen))
     if varlen is not None:
         out = _fill_tail(out, varlen.cu_seqlens_q, 0.0)
         lse = _fill_tail(lse, varlen.cu_seqlens_q, -jnp.inf, token_axis=1)
     return out, lse
 
 
-def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None):
+def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None, seed=None):
     """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse (varlen:
     (B, H, max_seqlen_q, max_seqlen_k), zero outside each row's lengths)."""
     return triton_forward.probabilities(q, k, lse, slopes, spec, _forward_config(q, k, varlen),
-                                        interpret=use_interpret(), **_layout_args(k, varlen))
+                                        seed=seed, interpret=use_interpret(),
+                                        **_layout_args(k, varlen))
 
 
-def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None = None):
+def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None = None,
+             seed=None):
     """(dq, dk, dv) from the residuals and the cotangents of (out, lse); layouts as ``forward``
     (contiguous keys only), tokens after the last row get zero gradients."""
     dkdv_config, dq_config = backward_configs(q.dtype, padded_head_dim(q.shape[-1]),
                                               *_lengths(q, k, varlen))
     dq, dk, dv = triton_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, dkdv_config,
-                                          dq_config, interpret=use_interpret(),
+                                          dq_config, seed=seed, interpret=use_interpret(),
                                           **_layout_args(k, varlen))
     if varlen is not None:
         dq = _fill_tail(dq, varlen.cu_seqlens_q, 0.0)

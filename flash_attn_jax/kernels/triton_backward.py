@@ -27,9 +27,11 @@ from jax.experimental.pallas import triton as plgpu
 from flash_attn_jax.kernels.config import DELTA_BLOCK, BlockConfig, padded_head_dim
 from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, split_refs, stats_spec,
                                                     token_spec, whole_spec)
-from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, head_dim_mask,
-                                                 key_blocks, masked_full_masked_loop, masked_load,
-                                                 masked_store, query_blocks)
+from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, dropout_tile,
+                                                 head_dim_mask, key_blocks,
+                                                 masked_full_masked_loop, masked_load,
+                                                 masked_store, optional_arrays, optional_refs,
+                                                 query_blocks)
 from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_derivative
 
 
@@ -53,7 +55,7 @@ def _row_stats(lse_ref, delta_ref, row_ok, numerics):
 
 def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_q, block_k):
     seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, dk_ref, dv_ref = refs if spec.has_alibi else (None, *refs)
+    slopes_ref, seed_ref, (dk_ref, dv_ref) = optional_refs(spec, refs)
     key_block, batch, head_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = k_ref.shape[-1]
@@ -71,6 +73,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
 
         def head_body(member, carry):
             slope = slopes_ref[batch, head_k * group + member] if spec.has_alibi else None
+            keep = dropout_tile(spec, seed_ref, batch, head_k * group + member)
 
             def body(query_block, carry, *, masked):
                 dk, dv = carry
@@ -87,8 +90,15 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                                   seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit,
                                   apply_mask=masked)
                 p = numerics.exp(s - lse[None, :])
-                dv = dv + numerics.matmul(p.astype(dout.dtype), dout)
-                dp = numerics.matmul(v, dout, transpose_b=True)
+                if keep is None:
+                    dv = dv + numerics.matmul(p.astype(dout.dtype), dout)
+                    dp = numerics.matmul(v, dout, transpose_b=True)
+                else:  # the forward used P * Z / (1 - p): dV and dP see the same mask
+                    kept = keep(rows, col_lo, block_k).T
+                    dropped_p = jnp.where(kept, p * spec.keep_scale, 0.0)
+                    dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout)
+                    dp = numerics.matmul(v, dout, transpose_b=True)
+                    dp = jnp.where(kept, dp * spec.keep_scale, 0.0)
                 ds = p * (dp - delta[None, :]) * logits_derivative(x, spec, unit=numerics.unit)
                 dk = dk + numerics.matmul(ds.astype(q.dtype), q)
                 return dk, dv
@@ -106,7 +116,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
 
 def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
     seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, dq_ref = refs if spec.has_alibi else (None, *refs)
+    slopes_ref, seed_ref, (dq_ref,) = optional_refs(spec, refs)
     query_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
@@ -121,6 +131,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
         dout = masked_load(dout_ref.at[rows_at, :], as_rows(row_ok), d_mask)
         lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok, numerics)
         slope = slopes_ref[batch, head] if spec.has_alibi else None
+        keep = dropout_tile(spec, seed_ref, batch, head)
 
         def body(key_block, dq, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -134,6 +145,8 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
                               apply_mask=masked)
             p = numerics.exp(s - lse[:, None])
             dp = numerics.matmul(dout, v, transpose_b=True)
+            if keep is not None:
+                dp = jnp.where(keep(rows, col_lo, block_k), dp * spec.keep_scale, 0.0)
             ds = p * (dp - delta[:, None]) * logits_derivative(x, spec, unit=numerics.unit)
             return dq + numerics.matmul(ds.astype(k.dtype), k)
 
@@ -150,7 +163,7 @@ def _params(config: BlockConfig):
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config: BlockConfig,
-             dq_config: BlockConfig, *, layout: Layout = DENSE, seq_arrays=(), max_seqlen_q=None,
+             dq_config: BlockConfig, *, seed=None, layout: Layout = DENSE, seq_arrays=(), max_seqlen_q=None,
              max_seqlen_k=None, interpret: bool, debug: bool = False):
     """(dq, dk, dv) in the input dtype from the residuals and the cotangents of (out, lse).
 
@@ -170,8 +183,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
     rows_spec = token_spec(layout, seqlen_q, head_dim_p)
     stats = stats_spec(layout, seqlen_q)
     seq_specs = [whole_spec(x) for x in seq_arrays]
-    slopes_spec = [whole_spec(slopes)] if spec.has_alibi else []
-    slopes_arg = [slopes] if spec.has_alibi else []
+    optional = optional_arrays(spec, slopes, seed)
+    optional_specs = [whole_spec(x) for x in optional]
 
     # Per token: a varlen batch is one row of all its tokens.
     delta = call(
@@ -192,12 +205,12 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
                           block_q=dkdv_config.block_q, block_k=dkdv_config.block_k),
         grid=(pl.cdiv(max_seqlen_k, dkdv_config.block_k), batch, num_heads_k),
         in_specs=[*seq_specs, group_rows_spec, kv_spec, kv_spec, group_rows_spec, group_stats_spec,
-                  group_stats_spec, *slopes_spec],
+                  group_stats_spec, *optional_specs],
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(dkdv_config),
         name="flash_attn_backward_dkdv",
-    )(*seq_arrays, q, k, v, dout, lse, delta, *slopes_arg)
+    )(*seq_arrays, q, k, v, dout, lse, delta, *optional)
 
     kv_of_query_head = token_spec(layout, seqlen_k, head_dim_p, head=lambda h: lax.div(h, group))
     dq = call(
@@ -205,10 +218,10 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
                           block_q=dq_config.block_q, block_k=dq_config.block_k),
         grid=(pl.cdiv(max_seqlen_q, dq_config.block_q), batch, num_heads),
         in_specs=[*seq_specs, rows_spec, kv_of_query_head, kv_of_query_head, rows_spec, stats,
-                  stats, *slopes_spec],
+                  stats, *optional_specs],
         out_specs=rows_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(dq_config),
         name="flash_attn_backward_dq",
-    )(*seq_arrays, q, k, v, dout, lse, delta, *slopes_arg)
+    )(*seq_arrays, q, k, v, dout, lse, delta, *optional)
     return dq, dk, dv

@@ -26,14 +26,15 @@ from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, key_
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, block_indices,
                                                  finish_softmax, head_dim_mask,
                                                  initial_softmax_state, key_blocks,
-                                                 masked_full_masked_loop, masked_load,
-                                                 masked_store, online_softmax_step)
+                                                 dropout_tile, masked_full_masked_loop,
+                                                 masked_load, masked_store, online_softmax_step,
+                                                 optional_arrays, optional_refs)
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
 def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
     seq_refs, (q_ref, k_ref, v_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, out_ref, lse_ref = refs if spec.has_alibi else (None, *refs)
+    slopes_ref, seed_ref, (out_ref, lse_ref) = optional_refs(spec, refs)
     q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
@@ -47,6 +48,7 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
         slope = slopes_ref[batch, head] if spec.has_alibi else None
         blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,
                             seqlen_k=seg.seqlen_k)
+        keep = dropout_tile(spec, seed_ref, batch, head)
 
         def body(key_block, carry, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -57,10 +59,11 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
             qk = numerics.matmul(q, k, transpose_b=True)
             s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
                        apply_mask=masked, offset=offset, seqlen_k=seg.seqlen_k)
-            return online_softmax_step(carry, s, v, numerics=numerics, masked=masked)
+            return online_softmax_step(carry, s, v, numerics=numerics, masked=masked,
+                                       keep=None if keep is None else keep(rows, col_lo, block_k))
 
         carry = masked_full_masked_loop(body, initial_softmax_state(block_q, head_dim_p), *blocks)
-        out, lse = finish_softmax(carry, numerics)
+        out, lse = finish_softmax(carry, numerics, spec.keep_scale)
         masked_store(out_ref.at[seg.q_slice(row_lo, block_q), :], out.astype(out_ref.dtype),
                      as_rows(row_ok), d_mask)
         masked_store(lse_ref.at[seg.q_slice(row_lo, block_q)], lse, row_ok)
@@ -72,22 +75,22 @@ def _compiler_params(config: BlockConfig):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _operands(layout, seq_arrays, q, kv_arrays, q_stats, slopes, head_dim_p):
+def _operands(layout, seq_arrays, q, kv_arrays, q_stats, optional, head_dim_p):
     """(in_specs, operands) of the forward and probability kernels: the sequence arrays, q, the
-    key-side arrays, per-row statistics of q, the ALiBi slopes (None without ALiBi)."""
+    key-side arrays, per-row statistics of q, the ``optional`` arrays (ALiBi slopes, dropout
+    key words: those the spec uses)."""
     group = q.shape[-2] // kv_arrays[0].shape[-2]
     seqlen_q = q.shape[0] if layout.varlen else q.shape[1]
     specs = [whole_spec(x) for x in seq_arrays] + [token_spec(layout, seqlen_q, head_dim_p)]
     specs += [key_spec(layout, x, head_dim_p, head=lambda h: lax.div(h, group)) for x in kv_arrays]
     specs += [stats_spec(layout, seqlen_q) for _ in q_stats]
-    operands = [*seq_arrays, q, *kv_arrays, *q_stats]
-    if slopes is not None:
-        specs.append(whole_spec(slopes))
-        operands.append(slopes)
-    return specs, operands
+    operands = [*seq_arrays, q, *kv_arrays, *q_stats, *optional]
+    return specs + [whole_spec(x) for x in optional], operands
 
 
-def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, layout: Layout = DENSE,
+
+def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, seed=None,
+            layout: Layout = DENSE,
             seq_arrays=(), max_seqlen_q=None, max_seqlen_k=None, interpret: bool,
             debug: bool = False):
     """out in q.dtype and lse float32 of attention: dense q (B, Sq, H, D) -> lse (B, H, Sq);
@@ -103,8 +106,8 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, layout: La
     else:
         batch, seqlen_q = q.shape[:2]
         grid_rows, lse_shape = seqlen_q, (batch, num_heads, seqlen_q)
-    in_specs, operands = _operands(layout, seq_arrays, q, (k, v), (), slopes if spec.has_alibi else None,
-                                   head_dim_p)
+    in_specs, operands = _operands(layout, seq_arrays, q, (k, v), (),
+                                   optional_arrays(spec, slopes, seed), head_dim_p)
     kernel = functools.partial(_forward_kernel, layout=layout, spec=spec, head_dim=head_dim,
                                block_q=config.block_q, block_k=config.block_k)
     return pl.pallas_call(
@@ -123,7 +126,7 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, layout: La
 
 def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
     seq_refs, (q_ref, k_ref, lse_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, probs_ref = refs if spec.has_alibi else (None, *refs)
+    slopes_ref, seed_ref, (probs_ref,) = optional_refs(spec, refs)
     q_block, k_block = pl.program_id(0), pl.program_id(1)
     batch, head = pl.program_id(2), pl.program_id(3)
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
@@ -145,11 +148,14 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
                seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit)
     lse = lse * numerics.unit
     probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
+    if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
+        keep = dropout_tile(spec, seed_ref, batch, head)(rows, col_lo, block_k)
+        probs = jnp.where(keep, probs, -probs)
     masked_store(probs_ref.at[pl.ds(row_lo, block_q), pl.ds(col_lo, block_k)], probs,
                  as_rows(store_row_ok), as_cols(store_col_ok))
 
 
-def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *,
+def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *, seed=None,
                   layout: Layout = DENSE, seq_arrays=(), max_seqlen_q=None, max_seqlen_k=None,
                   interpret: bool, debug: bool = False):
     """The softmax probabilities (B, H, Sq, Sk) float32 from q, k and the forward's lse; varlen:
@@ -161,7 +167,7 @@ def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *,
     else:
         batch, max_seqlen_q, max_seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     in_specs, operands = _operands(layout, seq_arrays, q, (k,), (lse,),
-                                   slopes if spec.has_alibi else None, head_dim_p)
+                                   optional_arrays(spec, slopes, seed), head_dim_p)
     in_specs = [_with_key_block_axis(s) for s in in_specs]
     kernel = functools.partial(_probs_kernel, layout=layout, spec=spec, head_dim=head_dim,
                                block_q=config.block_q, block_k=config.block_k)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, full_key_span, full_query_span,
-                                      key_span, query_span)
+from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, dropout_keep_tile, dropout_row_key,
+                                      full_key_span, full_query_span, key_span, query_span)
 
 
 class Numerics:
@@ -152,9 +152,10 @@ def masked_full_masked_loop(body, carry, first, inner_first, inner_end, end):
     return lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
 
 
-def online_softmax_step(carry, s, v, *, numerics, masked):
+def online_softmax_step(carry, s, v, *, numerics, masked, keep=None):
     """One key block of the streaming softmax: ``carry`` = (acc, row_max, row_sum) updated with
-    scores ``s`` (in units, -inf where masked) and values ``v``."""
+    scores ``s`` (in units, -inf where masked) and values ``v``. ``keep``: the dropout mask; the
+    dropped probabilities still count in the sum (the softmax is taken before dropout)."""
     acc, row_max, row_sum = carry
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
     # A row that has seen only masked keys keeps max -inf; exponentiate against 0 instead.
@@ -162,6 +163,8 @@ def online_softmax_step(carry, s, v, *, numerics, masked):
     correction = numerics.exp(row_max - ref_max)
     p = numerics.exp(s - ref_max[:, None])
     row_sum = row_sum * correction + jnp.sum(p, axis=1)
+    if keep is not None:
+        p = jnp.where(keep, p, 0.0)
     acc = acc * correction[:, None] + numerics.matmul(p.astype(v.dtype), v)
     return acc, new_max, row_sum
 
@@ -171,9 +174,37 @@ def initial_softmax_state(rows, head_dim_p):
             jnp.zeros((rows,), jnp.float32))
 
 
-def finish_softmax(carry, numerics):
-    """(out float32, lse natural log) from the final state; rows that saw no key: out 0, lse -inf."""
+def finish_softmax(carry, numerics, scale=1.0):
+    """(out float32, lse natural log) from the final state, out times ``scale`` (dropout's
+    1 / (1 - p)); rows that saw no key: out 0, lse -inf."""
     acc, row_max, row_sum = carry
     empty = row_sum == 0.0
     safe_sum = jnp.where(empty, 1.0, row_sum)
-    return acc / safe_sum[:, None], jnp.where(empty, -jnp.inf, numerics.lse(row_max, safe_sum))
+    out = acc / safe_sum[:, None]
+    if scale != 1.0:
+        out = out * scale
+    return out, jnp.where(empty, -jnp.inf, numerics.lse(row_max, safe_sum))
+
+
+def optional_refs(spec, refs):
+    """(slopes_ref or None, dropout seed ref or None, the remaining refs): the optional inputs
+    that follow a kernel's arrays, ALiBi slopes then the dropout key words."""
+    refs = list(refs)
+    slopes_ref = refs.pop(0) if spec.has_alibi else None
+    seed_ref = refs.pop(0) if spec.has_dropout else None
+    return slopes_ref, seed_ref, refs
+
+
+def optional_arrays(spec, slopes, seed):
+    """The arrays behind ``optional_refs``: ALiBi slopes, then the dropout key words."""
+    return [x for x, used in ((slopes, spec.has_alibi), (seed, spec.has_dropout)) if used]
+
+
+def dropout_tile(spec, seed_ref, batch, head):
+    """``keep(rows, col_lo, block_k)``: the dropout keep mask of a tile for one (batch row, query
+    head), or None without dropout."""
+    if not spec.has_dropout:
+        return None
+    row_key = dropout_row_key(seed_ref[0], seed_ref[1], batch, head)
+    return lambda rows, col_lo, block_k: dropout_keep_tile(row_key, rows, col_lo, block_k,
+                                                           spec.dropout_threshold)

@@ -1,0 +1,58 @@
+"""The cost of dropout on the GPU: flash_attn_jax forward + backward with dropout_p 0.1 against
+dropout_p 0, at the FlashAttention benchmark shapes (bench_dense.py), in one run.
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_dropout.py [--phase fwd|fwd_bwd] [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import warnings
+
+import jax
+
+import flash_attn_jax as fa
+from bench_dense import SHAPES, flops, inputs, timed
+from timing import seconds_per_call
+
+DROPOUT_P = 0.1
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", DeprecationWarning)
+    key = jax.random.key(0)
+    lines = [f"Dropout {DROPOUT_P} vs none, {args.phase}, bf16, {jax.devices()[0].device_kind}, "
+             f"jax {jax.__version__}, {datetime.date.today().isoformat()}; TFLOP/s (of the "
+             "attention FLOPs) and slowdown", "",
+             "| D | S | causal | no dropout | dropout 0.1 | slowdown |", "|---|---|---|---|---|---|"]
+    slowdowns = []
+    for head_dim, seqlen, causal in SHAPES:
+        q, k, v = inputs(head_dim, seqlen)
+        rates = []
+        for p in (0.0, DROPOUT_P):
+            attend = lambda q, k, v, p=p: fa.flash_attn_func(q, k, v, p, causal=causal,
+                                                             dropout_key=key)
+            seconds = seconds_per_call(timed(attend, args.phase), q, k, v)
+            rates.append(flops(head_dim, seqlen, causal, args.phase) / seconds / 1e12)
+        slowdowns.append(rates[0] / rates[1])
+        lines.append(f"| {head_dim} | {seqlen} | {'y' if causal else 'n'} | {rates[0]:.0f} | "
+                     f"{rates[1]:.0f} | {100 * (slowdowns[-1] - 1):+.1f} % |")
+        print(lines[-1], flush=True)
+    geomean = math.exp(statistics.fmean(math.log(s) for s in slowdowns))
+    lines.append(f"| geomean | | | | | {100 * (geomean - 1):+.1f} % |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
