@@ -60,11 +60,13 @@ def run_dropout_case(seed, *, dtype, seqlen_q, seqlen_k, head_dim, dropout_p=0.1
 
 
 def _cases():
-    for i, feature in enumerate(FEATURES):
-        for t, (dtype, dtype_id) in enumerate(zip(DTYPES, DTYPE_IDS)):
-            seqlens = SEQLENS[(i + t) % len(SEQLENS)]
-            yield pytest.param(dtype, feature, seqlens, (16, 40, 64, 128)[(i + t) % 4],
-                               id=f"{dtype_id}-{feature}-{seqlens}")
+    """Each feature with one dtype, rotating, and the plain case with every dtype."""
+    cases = [(i, i % 3, feature) for i, feature in enumerate(FEATURES)]
+    cases += [(len(FEATURES) + t, t, "plain") for t in (1, 2)]
+    for n, t, feature in cases:
+        seqlens = SEQLENS[n % len(SEQLENS)]
+        yield pytest.param(DTYPES[t], feature, seqlens, (16, 40, 64, 128)[n % 4],
+                           id=f"{DTYPE_IDS[t]}-{feature}-{seqlens}")
 
 
 @pytest.mark.parametrize("dtype,feature,seqlens,head_dim", list(_cases()))

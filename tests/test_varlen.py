@@ -125,13 +125,14 @@ def run_varlen_case(seed, seqlens, tail, *, dtype, head_dim, heads=(4, 4), alibi
 
 
 def _covering_cases():
-    """Each feature meets every dtype; length sets, head dims and head counts rotate."""
-    for i, feature in enumerate(FEATURES):
-        for t, (dtype, dtype_id) in enumerate(zip(DTYPES, DTYPE_IDS)):
-            lengths = list(LENGTHS)[(i + t) % len(LENGTHS)]
-            yield pytest.param(dtype, feature, lengths, HEAD_DIMS[(i + 2 * t) % len(HEAD_DIMS)],
-                               HEADS[(i + t) % len(HEADS)],
-                               id=f"{dtype_id}-{feature}-{lengths}")
+    """Each feature with one dtype, rotating, and the plain case with every dtype; length sets,
+    head dims and head counts rotate (a covering design that keeps the CPU suite's time)."""
+    cases = [(i, i % 3, feature) for i, feature in enumerate(FEATURES)]
+    cases += [(len(FEATURES) + t, t, "plain") for t in (1, 2)]
+    for n, t, feature in cases:
+        lengths = list(LENGTHS)[(n + n // 3) % len(LENGTHS)]
+        yield pytest.param(DTYPES[t], feature, lengths, HEAD_DIMS[n % len(HEAD_DIMS)],
+                           HEADS[n % len(HEADS)], id=f"{DTYPE_IDS[t]}-{feature}-{lengths}")
 
 
 @pytest.mark.parametrize("dtype,feature,lengths,head_dim,heads", list(_covering_cases()))
