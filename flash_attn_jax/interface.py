@@ -11,7 +11,11 @@ from flash_attn_jax import _validation as check
 from flash_attn_jax.kernels import Varlen
 
 _COMMON_ARGS_DOC = """
-      dropout_p: dropout probability in [0, 1). Only 0.0 is supported so far.
+      dropout_p: dropout probability in [0, 1) (needs dropout_key). The kept probabilities are
+        scaled by 1 / (1 - dropout_p); softmax_lse is the pre-dropout logsumexp. The keep mask is
+        a pure function of (dropout_key, batch row, head, row, column): the same key gives bitwise
+        the same outputs and gradients; vmapped calls with one key share the mask (pass split keys
+        for independent masks).
       softmax_scale: multiplies q . k before the softmax; defaults to headdim ** -0.5.
       causal: causal mask aligned to the bottom-right corner of the (seqlen_q, seqlen_k) score
         matrix: query row i attends keys j <= i + seqlen_k - seqlen_q. Same as window
@@ -23,14 +27,15 @@ _COMMON_ARGS_DOC = """
         to the scores of each query head (after softcap).
       deterministic: accepted for compatibility; the forward pass is always deterministic.
       return_attn_probs: also return the logsumexp and the attention probabilities.
-      dropout_key: a jax PRNG key, required when dropout_p > 0 (keyword only).
+      dropout_key: a jax PRNG key (jax.random.key, or raw uint32[2] key data as from
+        jax.random.PRNGKey), required when dropout_p > 0 (keyword only).
 
     Returns:
       out (batch, seqlen_q, nheads, headdim) in the input dtype, or, with return_attn_probs,
       (out, softmax_lse, S_dmask): softmax_lse (batch, nheads, seqlen_q) float32, the natural-log
       logsumexp of each row's scores; S_dmask (batch, nheads, seqlen_q, seqlen_k) float32, the
-      softmax probabilities P. A query row with no key inside its mask gets out 0 and
-      softmax_lse -inf.
+      softmax probabilities P, negated where dropout dropped an entry (sign bit set, -0.0 for a
+      dropped 0). A query row with no key inside its mask gets out 0 and softmax_lse -inf.
 
     Raises:
       ValueError for bad shapes or values, TypeError for bad types or dtypes, naming the argument.
