@@ -62,10 +62,14 @@ def _struct(shape, dtype):
 # Feature sets that change the kernel code: masks, softcap, ALiBi, ragged edges, head-dim padding.
 # Every block configuration is lowered with all of them at once; the other sets at the default
 # configuration of each dtype and head dim.
-FULL = ScoreSpec(softmax_scale=0.1, softcap=5.0, window_left=30, window_right=0, has_alibi=True,
-                 dropout_p=0.1)
+FULL = ScoreSpec(softmax_scale=0.1, softcap=5.0, window_left=30, window_right=0, has_alibi=True)
 SEED = jax.ShapeDtypeStruct((2,), jnp.uint32)
+# Dropout adds the keep-mask hash; its code depends on block_k (a tile form from 64 columns up, a
+# per-element form below), so it is lowered at each dtype and head dim's default blocks and, in
+# the forward, at every block_k.
+DROPOUT = dataclasses.replace(FULL, dropout_p=0.1)
 VARIANTS = {"all-features-ragged": (FULL, 203, 150, 3),
+            "dropout-all-features-ragged": (DROPOUT, 203, 150, 3),
             "plain-aligned": (ScoreSpec(softmax_scale=0.1), 256, 256, 0),
             "window-right-ragged": (ScoreSpec(softmax_scale=0.1, window_right=7), 97, 113, 1)}
 
@@ -125,7 +129,8 @@ def test_every_backward_config_lowers(kernel, dtype, head_dim_p, config):
     _check(_lower_backward(dtype, head_dim_p, *configs, "all-features-ragged"), 7)
 
 
-@pytest.mark.parametrize("variant", ["plain-aligned", "window-right-ragged"])
+@pytest.mark.parametrize("variant", ["plain-aligned", "window-right-ragged",
+                                     "dropout-all-features-ragged"])
 @pytest.mark.parametrize("head_dim_p", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["fp16", "bf16", "fp32"])
 def test_feature_variants_lower(dtype, head_dim_p, variant):
@@ -135,10 +140,13 @@ def test_feature_variants_lower(dtype, head_dim_p, variant):
                            variant), 7)
 
 
-DECODE_FULL = dataclasses.replace(FULL, dropout_p=0.0)  # the KV cache has no dropout
+@pytest.mark.parametrize("block_k", [16, 32, 64, 128])
+def test_dropout_forward_lowers_at_every_block_k(block_k):
+    config = dataclasses.replace(forward_config(jnp.bfloat16, 128, 1 << 20, 1 << 20), block_k=block_k)
+    _check(_lower_forward(jnp.bfloat16, 128, config, "dropout-all-features-ragged"), 3)
 
 
-def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=DECODE_FULL):
+def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=FULL):
     """The cache attention (+ combine when split) and the append, lowered for an H100."""
     group = max(1, config.group_p - 1) if config.group_p > 2 else config.group_p  # padded heads too
     num_heads_k, head_dim = 2, head_dim_p - 3 if head_dim_p > 16 else 13
@@ -182,7 +190,7 @@ def test_decode_every_page_size_and_split_lowers(page_size, paged, num_splits):
     _check(_lower_decode(jnp.bfloat16, 128, config, paged=paged, num_splits=num_splits, spec=spec), 3)
 
 
-def _lower_varlen(dtype, head_dim_p, *, page_size=0, spec=FULL):
+def _lower_varlen(dtype, head_dim_p, *, page_size=0, spec=DROPOUT):
     """The varlen forward, probabilities and (contiguous keys) backward, and the tail fill."""
     batch, num_heads, num_heads_k, max_seqlen = 3, 4, 2, 150
     head_dim = head_dim_p - 3 if head_dim_p > 16 else 13
