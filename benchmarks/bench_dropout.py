@@ -2,6 +2,9 @@
 dropout_p 0, at the FlashAttention benchmark shapes (bench_dense.py), in one run.
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_dropout.py [--phase fwd|fwd_bwd] [--out results.md]
+        [--shapes 128:4096:n,64:1024:c,...]
+
+Also reports the seconds of the first call with dropout (tracing, compiling the kernels, running).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import datetime
 import math
 import statistics
+import time
 import warnings
 
 import jax
@@ -25,28 +29,37 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated head_dim:seqlen:n|c (default: all of bench_dense)")
     args = parser.parse_args()
+    shapes = SHAPES if args.shapes is None else [
+        (int(d), int(s), c == "c") for d, s, c in (x.split(":") for x in args.shapes.split(","))]
     warnings.simplefilter("ignore", DeprecationWarning)
     key = jax.random.key(0)
     lines = [f"Dropout {DROPOUT_P} vs none, {args.phase}, bf16, {jax.devices()[0].device_kind}, "
              f"jax {jax.__version__}, {datetime.date.today().isoformat()}; TFLOP/s (of the "
              "attention FLOPs) and slowdown", "",
-             "| D | S | causal | no dropout | dropout 0.1 | slowdown |", "|---|---|---|---|---|---|"]
+             "| D | S | causal | no dropout | dropout 0.1 | slowdown | first call with dropout (s) |",
+             "|---|---|---|---|---|---|---|"]
     slowdowns = []
-    for head_dim, seqlen, causal in SHAPES:
+    for head_dim, seqlen, causal in shapes:
         q, k, v = inputs(head_dim, seqlen)
         rates = []
         for p in (0.0, DROPOUT_P):
             attend = lambda q, k, v, p=p: fa.flash_attn_func(q, k, v, p, causal=causal,
                                                              dropout_key=key)
-            seconds = seconds_per_call(timed(attend, args.phase), q, k, v)
+            fn = timed(attend, args.phase)
+            start = time.perf_counter()
+            jax.block_until_ready(fn(q, k, v))
+            first_call = time.perf_counter() - start
+            seconds = seconds_per_call(fn, q, k, v)
             rates.append(flops(head_dim, seqlen, causal, args.phase) / seconds / 1e12)
         slowdowns.append(rates[0] / rates[1])
         lines.append(f"| {head_dim} | {seqlen} | {'y' if causal else 'n'} | {rates[0]:.0f} | "
-                     f"{rates[1]:.0f} | {100 * (slowdowns[-1] - 1):+.1f} % |")
+                     f"{rates[1]:.0f} | {100 * (slowdowns[-1] - 1):+.1f} % | {first_call:.1f} |")
         print(lines[-1], flush=True)
     geomean = math.exp(statistics.fmean(math.log(s) for s in slowdowns))
-    lines.append(f"| geomean | | | | | {100 * (geomean - 1):+.1f} % |")
+    lines.append(f"| geomean | | | | | {100 * (geomean - 1):+.1f} % | |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flash_attn_jax import _validation as check
-from flash_attn_jax.semantics import (dropout_keep, dropout_row_key, dropout_threshold,
-                                      kvcache_rotary, scores)
+from flash_attn_jax.semantics import dropout_keep, dropout_threshold, kvcache_rotary, scores
 
 
 def dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k, *, first_batch=0):
@@ -24,7 +23,7 @@ def dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k, *
     cols = jnp.arange(seqlen_k, dtype=jnp.int32)[None, :]
 
     def one(b, h):
-        return dropout_keep(dropout_row_key(words[0], words[1], b, h), rows, cols, threshold)
+        return dropout_keep(words, b, h, rows, cols, threshold)
 
     b, h = jnp.meshgrid(first_batch + jnp.arange(batch), jnp.arange(num_heads), indexing="ij")
     return jax.vmap(jax.vmap(one))(b, h)

@@ -215,32 +215,45 @@ def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleave
 # query head, query row, key column), computed from uint32 operations only so that the kernels
 # (where jax.random does not lower) and the reference produce the same bits.
 #
-# Bits: Threefry-2x32 with 20 rounds (jax.random's generator). The key of one (batch row, head) is
-# threefry(key, (batch, head)). Key column j belongs to the counter (row, 16 * (j // 64) + j % 16)
-# and takes 16 of its 64 output bits: chunk (j // 16) % 4, low half of word 0, high half of word 0,
-# low half of word 1, high half of word 1. So each hash serves four columns, and a tile of 64
-# aligned columns needs 16 hashes per row with no interleaving (see ``dropout_keep_tile``).
-# A column is kept when its 16 bits are >= round(p * 2**16): keep probability 1 - p to 1/65536.
+# Bits: Philox-4x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) with
+# PHILOX_ROUNDS rounds, keyed by the dropout key's two words. Key column j of query row i in
+# (batch row b, query head h) belongs to the counter (j // 8, i, b, h), whose 128 output bits serve
+# the 8 columns 8 * (j // 8) ... + 7, 16 bits each: column j takes word (j % 8) // 2, its low half
+# when j is even. A column is kept when its 16 bits are >= round(p * 2**16): keep probability
+# 1 - p to 1/65536. A tile of columns aligned to 8 therefore needs one hash per 8 elements
+# (``dropout_keep_tile``); batch and head sit in counter words that the first rounds mix as
+# scalars, so a kernel pays for them once per program.
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 7
 DROPOUT_BITS = 16
-_COLUMNS_PER_GROUP = 64  # key columns that share 16 counters
-_LANES = 16  # counters per group
+COLUMNS_PER_HASH = 8
 
 
-def threefry2x32(key0, key1, x0, x1):
-    """Threefry-2x32 (20 rounds) of the counters (x0, x1) under the key (key0, key1): uint32
-    values that broadcast; returns the two uint32 output words."""
-    ks = (key0, key1, key0 ^ key1 ^ np.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for group in range(5):
-        for rotation in _THREEFRY_ROTATIONS[group % 2]:
-            x0 = x0 + x1
-            x1 = (x1 << np.uint32(rotation)) | (x1 >> np.uint32(32 - rotation))
-            x1 = x1 ^ x0
-        x0 = x0 + ks[(group + 1) % 3]
-        x1 = x1 + ks[(group + 2) % 3] + np.uint32(group + 1)
-    return x0, x1
+def mulhi_u32(a, b: int):
+    """The high 32 bits of the 64-bit product of uint32 ``a`` and the constant ``b``, from 16-bit
+    halves (no uint64 without jax_enable_x64). Exact; the kernels use one instruction instead."""
+    a_lo, a_hi = a & np.uint32(0xFFFF), a >> np.uint32(16)
+    b_lo, b_hi = np.uint32(b & 0xFFFF), np.uint32(b >> 16)
+    lo_hi, hi_lo = a_lo * b_hi, a_hi * b_lo
+    carry = ((a_lo * b_lo) >> np.uint32(16)) + (lo_hi & np.uint32(0xFFFF)) + (hi_lo & np.uint32(0xFFFF))
+    return a_hi * b_hi + (lo_hi >> np.uint32(16)) + (hi_lo >> np.uint32(16)) + (carry >> np.uint32(16))
+
+
+def philox4x32(counter, key, *, rounds=PHILOX_ROUNDS, mulhi=mulhi_u32):
+    """Philox-4x32 of ``counter`` (four uint32 values that broadcast) under ``key`` (two uint32
+    scalars); returns the four uint32 output words. ``mulhi(a, m)``: the high word of a * m."""
+    x0, x1, x2, x3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0, k1 = k0 + np.uint32(_PHILOX_KEY_STEPS[0]), k1 + np.uint32(_PHILOX_KEY_STEPS[1])
+        m0, m1 = _PHILOX_MULTIPLIERS
+        hi0, lo0 = mulhi(x0, m0), x0 * np.uint32(m0)
+        hi1, lo1 = mulhi(x2, m1), x2 * np.uint32(m1)
+        x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
+    return x0, x1, x2, x3
 
 
 def dropout_threshold(dropout_p: float) -> int:
@@ -248,41 +261,49 @@ def dropout_threshold(dropout_p: float) -> int:
     return int(round(dropout_p * (1 << DROPOUT_BITS)))
 
 
-def dropout_row_key(key0, key1, batch, head):
-    """The key of one (batch row, query head) from the dropout key's two uint32 words."""
-    as_u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)
-    return threefry2x32(as_u32(key0), as_u32(key1), as_u32(batch), as_u32(head))
+def _u32(x):
+    return jnp.asarray(x).astype(jnp.uint32)
 
 
-def _chunk(word0, word1, chunk):
-    """16 bits of (word0, word1) by ``chunk`` in 0..3."""
-    word = jnp.where(chunk < 2, word0, word1)
-    return (word >> ((chunk % 2) * 16).astype(jnp.uint32)) & np.uint32(0xFFFF)
+def _dropout_words(key, batch, head, rows, col_groups, mulhi):
+    counter = (_u32(col_groups), _u32(rows), _u32(batch), _u32(head))
+    return philox4x32(counter, (_u32(key[0]), _u32(key[1])), mulhi=mulhi)
 
 
-def dropout_keep(row_key, rows, cols, threshold):
-    """True where (rows, cols) (int arrays that broadcast, positions inside the sequence) are
-    kept, for the (batch row, head) key ``row_key``. One hash per element: the reference's form."""
+def _keeps(word, threshold):
+    """(low half kept, high half kept) of a uint32 word."""
+    return ((word & np.uint32(0xFFFF)) >= np.uint32(threshold),
+            (word >> np.uint32(16)) >= np.uint32(threshold))
+
+
+def dropout_keep(key, batch, head, rows, cols, threshold):
+    """True where (rows, cols) (int arrays that broadcast, positions inside the sequence) of
+    (batch row, query head) are kept; ``key``: the dropout key's two uint32 words. One hash per
+    element: the reference's form."""
     rows, cols = jnp.asarray(rows), jnp.asarray(cols)
-    lane = (cols // _COLUMNS_PER_GROUP) * _LANES + cols % _LANES
-    word0, word1 = threefry2x32(*row_key, rows.astype(jnp.uint32), lane.astype(jnp.uint32))
-    return _chunk(word0, word1, (cols // _LANES) % 4) >= np.uint32(threshold)
+    words = _dropout_words(key, batch, head, rows, cols // COLUMNS_PER_HASH, mulhi_u32)
+    chunk = cols % COLUMNS_PER_HASH
+    word = jnp.where(chunk < 4, jnp.where(chunk < 2, words[0], words[1]),
+                     jnp.where(chunk < 6, words[2], words[3]))
+    low, high = _keeps(word, threshold)
+    return jnp.where(chunk % 2 == 0, low, high)
 
 
-def dropout_keep_tile(row_key, rows, col_lo, block_k, threshold):
-    """``dropout_keep`` of the tile rows (R,) x columns [col_lo, col_lo + block_k): the kernels'
-    form, one hash per four columns when the tile holds whole 64-column groups (``col_lo`` a
-    multiple of 64, ``block_k`` of 64), else the per-element form."""
-    if block_k % _COLUMNS_PER_GROUP:
-        return dropout_keep(row_key, rows[:, None], col_lo + jnp.arange(block_k, dtype=jnp.int32)[None, :],
-                            threshold)
-    groups = block_k // _COLUMNS_PER_GROUP
-    group = (col_lo // _COLUMNS_PER_GROUP + jnp.arange(groups, dtype=jnp.int32))[None, :, None]
-    lane = group * _LANES + jnp.arange(_LANES, dtype=jnp.int32)[None, None, :]  # (1, G, 16)
-    word0, word1 = threefry2x32(*row_key, rows.astype(jnp.uint32)[:, None, None],
-                                lane.astype(jnp.uint32))  # (R, G, 16)
-    shape = (rows.shape[0], groups, 4, _LANES)
-    chunk = jnp.arange(4, dtype=jnp.int32)[None, None, :, None]
-    bits = _chunk(jnp.broadcast_to(word0[:, :, None, :], shape),
-                  jnp.broadcast_to(word1[:, :, None, :], shape), chunk)
-    return (bits >= np.uint32(threshold)).reshape(rows.shape[0], block_k)
+def _interleave(parts):
+    """Equal arrays (2**n of them) -> one with n more axes of size 2, whose row-major flattening
+    of the new axes holds part c at c. Built from pairwise stacks on a new last axis (what the
+    Triton lowering supports: a join, which keeps the pair in one thread)."""
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.stack([_interleave(parts[0::2]), _interleave(parts[1::2])], axis=-1)
+
+
+def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *, mulhi=mulhi_u32):
+    """``dropout_keep`` of the tile rows (R,) x columns [col_lo, col_lo + block_k), ``col_lo`` and
+    ``block_k`` multiples of 8: the kernels' form, one hash per 8 columns. ``mulhi`` as in
+    ``philox4x32`` (a kernel passes its one-instruction form)."""
+    lanes = block_k // COLUMNS_PER_HASH
+    groups = col_lo // COLUMNS_PER_HASH + jnp.arange(lanes, dtype=jnp.int32)
+    words = _dropout_words(key, batch, head, rows[:, None], groups[None, :], mulhi)
+    parts = [keep for word in words for keep in _keeps(word, threshold)]  # column offsets 0..7
+    return _interleave(parts).reshape(rows.shape[0], block_k)

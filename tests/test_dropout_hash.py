@@ -1,55 +1,96 @@
 """The dropout keep mask's hash (flash_attn_jax.semantics), ahead of the dropout kernels.
 
-Threefry-2x32 written with uint32 operations must equal jax.random's; the kernels' tile form of
-the keep mask must equal the per-element form the reference uses; the statistics must match p.
+Philox-4x32 written with uint32 operations must reproduce the published known-answer vectors;
+the kernels' tile form of the keep mask must equal the per-element form the reference uses; the
+statistics must match p.
 """
 
 import jax
-import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flash_attn_jax import semantics
 
+# Random123's known-answer vectors (kat_vectors): rounds, counter, key, output.
+PHILOX_KAT = [
+    (7, (0, 0, 0, 0), (0, 0), (0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48)),
+    (7, (0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662)),
+    (7, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A)),
+    (10, (0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (10, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
 
-def test_threefry_equals_jax_random():
+
+@pytest.mark.parametrize("rounds,counter,key,expected", PHILOX_KAT)
+def test_philox_known_answers(rounds, counter, key, expected):
+    u32 = lambda words: tuple(jnp.uint32(w) for w in words)
+    got = semantics.philox4x32(u32(counter), u32(key), rounds=rounds)
+    assert tuple(int(w) for w in got) == expected
+
+
+def test_mulhi_is_the_high_word_of_the_product():
     rng = np.random.default_rng(0)
-    key = rng.integers(0, 2**32, 2, dtype=np.uint32)
-    x0, x1 = (rng.integers(0, 2**32, 1000, dtype=np.uint32) for _ in range(2))
-    expected = jax.extend.random.threefry_2x32(jnp.asarray(key), jnp.asarray(np.concatenate([x0, x1])))
-    got = semantics.threefry2x32(jnp.uint32(key[0]), jnp.uint32(key[1]), jnp.asarray(x0), jnp.asarray(x1))
-    np.testing.assert_array_equal(np.concatenate([np.asarray(w) for w in got]), np.asarray(expected))
+    a = np.concatenate([rng.integers(0, 2**32, 20000, dtype=np.uint64),
+                        np.array([0, 1, 0xFFFF, 0x10000, 0xFFFFFFFF], np.uint64)])
+    for multiplier in (0xD2511F53, 0xCD9E8D57, 0xFFFFFFFF, 1):
+        got = np.asarray(semantics.mulhi_u32(jnp.asarray(a.astype(np.uint32)), multiplier))
+        np.testing.assert_array_equal(got.astype(np.uint64), (a * np.uint64(multiplier)) >> np.uint64(32))
 
 
 @pytest.mark.parametrize("col_lo,block_k", [(0, 64), (64, 128), (256, 256), (16, 16), (48, 16),
                                             (32, 32), (0, 32)])
 def test_tile_form_equals_per_element_form(col_lo, block_k):
-    row_key = semantics.dropout_row_key(1234, 5678, 3, 7)
+    key, threshold = (1234, 5678), semantics.dropout_threshold(0.3)
     rows = jnp.arange(40, 72, dtype=jnp.int32)
-    threshold = semantics.dropout_threshold(0.3)
-    tile = semantics.dropout_keep_tile(row_key, rows, col_lo, block_k, threshold)
+    tile = semantics.dropout_keep_tile(key, 3, 7, rows, col_lo, block_k, threshold)
     cols = col_lo + jnp.arange(block_k, dtype=jnp.int32)
-    np.testing.assert_array_equal(tile, semantics.dropout_keep(row_key, rows[:, None], cols[None, :],
+    np.testing.assert_array_equal(tile, semantics.dropout_keep(key, 3, 7, rows[:, None], cols[None, :],
                                                                threshold))
+
+
+def test_per_element_form_reads_the_documented_bits():
+    # Column j of row i takes 16 bits of philox((j // 8, i, batch, head)): word (j % 8) // 2, the
+    # low half for even j.
+    key, batch, head, row = (11, 22), 1, 2, 5
+    words = semantics.philox4x32(tuple(jnp.uint32(x) for x in (3, row, batch, head)),
+                                 (jnp.uint32(key[0]), jnp.uint32(key[1])))
+    bits = [(int(w) >> shift) & 0xFFFF for w in words for shift in (0, 16)]
+    cols = jnp.arange(24, 32)
+    for threshold in (bits[0], bits[0] + 1, 1 << 15):
+        keep = semantics.dropout_keep(key, batch, head, row, cols, threshold)
+        assert [bool(x) for x in keep] == [b >= threshold for b in bits]
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropped_fraction_matches_p(p):
     rows, cols = jnp.arange(128)[:, None], jnp.arange(128)[None, :]
-    keep = jnp.stack([semantics.dropout_keep(semantics.dropout_row_key(42, 0, 0, head), rows, cols,
-                                             semantics.dropout_threshold(p)) for head in range(4)])
+    keep = jnp.stack([semantics.dropout_keep((42, 0), 0, head, rows, cols, semantics.dropout_threshold(p))
+                      for head in range(4)])
     assert abs(1.0 - float(jnp.mean(keep)) - p) <= 0.01
 
 
 def test_masks_differ_across_keys_heads_and_batch_rows():
     rows, cols = jnp.arange(64)[:, None], jnp.arange(64)[None, :]
     threshold = semantics.dropout_threshold(0.5)
-    masks = [semantics.dropout_keep(semantics.dropout_row_key(*k, b, h), rows, cols, threshold)
+    masks = [semantics.dropout_keep(k, b, h, rows, cols, threshold)
              for k, b, h in [((1, 2), 0, 0), ((1, 3), 0, 0), ((1, 2), 1, 0), ((1, 2), 0, 1)]]
     for i in range(len(masks)):
         for j in range(i):
             assert 0.4 < float(jnp.mean(masks[i] != masks[j])) < 0.6
+
+
+def test_neighbouring_columns_and_rows_are_uncorrelated():
+    # The 8 columns of one hash and adjacent rows must not move together.
+    rows, cols = jnp.arange(256)[:, None], jnp.arange(256)[None, :]
+    keep = np.asarray(semantics.dropout_keep((7, 9), 0, 0, rows, cols, semantics.dropout_threshold(0.5)),
+                      np.float64) - 0.5
+    for shift_rows, shift_cols in ((0, 1), (0, 4), (0, 8), (1, 0)):
+        a = keep[:256 - shift_rows, :256 - shift_cols]
+        b = keep[shift_rows:, shift_cols:]
+        assert abs(np.mean(a * b)) / 0.25 < 0.02
 
 
 def test_threshold_resolution_is_16_bits():
@@ -58,16 +99,20 @@ def test_threshold_resolution_is_16_bits():
 
 
 def keep_tile_call(block_q, block_k, *, interpret, debug=False):
-    """A Pallas kernel that writes dropout_keep_tile (as float32) for a (block_q, block_k) tile at
-    rows [32, 32 + block_q) and columns [block_k, 2 * block_k), key words from an input."""
+    """A Pallas kernel that writes the kernels' keep tile (as float32) for a (block_q, block_k)
+    tile at rows [32, 32 + block_q) and columns [block_k, 2 * block_k) of batch row 2, head 5,
+    key words from an input: compiled, it computes mulhi with the GPU instruction."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
+    from flash_attn_jax.kernels.triton_tiles import dropout_tile
+
+    spec = semantics.ScoreSpec(softmax_scale=1.0, dropout_p=0.1)
+
     def kernel(key_ref, out_ref):
-        row_key = semantics.dropout_row_key(key_ref[0], key_ref[1], 2, 5)
+        keep = dropout_tile(spec, key_ref, 2, 5, interpret=interpret)
         rows = 32 + jnp.arange(block_q, dtype=jnp.int32)
-        keep = semantics.dropout_keep_tile(row_key, rows, block_k, block_k, 6554)
-        plgpu.store(out_ref, keep.astype(jnp.float32))
+        plgpu.store(out_ref, keep(rows, block_k, block_k).astype(jnp.float32))
 
     return pl.pallas_call(kernel, grid=(1,), in_specs=[pl.BlockSpec((2,), lambda i: (0,))],
                           out_specs=pl.BlockSpec((block_q, block_k), lambda i: (0, 0)),
@@ -78,8 +123,11 @@ def keep_tile_call(block_q, block_k, *, interpret, debug=False):
 
 @pytest.mark.parametrize("block_k", [16, 128])
 def test_tile_form_inside_a_kernel(block_k):
+    # On a GPU the kernel is compiled (mulhi as an instruction), elsewhere interpreted.
+    from flash_attn_jax.kernels import use_interpret
+
     key = jnp.asarray([99, 7], jnp.uint32)
-    got = keep_tile_call(64, block_k, interpret=True)(key)
+    got = keep_tile_call(64, block_k, interpret=use_interpret())(key)
     rows, cols = 32 + jnp.arange(64)[:, None], block_k + jnp.arange(block_k)[None, :]
-    expected = semantics.dropout_keep(semantics.dropout_row_key(99, 7, 2, 5), rows, cols, 6554)
+    expected = semantics.dropout_keep((99, 7), 2, 5, rows, cols, semantics.dropout_threshold(0.1))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected, np.float32))

@@ -53,7 +53,8 @@ def _row_stats(lse_ref, delta_ref, row_ok, numerics):
     return lse, masked_load(delta_ref, row_ok)
 
 
-def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_q, block_k):
+def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_q, block_k,
+                 interpret):
     seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
     slopes_ref, seed_ref, (dk_ref, dv_ref) = optional_refs(spec, refs)
     key_block, batch, head_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -73,7 +74,8 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
 
         def head_body(member, carry):
             slope = slopes_ref[batch, head_k * group + member] if spec.has_alibi else None
-            keep = dropout_tile(spec, seed_ref, batch, head_k * group + member)
+            keep = dropout_tile(spec, seed_ref, batch, head_k * group + member,
+                                interpret=interpret)
 
             def body(query_block, carry, *, masked):
                 dk, dv = carry
@@ -114,7 +116,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
     seg.run_if_within(col_lo, seg.seqlen_k, accumulate)
 
 
-def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
+def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k, interpret):
     seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
     slopes_ref, seed_ref, (dq_ref,) = optional_refs(spec, refs)
     query_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -131,7 +133,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
         dout = masked_load(dout_ref.at[rows_at, :], as_rows(row_ok), d_mask)
         lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok, numerics)
         slope = slopes_ref[batch, head] if spec.has_alibi else None
-        keep = dropout_tile(spec, seed_ref, batch, head)
+        keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
 
         def body(key_block, dq, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -202,7 +204,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
     group_stats_spec = stats_spec(layout, seqlen_q, heads=group)
     dk, dv = call(
         functools.partial(_dkdv_kernel, layout=layout, spec=spec, head_dim=head_dim, group=group,
-                          block_q=dkdv_config.block_q, block_k=dkdv_config.block_k),
+                          block_q=dkdv_config.block_q, block_k=dkdv_config.block_k,
+                          interpret=interpret),
         grid=(pl.cdiv(max_seqlen_k, dkdv_config.block_k), batch, num_heads_k),
         in_specs=[*seq_specs, group_rows_spec, kv_spec, kv_spec, group_rows_spec, group_stats_spec,
                   group_stats_spec, *optional_specs],
@@ -215,7 +218,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
     kv_of_query_head = token_spec(layout, seqlen_k, head_dim_p, head=lambda h: lax.div(h, group))
     dq = call(
         functools.partial(_dq_kernel, layout=layout, spec=spec, head_dim=head_dim,
-                          block_q=dq_config.block_q, block_k=dq_config.block_k),
+                          block_q=dq_config.block_q, block_k=dq_config.block_k,
+                          interpret=interpret),
         grid=(pl.cdiv(max_seqlen_q, dq_config.block_q), batch, num_heads),
         in_specs=[*seq_specs, rows_spec, kv_of_query_head, kv_of_query_head, rows_spec, stats,
                   stats, *optional_specs],

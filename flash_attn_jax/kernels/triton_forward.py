@@ -32,7 +32,8 @@ from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, blo
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
-def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
+def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k,
+                    interpret):
     seq_refs, (q_ref, k_ref, v_ref, *refs) = split_refs(layout, refs)
     slopes_ref, seed_ref, (out_ref, lse_ref) = optional_refs(spec, refs)
     q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -48,7 +49,7 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
         slope = slopes_ref[batch, head] if spec.has_alibi else None
         blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,
                             seqlen_k=seg.seqlen_k)
-        keep = dropout_tile(spec, seed_ref, batch, head)
+        keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
 
         def body(key_block, carry, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -109,7 +110,8 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, seed=None,
     in_specs, operands = _operands(layout, seq_arrays, q, (k, v), (),
                                    optional_arrays(spec, slopes, seed), head_dim_p)
     kernel = functools.partial(_forward_kernel, layout=layout, spec=spec, head_dim=head_dim,
-                               block_q=config.block_q, block_k=config.block_k)
+                               block_q=config.block_q, block_k=config.block_k,
+                               interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(grid_rows, config.block_q), batch, num_heads),
@@ -124,7 +126,7 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, seed=None,
     )(*operands)
 
 
-def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k):
+def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k, interpret):
     seq_refs, (q_ref, k_ref, lse_ref, *refs) = split_refs(layout, refs)
     slopes_ref, seed_ref, (probs_ref,) = optional_refs(spec, refs)
     q_block, k_block = pl.program_id(0), pl.program_id(1)
@@ -149,7 +151,7 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     lse = lse * numerics.unit
     probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
     if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
-        keep = dropout_tile(spec, seed_ref, batch, head)(rows, col_lo, block_k)
+        keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)(rows, col_lo, block_k)
         probs = jnp.where(keep, probs, -probs)
     masked_store(probs_ref.at[pl.ds(row_lo, block_q), pl.ds(col_lo, block_k)], probs,
                  as_rows(store_row_ok), as_cols(store_col_ok))
@@ -170,7 +172,8 @@ def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *, se
                                    optional_arrays(spec, slopes, seed), head_dim_p)
     in_specs = [_with_key_block_axis(s) for s in in_specs]
     kernel = functools.partial(_probs_kernel, layout=layout, spec=spec, head_dim=head_dim,
-                               block_q=config.block_q, block_k=config.block_k)
+                               block_q=config.block_q, block_k=config.block_k,
+                               interpret=interpret)
     shape = (batch, num_heads, max_seqlen_q, max_seqlen_k)
     return pl.pallas_call(
         kernel,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 
+import jax
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, dropout_keep_tile, dropout_row_key,
-                                      full_key_span, full_query_span, key_span, query_span)
+from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, dropout_keep_tile, full_key_span,
+                                      full_query_span, key_span, query_span, mulhi_u32)
 
 
 class Numerics:
@@ -200,11 +202,24 @@ def optional_arrays(spec, slopes, seed):
     return [x for x, used in ((slopes, spec.has_alibi), (seed, spec.has_dropout)) if used]
 
 
-def dropout_tile(spec, seed_ref, batch, head):
+def _mulhi_instruction(a, multiplier: int):
+    """``mulhi_u32`` as one ``mul.hi.u32`` per element (a scalar keeps the jnp form). Inline
+    assembly has no interpret-mode rule, so only compiled kernels use it. Its result is declared
+    int32: the lowering types unsigned results apart from the signless integers of the rest."""
+    if jnp.ndim(a) == 0:
+        return mulhi_u32(a, multiplier)
+    [high] = plgpu.elementwise_inline_asm(
+        "mul.hi.u32 $0, $1, $2;", args=[a, jnp.full(a.shape, multiplier, jnp.uint32)],
+        constraints="=r,r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return lax.bitcast_convert_type(high, jnp.uint32)
+
+
+def dropout_tile(spec, seed_ref, batch, head, *, interpret):
     """``keep(rows, col_lo, block_k)``: the dropout keep mask of a tile for one (batch row, query
     head), or None without dropout."""
     if not spec.has_dropout:
         return None
-    row_key = dropout_row_key(seed_ref[0], seed_ref[1], batch, head)
-    return lambda rows, col_lo, block_k: dropout_keep_tile(row_key, rows, col_lo, block_k,
-                                                           spec.dropout_threshold)
+    key = (seed_ref[0], seed_ref[1])
+    mulhi = mulhi_u32 if interpret else _mulhi_instruction
+    return lambda rows, col_lo, block_k: dropout_keep_tile(key, batch, head, rows, col_lo, block_k,
+                                                           spec.dropout_threshold, mulhi=mulhi)
