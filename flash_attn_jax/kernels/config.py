@@ -61,6 +61,10 @@ _FORWARD_TABLE = {
     (4, 128): BlockConfig(64, 32, 8, 2),
     (4, 256): BlockConfig(32, 32, 8, 2),
 }
+# Dropout moves each tile's keep mask between register layouts through shared memory (16 KB for
+# 128 x 128); with three stages of 128 x 128 K/V tiles that exceeds an H100's 227 KB (240 KB
+# requested, seen on the GPU), so that entry keeps two stages.
+_DROPOUT_FORWARD_TABLE = {**_FORWARD_TABLE, (2, 128): BlockConfig(128, 128, 8, 2)}
 
 
 # The backward runs two kernels: dK/dV (a program per key block, looping over query blocks) and dQ
@@ -105,8 +109,10 @@ def _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k):
                                block_k=_shrink(base.block_k, seqlen_k))
 
 
-def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int) -> BlockConfig:
-    return _shrunk(_FORWARD_TABLE, dtype, head_dim_p, seqlen_q, seqlen_k)
+def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int, *,
+                   dropout: bool = False) -> BlockConfig:
+    table = _DROPOUT_FORWARD_TABLE if dropout else _FORWARD_TABLE
+    return _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k)
 
 
 def backward_configs(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int):
@@ -131,9 +137,9 @@ def _all_configs(table):
                     yield dtype, head_dim_p, dataclasses.replace(base, block_q=block_q, block_k=block_k)
 
 
-def all_forward_configs():
+def all_forward_configs(*, dropout: bool = False):
     """Yields (dtype, padded head dim, config) for every configuration forward_config can pick."""
-    return _all_configs(_FORWARD_TABLE)
+    return _all_configs(_DROPOUT_FORWARD_TABLE if dropout else _FORWARD_TABLE)
 
 
 def all_backward_configs():

@@ -152,7 +152,10 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
     if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
         keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)(rows, col_lo, block_k)
-        probs = jnp.where(keep, probs, -probs)
+        # Set with integer ops: compiled float code may ignore the sign of zero (-0.0 == 0.0).
+        sign = jnp.where(keep, jnp.uint32(0), jnp.uint32(0x80000000))
+        probs = lax.bitcast_convert_type(lax.bitcast_convert_type(probs, jnp.uint32) | sign,
+                                         jnp.float32)
     masked_store(probs_ref.at[pl.ds(row_lo, block_q), pl.ds(col_lo, block_k)], probs,
                  as_rows(store_row_ok), as_cols(store_col_ok))
 
