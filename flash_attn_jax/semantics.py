@@ -216,19 +216,24 @@ def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleave
 # (where jax.random does not lower) and the reference produce the same bits.
 #
 # Bits: Philox-4x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) with
-# PHILOX_ROUNDS rounds, keyed by the dropout key's two words. Key column j of query row i in
-# (batch row b, query head h) belongs to the counter (j // 8, i, b, h), whose 128 output bits serve
-# the 8 columns 8 * (j // 8) ... + 7, 16 bits each: column j takes word (j % 8) // 2, its low half
-# when j is even. A column is kept when its 16 bits are >= round(p * 2**16): keep probability
-# 1 - p to 1/65536. A tile of columns aligned to 8 therefore needs one hash per 8 elements
-# (``dropout_keep_tile``); batch and head sit in counter words that the first rounds mix as
-# scalars, so a kernel pays for them once per program.
+# PHILOX_ROUNDS rounds (flash-attn's choice), keyed by the dropout key's two words. Key columns
+# come in groups of 32; column j = 32 g + 8 m + 2 t + h (m, t < 4, h < 2) of query row i in
+# (batch row b, query head h') takes 16 bits of the counter (4 g + t, i, b, h'): word m, its low
+# half when h = 0. A column is kept when its 16 bits are >= round(p * 2**16): keep probability
+# 1 - p to 1/65536.
+#
+# Why this order: one hash serves the columns 2t, 2t + 1, 2t + 8, 2t + 9, ... of a 32-column
+# group, which is how the tensor cores' accumulator tile spreads one row's columns over threads
+# (a thread holds column pairs 8 apart). So each thread computes the hashes of its own elements
+# and no mask crosses threads (``dropout_keep_tile``; the Triton compiler turns the joins and
+# transposes into register renaming). Batch and head sit in counter words that the first rounds
+# mix as scalars, so a kernel pays for them once per program.
 
 _PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
 PHILOX_ROUNDS = 7
 DROPOUT_BITS = 16
-COLUMNS_PER_HASH = 8
+_GROUP = 32  # key columns of 4 counters
 
 
 def mulhi_u32(a, b: int):
@@ -265,8 +270,8 @@ def _u32(x):
     return jnp.asarray(x).astype(jnp.uint32)
 
 
-def _dropout_words(key, batch, head, rows, col_groups, mulhi):
-    counter = (_u32(col_groups), _u32(rows), _u32(batch), _u32(head))
+def _dropout_words(key, batch, head, rows, lanes, mulhi):
+    counter = (_u32(lanes), _u32(rows), _u32(batch), _u32(head))
     return philox4x32(counter, (_u32(key[0]), _u32(key[1])), mulhi=mulhi)
 
 
@@ -281,12 +286,13 @@ def dropout_keep(key, batch, head, rows, cols, threshold):
     (batch row, query head) are kept; ``key``: the dropout key's two uint32 words. One hash per
     element: the reference's form."""
     rows, cols = jnp.asarray(rows), jnp.asarray(cols)
-    words = _dropout_words(key, batch, head, rows, cols // COLUMNS_PER_HASH, mulhi_u32)
-    chunk = cols % COLUMNS_PER_HASH
-    word = jnp.where(chunk < 4, jnp.where(chunk < 2, words[0], words[1]),
-                     jnp.where(chunk < 6, words[2], words[3]))
+    lanes = (cols // _GROUP) * 4 + (cols // 2) % 4
+    words = _dropout_words(key, batch, head, rows, lanes, mulhi_u32)
+    word_index = (cols // 8) % 4
+    word = jnp.where(word_index < 2, jnp.where(word_index == 0, words[0], words[1]),
+                     jnp.where(word_index == 2, words[2], words[3]))
     low, high = _keeps(word, threshold)
-    return jnp.where(chunk % 2 == 0, low, high)
+    return jnp.where(cols % 2 == 0, low, high)
 
 
 def _interleave(parts):
@@ -299,11 +305,18 @@ def _interleave(parts):
 
 
 def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *, mulhi=mulhi_u32):
-    """``dropout_keep`` of the tile rows (R,) x columns [col_lo, col_lo + block_k), ``col_lo`` and
-    ``block_k`` multiples of 8: the kernels' form, one hash per 8 columns. ``mulhi`` as in
-    ``philox4x32`` (a kernel passes its one-instruction form)."""
-    lanes = block_k // COLUMNS_PER_HASH
-    groups = col_lo // COLUMNS_PER_HASH + jnp.arange(lanes, dtype=jnp.int32)
-    words = _dropout_words(key, batch, head, rows[:, None], groups[None, :], mulhi)
-    parts = [keep for word in words for keep in _keeps(word, threshold)]  # column offsets 0..7
-    return _interleave(parts).reshape(rows.shape[0], block_k)
+    """``dropout_keep`` of the tile rows (R,) x columns [col_lo, col_lo + block_k), ``block_k`` a
+    power of two >= 16 and ``col_lo`` a multiple of it: the kernels' form, one hash per 8
+    elements (a 16-column tile uses half of each hash). ``mulhi`` as in ``philox4x32`` (a kernel
+    passes its one-instruction form)."""
+    groups = max(1, block_k // _GROUP)
+    lanes = (col_lo // _GROUP) * 4 + jnp.arange(4 * groups, dtype=jnp.int32)
+    words = _dropout_words(key, batch, head, rows[:, None], lanes[None, :], mulhi)
+    if block_k < _GROUP:  # columns 2t + 8m + h with m in {0, 1} (first half) or {2, 3}
+        second_half = (col_lo // (_GROUP // 2)) % 2 == 1
+        words = [jnp.where(second_half, words[m + 2], words[m]) for m in range(2)]
+    parts = [keep for word in words for keep in _keeps(word, threshold)]  # 2 m + h
+    x = _interleave(parts)  # (R, 4 groups, m bits..., h): axes row, group x t, m, h
+    num_m = len(words)
+    x = x.reshape(rows.shape[0], groups, 4, num_m, 2)
+    return x.transpose(0, 1, 3, 2, 4).reshape(rows.shape[0], block_k)  # column 32g + 8m + 2t + h

@@ -52,13 +52,13 @@ def test_tile_form_equals_per_element_form(col_lo, block_k):
 
 
 def test_per_element_form_reads_the_documented_bits():
-    # Column j of row i takes 16 bits of philox((j // 8, i, batch, head)): word (j % 8) // 2, the
-    # low half for even j.
-    key, batch, head, row = (11, 22), 1, 2, 5
-    words = semantics.philox4x32(tuple(jnp.uint32(x) for x in (3, row, batch, head)),
+    # Column j = 32 g + 8 m + 2 t + h of row i takes 16 bits of philox((4 g + t, i, batch, head)):
+    # word m, the low half for h = 0.
+    key, batch, head, row, g, t = (11, 22), 1, 2, 5, 3, 1
+    words = semantics.philox4x32(tuple(jnp.uint32(x) for x in (4 * g + t, row, batch, head)),
                                  (jnp.uint32(key[0]), jnp.uint32(key[1])))
-    bits = [(int(w) >> shift) & 0xFFFF for w in words for shift in (0, 16)]
-    cols = jnp.arange(24, 32)
+    bits = [(int(w) >> shift) & 0xFFFF for w in words for shift in (0, 16)]  # 2 m + h
+    cols = jnp.asarray([32 * g + 8 * m + 2 * t + h for m in range(4) for h in range(2)])
     for threshold in (bits[0], bits[0] + 1, 1 << 15):
         keep = semantics.dropout_keep(key, batch, head, row, cols, threshold)
         assert [bool(x) for x in keep] == [b >= threshold for b in bits]
@@ -87,7 +87,7 @@ def test_neighbouring_columns_and_rows_are_uncorrelated():
     rows, cols = jnp.arange(256)[:, None], jnp.arange(256)[None, :]
     keep = np.asarray(semantics.dropout_keep((7, 9), 0, 0, rows, cols, semantics.dropout_threshold(0.5)),
                       np.float64) - 0.5
-    for shift_rows, shift_cols in ((0, 1), (0, 4), (0, 8), (1, 0)):
+    for shift_rows, shift_cols in ((0, 1), (0, 2), (0, 8), (0, 16), (1, 0)):
         a = keep[:256 - shift_rows, :256 - shift_cols]
         b = keep[shift_rows:, shift_cols:]
         assert abs(np.mean(a * b)) / 0.25 < 0.02
