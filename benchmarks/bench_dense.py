@@ -86,16 +86,19 @@ def _rate(fn, shape, phase, *args):
         return f"failed: {type(error).__name__}"
 
 
-def sweep(shape, phase, q, k, v):
-    """{label: TFLOP/s} of alternative block configurations at one shape."""
+def sweep(shape, phase, q, k, v, dropout_p=0.0):
+    """{label: TFLOP/s} of alternative block configurations at one shape (with dropout when
+    ``dropout_p`` > 0)."""
     head_dim, seqlen, causal = shape
-    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=causal)
-    fwd_config = forward_config(q.dtype, padded_head_dim(head_dim), seqlen, seqlen)
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=causal, dropout_p=dropout_p)
+    seed = jnp.asarray([0, 1], jnp.uint32) if dropout_p else None
+    fwd_config = forward_config(q.dtype, padded_head_dim(head_dim), seqlen, seqlen,
+                                dropout=spec.has_dropout)
     results = {}
     if phase == "fwd":
         for config in FORWARD_SWEEP:
             fn = jax.jit(lambda q, k, v, config=config: triton_forward.forward(
-                q, k, v, None, spec, config, interpret=False)[0])
+                q, k, v, None, spec, config, seed=seed, interpret=False)[0])
             results[f"fwd {config}"] = _rate(fn, shape, phase, q, k, v)
         return results
     if seqlen != 4096:
@@ -105,9 +108,10 @@ def sweep(shape, phase, q, k, v):
     candidates += [("dq", c, (dkdv_default, c)) for c in DQ_SWEEP]
     for kernel, config, (dkdv, dq) in candidates:
         def step(q, k, v, dkdv=dkdv, dq=dq):
-            out, lse = triton_forward.forward(q, k, v, None, spec, fwd_config, interpret=False)
+            out, lse = triton_forward.forward(q, k, v, None, spec, fwd_config, seed=seed,
+                                              interpret=False)
             return triton_backward.backward(q, k, v, None, out, lse, q, jnp.zeros_like(lse), spec,
-                                            dkdv, dq, interpret=False)
+                                            dkdv, dq, seed=seed, interpret=False)
         results[f"{kernel} {config}"] = _rate(jax.jit(step), shape, phase, q, k, v)
     return results
 

@@ -2,7 +2,10 @@
 dropout_p 0, at the FlashAttention benchmark shapes (bench_dense.py), in one run.
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_dropout.py [--phase fwd|fwd_bwd] [--out results.md]
-        [--shapes 128:4096:n,64:1024:c,...]
+        [--shapes 128:4096:n,64:1024:c,...] [--sweep]
+
+--sweep also times alternative block configurations with dropout (bench_dense.py's sweeps: the
+forward kernel for --phase fwd; the dK/dV and dQ kernels, one at a time, at S = 4096 for fwd_bwd).
 
 Also reports the seconds of the first call with dropout (tracing, compiling the kernels, running).
 """
@@ -19,7 +22,7 @@ import warnings
 import jax
 
 import flash_attn_jax as fa
-from bench_dense import SHAPES, flops, inputs, timed
+from bench_dense import SHAPES, flops, inputs, sweep, timed
 from timing import seconds_per_call
 
 DROPOUT_P = 0.1
@@ -29,6 +32,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated head_dim:seqlen:n|c (default: all of bench_dense)")
     args = parser.parse_args()
@@ -58,6 +62,12 @@ def main():
         lines.append(f"| {head_dim} | {seqlen} | {'y' if causal else 'n'} | {rates[0]:.0f} | "
                      f"{rates[1]:.0f} | {100 * (slowdowns[-1] - 1):+.1f} % | {first_call:.1f} |")
         print(lines[-1], flush=True)
+        if args.sweep:
+            for label, rate in sweep((head_dim, seqlen, causal), args.phase, q, k, v,
+                                     dropout_p=DROPOUT_P).items():
+                shown = f"{rate:.0f}" if isinstance(rate, float) else rate
+                print(f"    sweep D={head_dim} S={seqlen} causal={causal} dropout {label}: {shown}",
+                      flush=True)
     geomean = math.exp(statistics.fmean(math.log(s) for s in slowdowns))
     lines.append(f"| geomean | | | | | {100 * (geomean - 1):+.1f} % | |")
     text = "\n".join(lines)
