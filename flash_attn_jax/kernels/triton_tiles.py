@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import jax
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
