@@ -116,6 +116,15 @@ def sweep(shape, phase, q, k, v, dropout_p=0.0):
     return results
 
 
+def print_sweep(shape, phase, q, k, v, dropout_p=0.0):
+    """Prints ``sweep``'s rates, one configuration per line."""
+    head_dim, seqlen, causal = shape
+    tag = f"causal={causal}" + (f" dropout {dropout_p}" if dropout_p else "")
+    for label, rate in sweep(shape, phase, q, k, v, dropout_p).items():
+        shown = f"{rate:.0f}" if isinstance(rate, float) else rate
+        print(f"    sweep D={head_dim} S={seqlen} {tag} {label}: {shown}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd")
@@ -155,9 +164,7 @@ def main():
         lines.append(f"| {head_dim} | {seqlen} | {'y' if causal else 'n'} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         if args.sweep:
-            for label, rate in sweep(shape, args.phase, q, k, v).items():
-                shown = f"{rate:.0f}" if isinstance(rate, float) else rate
-                print(f"    sweep D={head_dim} S={seqlen} causal={causal} {label}: {shown}", flush=True)
+            print_sweep(shape, args.phase, q, k, v)
     geomeans = [math.exp(statistics.fmean(math.log(r) for r in ratios[name])) if ratios[name] else
                 float("nan") for name in names]
     lines.append("| geomean ratio to cuDNN | | | " + " | ".join(f"{g:.2f}" for g in geomeans) + " |")

@@ -22,7 +22,7 @@ import warnings
 import jax
 
 import flash_attn_jax as fa
-from bench_dense import SHAPES, flops, inputs, sweep, timed
+from bench_dense import SHAPES, flops, inputs, print_sweep, timed
 from timing import seconds_per_call
 
 DROPOUT_P = 0.1
@@ -63,11 +63,7 @@ def main():
                      f"{rates[1]:.0f} | {100 * (slowdowns[-1] - 1):+.1f} % | {first_call:.1f} |")
         print(lines[-1], flush=True)
         if args.sweep:
-            for label, rate in sweep((head_dim, seqlen, causal), args.phase, q, k, v,
-                                     dropout_p=DROPOUT_P).items():
-                shown = f"{rate:.0f}" if isinstance(rate, float) else rate
-                print(f"    sweep D={head_dim} S={seqlen} causal={causal} dropout {label}: {shown}",
-                      flush=True)
+            print_sweep((head_dim, seqlen, causal), args.phase, q, k, v, dropout_p=DROPOUT_P)
     geomean = math.exp(statistics.fmean(math.log(s) for s in slowdowns))
     lines.append(f"| geomean | | | | | {100 * (geomean - 1):+.1f} % | |")
     text = "\n".join(lines)
