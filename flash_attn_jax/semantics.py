@@ -246,17 +246,23 @@ def mulhi_u32(a, b: int):
     return a_hi * b_hi + (lo_hi >> np.uint32(16)) + (hi_lo >> np.uint32(16)) + (carry >> np.uint32(16))
 
 
-def philox4x32(counter, key, *, rounds=PHILOX_ROUNDS, mulhi=mulhi_u32):
+def mul_wide_u32(a, b: int):
+    """(high, low) 32-bit words of the 64-bit product of uint32 ``a`` and the constant ``b``."""
+    return mulhi_u32(a, b), a * np.uint32(b)
+
+
+def philox4x32(counter, key, *, rounds=PHILOX_ROUNDS, mul_wide=mul_wide_u32):
     """Philox-4x32 of ``counter`` (four uint32 values that broadcast) under ``key`` (two uint32
-    scalars); returns the four uint32 output words. ``mulhi(a, m)``: the high word of a * m."""
+    scalars); returns the four uint32 output words. ``mul_wide(a, m)``: the (high, low) words of
+    a * m."""
     x0, x1, x2, x3 = counter
     k0, k1 = key
     for r in range(rounds):
         if r:
             k0, k1 = k0 + np.uint32(_PHILOX_KEY_STEPS[0]), k1 + np.uint32(_PHILOX_KEY_STEPS[1])
         m0, m1 = _PHILOX_MULTIPLIERS
-        hi0, lo0 = mulhi(x0, m0), x0 * np.uint32(m0)
-        hi1, lo1 = mulhi(x2, m1), x2 * np.uint32(m1)
+        hi0, lo0 = mul_wide(x0, m0)
+        hi1, lo1 = mul_wide(x2, m1)
         x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
     return x0, x1, x2, x3
 
@@ -270,15 +276,16 @@ def _u32(x):
     return jnp.asarray(x).astype(jnp.uint32)
 
 
-def _dropout_words(key, batch, head, rows, lanes, mulhi):
+def _dropout_words(key, batch, head, rows, lanes, mul_wide):
     counter = (_u32(lanes), _u32(rows), _u32(batch), _u32(head))
-    return philox4x32(counter, (_u32(key[0]), _u32(key[1])), mulhi=mulhi)
+    return philox4x32(counter, (_u32(key[0]), _u32(key[1])), mul_wide=mul_wide)
 
 
 def _keeps(word, threshold):
-    """(low half kept, high half kept) of a uint32 word."""
-    return ((word & np.uint32(0xFFFF)) >= np.uint32(threshold),
-            (word >> np.uint32(16)) >= np.uint32(threshold))
+    """(low half kept, high half kept) of a uint32 word: half >= threshold, compared in the high
+    half (one shift, no extraction)."""
+    shifted = np.uint32(threshold << 16)
+    return (word << np.uint32(16)) >= shifted, word >= shifted
 
 
 def dropout_keep(key, batch, head, rows, cols, threshold):
@@ -287,7 +294,7 @@ def dropout_keep(key, batch, head, rows, cols, threshold):
     element: the reference's form."""
     rows, cols = jnp.asarray(rows), jnp.asarray(cols)
     lanes = (cols // _GROUP) * 4 + (cols // 2) % 4
-    words = _dropout_words(key, batch, head, rows, lanes, mulhi_u32)
+    words = _dropout_words(key, batch, head, rows, lanes, mul_wide_u32)
     word_index = (cols // 8) % 4
     word = jnp.where(word_index < 2, jnp.where(word_index == 0, words[0], words[1]),
                      jnp.where(word_index == 2, words[2], words[3]))
@@ -304,14 +311,15 @@ def _interleave(parts):
     return jnp.stack([_interleave(parts[0::2]), _interleave(parts[1::2])], axis=-1)
 
 
-def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *, mulhi=mulhi_u32):
+def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *,
+                      mul_wide=mul_wide_u32):
     """``dropout_keep`` of the tile rows (R,) x columns [col_lo, col_lo + block_k), ``block_k`` a
     power of two >= 16 and ``col_lo`` a multiple of it: the kernels' form, one hash per 8
-    elements (a 16-column tile uses half of each hash). ``mulhi`` as in ``philox4x32`` (a kernel
+    elements (a 16-column tile uses half of each hash). ``mul_wide`` as in ``philox4x32`` (a kernel
     passes its one-instruction form)."""
     groups = max(1, block_k // _GROUP)
     lanes = (col_lo // _GROUP) * 4 + jnp.arange(4 * groups, dtype=jnp.int32)
-    words = _dropout_words(key, batch, head, rows[:, None], lanes[None, :], mulhi)
+    words = _dropout_words(key, batch, head, rows[:, None], lanes[None, :], mul_wide)
     if block_k < _GROUP:  # columns 2t + 8m + h with m in {0, 1} (first half) or {2, 3}
         second_half = (col_lo // (_GROUP // 2)) % 2 == 1
         words = [jnp.where(second_half, words[m + 2], words[m]) for m in range(2)]

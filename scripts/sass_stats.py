@@ -75,7 +75,7 @@ def main():
     rows = []
     for variant in ("all-features-ragged", "dropout-all-features-ragged"):
         dropout = variant.startswith("dropout")
-        forward = forward_config(dtype, args.head_dim, 1 << 20, 1 << 20, dropout=dropout)
+        forward = forward_config(dtype, args.head_dim, 1 << 20, 1 << 20)
         dkdv, dq = backward_configs(dtype, args.head_dim, 1 << 20, 1 << 20)
         _captured.clear()
         _lower_forward(dtype, args.head_dim, forward, variant)

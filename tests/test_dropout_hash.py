@@ -31,13 +31,24 @@ def test_philox_known_answers(rounds, counter, key, expected):
     assert tuple(int(w) for w in got) == expected
 
 
-def test_mulhi_is_the_high_word_of_the_product():
+def test_mul_wide_gives_both_words_of_the_product():
     rng = np.random.default_rng(0)
     a = np.concatenate([rng.integers(0, 2**32, 20000, dtype=np.uint64),
                         np.array([0, 1, 0xFFFF, 0x10000, 0xFFFFFFFF], np.uint64)])
     for multiplier in (0xD2511F53, 0xCD9E8D57, 0xFFFFFFFF, 1):
-        got = np.asarray(semantics.mulhi_u32(jnp.asarray(a.astype(np.uint32)), multiplier))
-        np.testing.assert_array_equal(got.astype(np.uint64), (a * np.uint64(multiplier)) >> np.uint64(32))
+        high, low = semantics.mul_wide_u32(jnp.asarray(a.astype(np.uint32)), multiplier)
+        product = a * np.uint64(multiplier)
+        np.testing.assert_array_equal(np.asarray(high).astype(np.uint64), product >> np.uint64(32))
+        np.testing.assert_array_equal(np.asarray(low).astype(np.uint64), product & np.uint64(0xFFFFFFFF))
+
+
+def test_each_half_word_is_kept_at_or_above_the_threshold():
+    threshold = semantics.dropout_threshold(0.1)
+    halves = np.array([0, threshold - 1, threshold, threshold + 1, 0xFFFF], np.uint32)
+    low, high = np.meshgrid(halves, halves, indexing="ij")
+    keep_low, keep_high = semantics._keeps(jnp.asarray((high << 16) | low), threshold)
+    np.testing.assert_array_equal(np.asarray(keep_low), low >= threshold)
+    np.testing.assert_array_equal(np.asarray(keep_high), high >= threshold)
 
 
 @pytest.mark.parametrize("col_lo,block_k", [(0, 64), (64, 128), (256, 256), (16, 16), (48, 16),
@@ -101,7 +112,7 @@ def test_threshold_resolution_is_16_bits():
 def keep_tile_call(block_q, block_k, *, interpret, debug=False):
     """A Pallas kernel that writes the kernels' keep tile (as float32) for a (block_q, block_k)
     tile at rows [32, 32 + block_q) and columns [block_k, 2 * block_k) of batch row 2, head 5,
-    key words from an input: compiled, it computes mulhi with the GPU instruction."""
+    key words from an input: compiled, its multiplies are the GPU's mul.wide instruction."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -123,7 +134,7 @@ def keep_tile_call(block_q, block_k, *, interpret, debug=False):
 
 @pytest.mark.parametrize("block_k", [16, 128])
 def test_tile_form_inside_a_kernel(block_k):
-    # On a GPU the kernel is compiled (mulhi as an instruction), elsewhere interpreted.
+    # On a GPU the kernel is compiled (mul.wide as an instruction), elsewhere interpreted.
     from flash_attn_jax.kernels import use_interpret
 
     key = jnp.asarray([99, 7], jnp.uint32)

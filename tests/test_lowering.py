@@ -134,7 +134,7 @@ def test_every_backward_config_lowers(kernel, dtype, head_dim_p, config):
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["fp16", "bf16", "fp32"])
 def test_feature_variants_lower(dtype, head_dim_p, variant):
     spec = VARIANTS[variant][0]
-    forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20, dropout=spec.has_dropout)
+    forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20)
     _check(_lower_forward(dtype, head_dim_p, forward, variant), 3)
     _check(_lower_backward(dtype, head_dim_p, *backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20),
                            variant), 7)
@@ -142,7 +142,7 @@ def test_feature_variants_lower(dtype, head_dim_p, variant):
 
 @pytest.mark.parametrize("block_k", [16, 32, 64, 128])
 def test_dropout_forward_lowers_at_every_block_k(block_k):
-    config = dataclasses.replace(forward_config(jnp.bfloat16, 128, 1 << 20, 1 << 20, dropout=True),
+    config = dataclasses.replace(forward_config(jnp.bfloat16, 128, 1 << 20, 1 << 20),
                                  block_k=block_k)
     _check(_lower_forward(jnp.bfloat16, 128, config, "dropout-all-features-ragged"), 3)
 
@@ -202,7 +202,7 @@ def _lower_varlen(dtype, head_dim_p, *, page_size=0, spec=DROPOUT):
     ints = lambda *shape: _struct(shape, jnp.int32)
     table = ints(batch, 4) if page_size else None
     slopes = _struct((batch, num_heads), jnp.float32)
-    forward = forward_config(dtype, head_dim_p, max_seqlen, max_seqlen, dropout=spec.has_dropout)
+    forward = forward_config(dtype, head_dim_p, max_seqlen, max_seqlen)
     if page_size:
         forward = dataclasses.replace(forward, block_k=min(forward.block_k, page_size))
 
@@ -249,7 +249,7 @@ def test_dropout_hash_lowers(block_k):
     from test_dropout_hash import keep_tile_call
     ttir = lower_for_h100(keep_tile_call(64, block_k, interpret=False, debug=True),
                           _struct((2,), jnp.uint32))
-    assert "mul.hi.u32" in ttir and "tt.join" in ttir and lint_ttir(ttir) == []
+    assert "mul.wide.u32" in ttir and "tt.join" in ttir and lint_ttir(ttir) == []
 
 
 def _tiny_dot_kernel(x_ref, o_ref):

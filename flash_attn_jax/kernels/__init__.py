@@ -79,8 +79,7 @@ def _lengths(q, k, varlen):
 
 
 def _forward_config(q, k, spec, varlen):
-    config = forward_config(q.dtype, padded_head_dim(q.shape[-1]), *_lengths(q, k, varlen),
-                            dropout=spec.has_dropout)
+    config = forward_config(q.dtype, padded_head_dim(q.shape[-1]), *_lengths(q, k, varlen))
     if varlen is not None and varlen.block_table is not None:  # key blocks stay within a page
         config = dataclasses.replace(config, block_k=min(config.block_k, k.shape[1]))
     return config

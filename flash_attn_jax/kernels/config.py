@@ -61,11 +61,6 @@ _FORWARD_TABLE = {
     (4, 128): BlockConfig(64, 32, 8, 2),
     (4, 256): BlockConfig(32, 32, 8, 2),
 }
-# Dropout: the 16-bit d128 forward keeps two stages. A first keep-mask layout, which crossed
-# threads through shared memory, pushed three stages of 128 x 128 K/V tiles past the 227 KB of an
-# H100/H200 (240 KB requested, seen on an H200). The current layout needs no such scratch
-# (scripts/sass_stats.py); three stages await a GPU measurement (bench_dropout.py --sweep).
-_DROPOUT_FORWARD_TABLE = {**_FORWARD_TABLE, (2, 128): BlockConfig(128, 128, 8, 2)}
 
 
 # The backward runs two kernels: dK/dV (a program per key block, looping over query blocks) and dQ
@@ -110,10 +105,8 @@ def _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k):
                                block_k=_shrink(base.block_k, seqlen_k))
 
 
-def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int, *,
-                   dropout: bool = False) -> BlockConfig:
-    table = _DROPOUT_FORWARD_TABLE if dropout else _FORWARD_TABLE
-    return _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k)
+def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int) -> BlockConfig:
+    return _shrunk(_FORWARD_TABLE, dtype, head_dim_p, seqlen_q, seqlen_k)
 
 
 def backward_configs(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int):

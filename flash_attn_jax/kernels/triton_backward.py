@@ -53,6 +53,13 @@ def _row_stats(lse_ref, delta_ref, row_ok, numerics):
     return lse, masked_load(delta_ref, row_ok)
 
 
+def _dp_minus_delta(dp, delta, kept, spec):
+    """dP - delta, where the forward's dropout (P * Z / (1 - p)) makes dP = Z * dP / (1 - p)."""
+    if kept is None:
+        return dp - delta
+    return jnp.where(kept, dp * spec.keep_scale - delta, -delta)
+
+
 def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_q, block_k,
                  interpret):
     seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
@@ -65,6 +72,11 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
     d_mask = head_dim_mask(head_dim, head_dim_p)
     col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k)
     kv_mask = as_rows(col_ok)
+    # Tiles are keys x queries (the accumulators' rows), except with dropout: then queries x keys
+    # as in the forward, so that the keep mask's layout needs no transpose (dV and dK take
+    # transposed operands instead, through shared memory). An H200 measured each orientation the
+    # faster one where it is used (benchmarks/RESULTS.md).
+    query_major = spec.has_dropout
 
     def accumulate():
         k = masked_load(k_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
@@ -73,9 +85,9 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                               seqlen_k=seg.seqlen_k)
 
         def head_body(member, carry):
-            slope = slopes_ref[batch, head_k * group + member] if spec.has_alibi else None
-            keep = dropout_tile(spec, seed_ref, batch, head_k * group + member,
-                                interpret=interpret)
+            head = head_k * group + member
+            slope = slopes_ref[batch, head] if spec.has_alibi else None
+            keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
 
             def body(query_block, carry, *, masked):
                 dk, dv = carry
@@ -86,29 +98,37 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                 dout = masked_load(dout_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
                 lse, delta = _row_stats(lse_ref.at[member, rows_at], delta_ref.at[member, rows_at],
                                         row_ok, numerics)
-                # Transposed tiles (keys x queries): the accumulators are per key.
-                x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=numerics.unit)
-                s = bias_and_mask(x, rows[None, :], cols[:, None], spec, offset=offset,
-                                  seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit,
-                                  apply_mask=masked)
-                p = numerics.exp(s - lse[None, :])
-                if keep is None:
-                    dv = dv + numerics.matmul(p.astype(dout.dtype), dout)
+                if query_major:
+                    x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
+                    row_ids, col_ids = rows[:, None], cols[None, :]
+                    lse, delta = lse[:, None], delta[:, None]
+                else:  # keys x queries
+                    x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=numerics.unit)
+                    row_ids, col_ids = rows[None, :], cols[:, None]
+                    lse, delta = lse[None, :], delta[None, :]
+                s = bias_and_mask(x, row_ids, col_ids, spec, offset=offset, seqlen_k=seg.seqlen_k,
+                                  slope=slope, unit=numerics.unit, apply_mask=masked)
+                p = numerics.exp(s - lse)
+                if query_major:
+                    dp = numerics.matmul(dout, v, transpose_b=True)
+                else:
                     dp = numerics.matmul(v, dout, transpose_b=True)
-                else:  # the forward used P * Z / (1 - p): dV and dP see the same mask
-                    kept = keep(rows, col_lo, block_k).T
-                    dropped_p = jnp.where(kept, p * spec.keep_scale, 0.0)
-                    dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout)
-                    dp = numerics.matmul(v, dout, transpose_b=True)
-                    dp = jnp.where(kept, dp * spec.keep_scale, 0.0)
-                ds = p * (dp - delta[None, :]) * logits_derivative(x, spec, unit=numerics.unit)
-                dk = dk + numerics.matmul(ds.astype(q.dtype), q)
+                # dV sees the forward's mask too; its 1 / (1 - p) is applied once at the end.
+                kept = None if keep is None else keep(rows, col_lo, block_k)
+                dropped_p = p if kept is None else jnp.where(kept, p, 0.0)
+                dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout,
+                                          transpose_a=query_major)
+                ds = (p * _dp_minus_delta(dp, delta, kept, spec)
+                      * logits_derivative(x, spec, unit=numerics.unit))
+                dk = dk + numerics.matmul(ds.astype(q.dtype), q, transpose_a=query_major)
                 return dk, dv
 
             return masked_full_masked_loop(body, carry, *blocks)
 
         zeros = jnp.zeros((block_k, head_dim_p), jnp.float32)
         dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+        if spec.has_dropout:
+            dv = dv * spec.keep_scale
         for ref, grad in ((dk_ref, dk), (dv_ref, dv)):
             masked_store(ref.at[seg.k_slice(col_lo, block_k), :], grad.astype(ref.dtype), kv_mask,
                          d_mask)
@@ -147,9 +167,9 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
                               apply_mask=masked)
             p = numerics.exp(s - lse[:, None])
             dp = numerics.matmul(dout, v, transpose_b=True)
-            if keep is not None:
-                dp = jnp.where(keep(rows, col_lo, block_k), dp * spec.keep_scale, 0.0)
-            ds = p * (dp - delta[:, None]) * logits_derivative(x, spec, unit=numerics.unit)
+            kept = None if keep is None else keep(rows, col_lo, block_k)
+            ds = (p * _dp_minus_delta(dp, delta[:, None], kept, spec)
+                  * logits_derivative(x, spec, unit=numerics.unit))
             return dq + numerics.matmul(ds.astype(k.dtype), k)
 
         blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,

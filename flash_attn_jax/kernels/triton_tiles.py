@@ -15,7 +15,7 @@ from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, dropout_keep_tile, full_key_span,
-                                      full_query_span, key_span, query_span, mulhi_u32)
+                                      full_query_span, key_span, query_span, mul_wide_u32)
 
 
 class Numerics:
@@ -34,10 +34,10 @@ class Numerics:
         self.base2 = not full_f32
         self.unit = LOG2E if self.base2 else 1.0  # multiplies natural-log scores
 
-    def matmul(self, a, b, *, transpose_b=False):
-        """2-D a @ b (or a @ b.T) accumulated in float32."""
-        contract_b = 1 if transpose_b else 0
-        return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+    def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
+        """2-D a @ b (a.T, b.T where asked) accumulated in float32."""
+        contract_a, contract_b = (0 if transpose_a else 1), (1 if transpose_b else 0)
+        return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                                preferred_element_type=jnp.float32, precision=self.precision)
 
     def exp(self, x):
@@ -201,16 +201,26 @@ def optional_arrays(spec, slopes, seed):
     return [x for x, used in ((slopes, spec.has_alibi), (seed, spec.has_dropout)) if used]
 
 
-def _mulhi_instruction(a, multiplier: int):
-    """``mulhi_u32`` as one ``mul.hi.u32`` per element (a scalar keeps the jnp form). Inline
-    assembly has no interpret-mode rule, so only compiled kernels use it. Its result is declared
-    int32: the lowering types unsigned results apart from the signless integers of the rest."""
+def _mul_wide_instruction(a, multiplier: int):
+    """``mul_wide_u32`` as one ``mul.wide.u32`` per element (a scalar keeps the jnp form). Inline
+    assembly has no interpret-mode rule, so only compiled kernels use it. The 64-bit product is
+    split by two more asm moves (register renaming): Pallas lowers an asm block of several results
+    wrongly. Results are declared int32: the lowering types unsigned results apart from the
+    signless integers of the rest."""
     if jnp.ndim(a) == 0:
-        return mulhi_u32(a, multiplier)
-    [high] = plgpu.elementwise_inline_asm(
-        "mul.hi.u32 $0, $1, $2;", args=[a, jnp.full(a.shape, multiplier, jnp.uint32)],
-        constraints="=r,r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
-    return lax.bitcast_convert_type(high, jnp.uint32)
+        return mul_wide_u32(a, multiplier)
+    [wide] = plgpu.elementwise_inline_asm(
+        "mul.wide.u32 $0, $1, $2;", args=[a, jnp.full(a.shape, multiplier, jnp.uint32)],
+        constraints="=l,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.dtype("int64"))])
+    halves = []
+    for move in ("mov.b64 {$0, _}, $1;", "mov.b64 {_, $0}, $1;"):  # low, high
+        [half] = plgpu.elementwise_inline_asm(
+            move, args=[wide], constraints="=r,l", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+        halves.append(lax.bitcast_convert_type(half, jnp.uint32))
+    low, high = halves
+    return high, low
 
 
 def dropout_tile(spec, seed_ref, batch, head, *, interpret):
@@ -219,6 +229,6 @@ def dropout_tile(spec, seed_ref, batch, head, *, interpret):
     if not spec.has_dropout:
         return None
     key = (seed_ref[0], seed_ref[1])
-    mulhi = mulhi_u32 if interpret else _mulhi_instruction
-    return lambda rows, col_lo, block_k: dropout_keep_tile(key, batch, head, rows, col_lo, block_k,
-                                                           spec.dropout_threshold, mulhi=mulhi)
+    mul_wide = mul_wide_u32 if interpret else _mul_wide_instruction
+    return lambda rows, col_lo, block_k: dropout_keep_tile(
+        key, batch, head, rows, col_lo, block_k, spec.dropout_threshold, mul_wide=mul_wide)
