@@ -9,16 +9,37 @@ in the input dtype, an implementation passes when
 from __future__ import annotations
 
 import functools
+import itertools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import flash_attn_jax as fa
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 DTYPE_IDS = ("fp16", "bf16", "fp32")
+
+
+def dtype_grid(*axes, full):
+    """pytest params (dtype, *values) of a grid over ``axes`` (lists of values) and the dtypes.
+
+    ``full``: the whole product with the three dtypes (on a GPU, where a case costs little).
+    Otherwise (interpret mode, where each case costs seconds of compiling) every combination of
+    the axes once, the dtype rotating with the sum of the value indices: every value of every axis
+    meets every dtype when the other axes have three values or more between them, and every pair
+    of values across axes is tested.
+    """
+    cases = []
+    for combo in itertools.product(*(list(enumerate(axis)) for axis in axes)):
+        indices, values = [i for i, _ in combo], [v for _, v in combo]
+        dtype_indices = range(len(DTYPES)) if full else [sum(indices) % len(DTYPES)]
+        for t in dtype_indices:
+            case_id = "-".join([DTYPE_IDS[t], *map(str, values)])
+            cases.append(pytest.param(DTYPES[t], *values, id=case_id))
+    return cases
 
 
 def make_inputs(seed, *, batch=2, seqlen_q, seqlen_k, nheads=4, nheads_k=None, head_dim, dtype,

@@ -2,7 +2,9 @@
 
 Each case checks out, softmax_lse, the probabilities and the gradients dq, dk, dv for a random
 cotangent of out (flash-attn's test) over the feature grid; test_backward.py adds the cotangent of
-softmax_lse.
+softmax_lse. On a GPU the grids are full products with the three dtypes; in interpret mode, where a
+case costs seconds of compiling, they cover every value with every dtype and every pair of values
+across the other axes (``dtype_grid``), which keeps the CPU suite inside CI's time.
 """
 
 import chex
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 
 import flash_attn_jax as fa
-from helpers import (DTYPE_IDS, DTYPES, check_against_reference, flash_attn, make_inputs,
-                     references, run_case)
+from conftest import ON_GPU
+from helpers import (check_against_reference, dtype_grid, flash_attn, make_inputs, references,
+                     run_case)
 
 SEQLENS = [(1, 239), (113, 203), (203, 113), (128, 128), (97, 97)]
 HEAD_DIMS = [16, 40, 59, 64, 96, 128, 256]
@@ -31,26 +34,12 @@ FEATURES = {
                                         q_scale=50.0, alibi=True),
 }
 
-@pytest.mark.parametrize("seqlens", SEQLENS, ids=str)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,head_dim,seqlens", dtype_grid(HEAD_DIMS, SEQLENS, full=ON_GPU))
 def test_dtypes_head_dims_seqlens(dtype, head_dim, seqlens):
     run_case(0, seqlen_q=seqlens[0], seqlen_k=seqlens[1], head_dim=head_dim, dtype=dtype)
 
 
-def _rotating(names, per_dtype):
-    """(dtype, name, seqlens) cases: each name meets every dtype with ``per_dtype`` of the seqlen
-    pairs, rotating with the dtype so that every name meets every pair (a covering design)."""
-    cases = []
-    for i, name in enumerate(names):
-        for t, (dtype, dtype_id) in enumerate(zip(DTYPES, DTYPE_IDS)):
-            for j in range(per_dtype):
-                seqlens = SEQLENS[(i + t + j) % len(SEQLENS)]
-                cases.append(pytest.param(dtype, name, seqlens, id=f"{dtype_id}-{name}-{seqlens}"))
-    return cases
-
-
-@pytest.mark.parametrize("dtype,feature,seqlens", _rotating(list(FEATURES), 3))
+@pytest.mark.parametrize("dtype,feature,seqlens", dtype_grid(list(FEATURES), SEQLENS, full=ON_GPU))
 def test_features(dtype, feature, seqlens):
     # Head dims and kv-head counts rotate so that every feature meets several of each.
     index = list(FEATURES).index(feature) + SEQLENS.index(seqlens)
@@ -59,7 +48,7 @@ def test_features(dtype, feature, seqlens):
              nheads_k=(4, 2, 1)[index % 3], dtype=dtype, **options)
 
 
-@pytest.mark.parametrize("dtype,kv_heads,seqlens", _rotating(["gqa", "mqa"], 2))
+@pytest.mark.parametrize("dtype,kv_heads,seqlens", dtype_grid(["gqa", "mqa"], SEQLENS, full=ON_GPU))
 def test_gqa_mqa(dtype, kv_heads, seqlens):
     nheads_k = 2 if kv_heads == "gqa" else 1
     causal = SEQLENS.index(seqlens) % 2 == 0
@@ -78,8 +67,7 @@ EMPTY_ROW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", EMPTY_ROW_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype,case", dtype_grid(EMPTY_ROW_CASES, full=ON_GPU))
 def test_empty_rows_are_zero_with_lse_minus_inf_and_zero_gradient(dtype, case):
     seqlen_q, seqlen_k, options, empty = case
     out, lse, ref, (dq, _, _) = run_case(3, seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=40,
