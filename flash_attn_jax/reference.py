@@ -7,6 +7,8 @@ semantics of ``flash_attn_jax.semantics`` (it calls the same functions the kerne
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -18,7 +20,14 @@ def dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k, *
     """(batch, num_heads, seqlen_q, seqlen_k) bool: the keep mask of the kernels' dropout for
     batch rows ``first_batch ..`` (a varlen sequence b alone: ``first_batch=b``, batch 1)."""
     p, words = check.dropout(dropout_p, dropout_key)
-    threshold = dropout_threshold(p)
+    return _keep_mask(words, first_batch, threshold=dropout_threshold(p), batch=batch,
+                      num_heads=num_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+
+
+@functools.partial(jax.jit, static_argnames=("threshold", "batch", "num_heads", "seqlen_q",
+                                             "seqlen_k"))
+def _keep_mask(words, first_batch, *, threshold, batch, num_heads, seqlen_q, seqlen_k):
+    # One program rather than op-by-op dispatch: the hash is a few hundred small ops.
     rows = jnp.arange(seqlen_q, dtype=jnp.int32)[:, None]
     cols = jnp.arange(seqlen_k, dtype=jnp.int32)[None, :]
 

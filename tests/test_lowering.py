@@ -5,6 +5,7 @@ lowering for an abstract H100 catches most of them, and a lint of the Triton IR 
 under 16 that lower but compute garbage on the GPU (see the Pallas Triton notes).
 """
 
+import collections
 import contextlib
 import dataclasses
 import io
@@ -120,12 +121,24 @@ def test_every_forward_config_lowers(dtype, head_dim_p, config):
     _check(_lower_forward(dtype, head_dim_p, config, "all-features-ragged"), 3)
 
 
-@pytest.mark.parametrize("kernel,dtype,head_dim_p,config",
-                         [pytest.param(*c, id=c[0] + "-" + _id(*c[1:])) for c in all_backward_configs()])
-def test_every_backward_config_lowers(kernel, dtype, head_dim_p, config):
-    dkdv_config, dq_config = backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20)
-    configs = (config, dq_config) if kernel == "dkdv" else (dkdv_config, config)
-    _check(_lower_backward(dtype, head_dim_p, *configs, "all-features-ragged"), 7)
+def _backward_config_pairs():
+    """(dtype, head dim, dK/dV config, dQ config): every configuration of each kernel, the two
+    kernels' lists zipped (one lowering covers a configuration of each)."""
+    lists = collections.defaultdict(lambda: ([], []))
+    for kernel, dtype, head_dim_p, config in all_backward_configs():
+        lists[(dtype, head_dim_p)][kernel == "dq"].append(config)
+    for (dtype, head_dim_p), (dkdv_list, dq_list) in lists.items():
+        defaults = backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20)
+        for i in range(max(len(dkdv_list), len(dq_list))):
+            dkdv, dq = (xs[i] if i < len(xs) else default
+                        for xs, default in zip((dkdv_list, dq_list), defaults))
+            yield pytest.param(dtype, head_dim_p, dkdv, dq,
+                               id=f"{_id(dtype, head_dim_p, dkdv)}-dq-q{dq.block_q}-k{dq.block_k}")
+
+
+@pytest.mark.parametrize("dtype,head_dim_p,dkdv_config,dq_config", list(_backward_config_pairs()))
+def test_every_backward_config_lowers(dtype, head_dim_p, dkdv_config, dq_config):
+    _check(_lower_backward(dtype, head_dim_p, dkdv_config, dq_config, "all-features-ragged"), 7)
 
 
 @pytest.mark.parametrize("variant", ["plain-aligned", "window-right-ragged",
@@ -148,7 +161,7 @@ def test_dropout_forward_lowers_at_every_block_k(block_k):
 
 
 def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=FULL):
-    """The cache attention (+ combine when split) and the append, lowered for an H100."""
+    """The cache attention (+ combine when split), lowered for an H100."""
     group = max(1, config.group_p - 1) if config.group_p > 2 else config.group_p  # padded heads too
     num_heads_k, head_dim = 2, head_dim_p - 3 if head_dim_p > 16 else 13
     seqlen_q = max(1, 2 * config.block_i - 1)
@@ -159,15 +172,34 @@ def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=FULL):
     ints = lambda *shape: _struct(shape, jnp.int32)
     table, batch_idx = (ints(2, 3), None) if paged else (None, ints(2))
     slopes = _struct((2, num_heads_k * group), jnp.float32)
-    ttir = lower_for_h100(
+    return lower_for_h100(
         lambda q, kc, vc, n, lp, bi, t, s: triton_decode.attention(
             q, kc, vc, n, lp, bi, t, s, spec, config, num_splits, interpret=False, debug=True),
         q, cache, cache, ints(2), ints(2), batch_idx, table, slopes)
-    new = _struct((2, 3, num_heads_k, head_dim), dtype)
-    return ttir + lower_for_h100(
+
+
+def _append_params():
+    """Every dtype and head dim, contiguous and paged (pages of 32); every page size at bf16 d128."""
+    for dtype, name in zip((jnp.float16, jnp.bfloat16, jnp.float32), ("fp16", "bf16", "fp32")):
+        for head_dim_p in (16, 32, 64, 128, 256):
+            for page_size in (0, 32):
+                yield pytest.param(dtype, head_dim_p, page_size, id=f"{name}-d{head_dim_p}-p{page_size}")
+    for page_size in (16, 64, 128, 256):
+        yield pytest.param(jnp.bfloat16, 128, page_size, id=f"bf16-d128-p{page_size}")
+
+
+@pytest.mark.parametrize("dtype,head_dim_p,page_size", list(_append_params()))
+def test_cache_append_lowers(dtype, head_dim_p, page_size):
+    head_dim = head_dim_p - 3 if head_dim_p > 16 else 13
+    cache = _struct((7, page_size, 2, head_dim) if page_size else (3, 200, 2, head_dim), dtype)
+    new = _struct((2, 3, 2, head_dim), dtype)
+    ints = lambda *shape: _struct(shape, jnp.int32)
+    table, batch_idx = (ints(2, 3), None) if page_size else (None, ints(2))
+    ttir = lower_for_h100(
         lambda kc, vc, k, v, n, bi, t: triton_decode.append(kc, vc, k, v, n, bi, t, interpret=False,
                                                              debug=True),
         cache, cache, new, new, ints(2), batch_idx, table)
+    assert "tt.store" in ttir and lint_ttir(ttir) == []
 
 
 def _decode_params():

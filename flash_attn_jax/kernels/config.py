@@ -133,7 +133,7 @@ def _all_configs(table):
 
 def all_forward_configs():
     """Yields (dtype, padded head dim, config) for every block shape forward_config can pick
-    (with dropout only the stage count differs, which the Triton IR does not show)."""
+    (dropout uses the same blocks)."""
     return _all_configs(_FORWARD_TABLE)
 
 
