@@ -122,8 +122,9 @@ def test_every_forward_config_lowers(dtype, head_dim_p, config):
 
 
 def _backward_config_pairs():
-    """(dtype, head dim, dK/dV config, dQ config): every configuration of each kernel, the two
-    kernels' lists zipped (one lowering covers a configuration of each)."""
+    """(dtype, head dim, dK/dV config, dQ config, variant): every configuration of each kernel, the
+    two kernels' lists zipped (one lowering covers a configuration of each), every other pair with
+    dropout (its dK/dV kernel works on queries x keys tiles, without dropout on keys x queries)."""
     lists = collections.defaultdict(lambda: ([], []))
     for kernel, dtype, head_dim_p, config in all_backward_configs():
         lists[(dtype, head_dim_p)][kernel == "dq"].append(config)
@@ -132,13 +133,16 @@ def _backward_config_pairs():
         for i in range(max(len(dkdv_list), len(dq_list))):
             dkdv, dq = (xs[i] if i < len(xs) else default
                         for xs, default in zip((dkdv_list, dq_list), defaults))
-            yield pytest.param(dtype, head_dim_p, dkdv, dq,
-                               id=f"{_id(dtype, head_dim_p, dkdv)}-dq-q{dq.block_q}-k{dq.block_k}")
+            variant = ("all-features-ragged", "dropout-all-features-ragged")[i % 2]
+            yield pytest.param(dtype, head_dim_p, dkdv, dq, variant,
+                               id=f"{_id(dtype, head_dim_p, dkdv)}-dq-q{dq.block_q}-k{dq.block_k}"
+                                  f"-{variant.split('-')[0]}")
 
 
-@pytest.mark.parametrize("dtype,head_dim_p,dkdv_config,dq_config", list(_backward_config_pairs()))
-def test_every_backward_config_lowers(dtype, head_dim_p, dkdv_config, dq_config):
-    _check(_lower_backward(dtype, head_dim_p, dkdv_config, dq_config, "all-features-ragged"), 7)
+@pytest.mark.parametrize("dtype,head_dim_p,dkdv_config,dq_config,variant",
+                         list(_backward_config_pairs()))
+def test_every_backward_config_lowers(dtype, head_dim_p, dkdv_config, dq_config, variant):
+    _check(_lower_backward(dtype, head_dim_p, dkdv_config, dq_config, variant), 7)
 
 
 @pytest.mark.parametrize("variant", ["plain-aligned", "window-right-ragged",
