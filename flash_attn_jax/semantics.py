@@ -282,8 +282,8 @@ def _dropout_words(key, batch, head, rows, lanes, mul_wide):
 
 
 def _keeps(word, threshold):
-    """(low half kept, high half kept) of a uint32 word: half >= threshold, compared in the high
-    half (one shift, no extraction)."""
+    """(low half kept, high half kept) of a uint32 word: half >= threshold, both compared as the
+    word's high half (the low half shifted up; no masking)."""
     shifted = np.uint32(threshold << 16)
     return (word << np.uint32(16)) >= shifted, word >= shifted
 
