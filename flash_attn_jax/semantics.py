@@ -218,7 +218,7 @@ def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleave
 # Bits: Philox-4x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) with
 # PHILOX_ROUNDS rounds (flash-attn's choice), keyed by the dropout key's two words. Key columns
 # come in groups of 32; column j = 32 g + 8 m + 2 t + h (m, t < 4, h < 2) of query row i in
-# (batch row b, query head h') takes 16 bits of the counter (4 g + t, i, b, h'): word m, its low
+# (batch row b, query head h') takes 16 bits of the counter (b, i, h', 4 g + t): word m, its low
 # half when h = 0. A column is kept when its 16 bits are >= round(p * 2**16): keep probability
 # 1 - p to 1/65536.
 #
@@ -226,8 +226,10 @@ def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleave
 # group, which is how the tensor cores' accumulator tile spreads one row's columns over threads
 # (a thread holds column pairs 8 apart). So each thread computes the hashes of its own elements
 # and no mask crosses threads (``dropout_keep_tile``; the Triton compiler turns the joins and
-# transposes into register renaming). Batch and head sit in counter words that the first rounds
-# mix as scalars, so a kernel pays for them once per program.
+# transposes into register renaming). Batch and head sit in the two words the first round
+# multiplies, and the row and the column group in the two it only XORs: the first round works on
+# scalars and rows first meet columns in the third round's XORs: a tile pays its full width
+# only from there on.
 
 _PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
@@ -268,8 +270,9 @@ def philox4x32(counter, key, *, rounds=PHILOX_ROUNDS, mul_wide=mul_wide_u32):
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """The 16-bit threshold under which a column is dropped."""
-    return int(round(dropout_p * (1 << DROPOUT_BITS)))
+    """The 16-bit threshold under which a column is dropped (at most 0xFFFF: a ``dropout_p``
+    within 2**-17 of 1 keeps 1 column in 65536)."""
+    return min(int(round(dropout_p * (1 << DROPOUT_BITS))), (1 << DROPOUT_BITS) - 1)
 
 
 def _u32(x):
@@ -277,7 +280,7 @@ def _u32(x):
 
 
 def _dropout_words(key, batch, head, rows, lanes, mul_wide):
-    counter = (_u32(lanes), _u32(rows), _u32(batch), _u32(head))
+    counter = (_u32(batch), _u32(rows), _u32(head), _u32(lanes))
     return philox4x32(counter, (_u32(key[0]), _u32(key[1])), mul_wide=mul_wide)
 
 
@@ -311,20 +314,36 @@ def _interleave(parts):
     return jnp.stack([_interleave(parts[0::2]), _interleave(parts[1::2])], axis=-1)
 
 
-def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *,
-                      mul_wide=mul_wide_u32):
-    """``dropout_keep`` of the tile rows (R,) x columns [col_lo, col_lo + block_k), ``block_k`` a
-    power of two >= 16 and ``col_lo`` a multiple of it: the kernels' form, one hash per 8
-    elements (a 16-column tile uses half of each hash). ``mul_wide`` as in ``philox4x32`` (a kernel
-    passes its one-instruction form)."""
+def dropout_tile_words(key, batch, head, rows, col_lo, block_k, *, mul_wide=mul_wide_u32):
+    """The hash words behind the tile rows (R,) x columns [col_lo, col_lo + block_k), ``block_k``
+    a power of two >= 16 and ``col_lo`` a multiple of it: word m (a list of (R, 4 groups)
+    arrays, or the 2 words a 16-column tile uses) at column 4 g + t. One hash per 8 elements.
+    ``mul_wide`` as in ``philox4x32`` (a kernel passes its one-instruction form)."""
     groups = max(1, block_k // _GROUP)
     lanes = (col_lo // _GROUP) * 4 + jnp.arange(4 * groups, dtype=jnp.int32)
     words = _dropout_words(key, batch, head, rows[:, None], lanes[None, :], mul_wide)
     if block_k < _GROUP:  # columns 2t + 8m + h with m in {0, 1} (first half) or {2, 3}
         second_half = (col_lo // (_GROUP // 2)) % 2 == 1
         words = [jnp.where(second_half, words[m + 2], words[m]) for m in range(2)]
-    parts = [keep for word in words for keep in _keeps(word, threshold)]  # 2 m + h
+    return words
+
+
+def column_tile(parts, block_k):
+    """(R, block_k) from ``parts[2 m + h]`` (R, 4 groups): column 32 g + 8 m + 2 t + h holds
+    ``parts[2 m + h][:, 4 g + t]``, the layout of ``dropout_tile_words``."""
+    num_rows, num_m = parts[0].shape[0], len(parts) // 2
     x = _interleave(parts)  # (R, 4 groups, m bits..., h): axes row, group x t, m, h
-    num_m = len(words)
-    x = x.reshape(rows.shape[0], groups, 4, num_m, 2)
-    return x.transpose(0, 1, 3, 2, 4).reshape(rows.shape[0], block_k)  # column 32g + 8m + 2t + h
+    x = x.reshape(num_rows, max(1, block_k // _GROUP), 4, num_m, 2)
+    return x.transpose(0, 1, 3, 2, 4).reshape(num_rows, block_k)
+
+
+def keep_tile(words, block_k, threshold):
+    """The keep mask (R, block_k) of a tile from its ``dropout_tile_words``."""
+    return column_tile([keep for word in words for keep in _keeps(word, threshold)], block_k)
+
+
+def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *,
+                      mul_wide=mul_wide_u32):
+    """``dropout_keep`` of a tile (see ``dropout_tile_words``): the kernels' form."""
+    words = dropout_tile_words(key, batch, head, rows, col_lo, block_k, mul_wide=mul_wide)
+    return keep_tile(words, block_k, threshold)

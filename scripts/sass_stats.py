@@ -41,6 +41,21 @@ def _capture_modules():
     pallas_call_registration.lowering.lower_jaxpr_to_triton_module = recording
 
 
+def _run_ttir_passes_first():
+    """triton.compile skips the passes of an IR file's own stage, but XLA runs Triton's TTIR
+    passes on the IR Pallas hands it; without them a dot and the add of its result stay apart
+    (no accumulating dot, which changes wgmma pipelining). Run them before the TTGIR stage."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    make_ttgir = nvidia.CUDABackend.make_ttgir
+
+    def ttir_then_ttgir(mod, metadata, options, capability):
+        mod = nvidia.CUDABackend.make_ttir(mod, metadata, options, capability)
+        return make_ttgir(mod, metadata, options, capability)
+
+    nvidia.CUDABackend.make_ttgir = staticmethod(ttir_then_ttgir)
+
+
 def sass_counts(ttir: str, num_warps: int, num_stages: int):
     """Instruction counts of ``ttir`` compiled for sm_90 by upstream Triton."""
     import triton
@@ -70,12 +85,14 @@ def main():
     args = parser.parse_args()
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[args.dtype]
     _capture_modules()
+    _run_ttir_passes_first()
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cached kernel may predate the passes above
     from test_lowering import _lower_backward, _lower_forward
 
     rows = []
     for variant in ("all-features-ragged", "dropout-all-features-ragged"):
         dropout = variant.startswith("dropout")
-        forward = forward_config(dtype, args.head_dim, 1 << 20, 1 << 20)
+        forward = forward_config(dtype, args.head_dim, 1 << 20, 1 << 20, dropout=dropout)
         dkdv, dq = backward_configs(dtype, args.head_dim, 1 << 20, 1 << 20)
         _captured.clear()
         _lower_forward(dtype, args.head_dim, forward, variant)

@@ -63,10 +63,10 @@ def test_tile_form_equals_per_element_form(col_lo, block_k):
 
 
 def test_per_element_form_reads_the_documented_bits():
-    # Column j = 32 g + 8 m + 2 t + h of row i takes 16 bits of philox((4 g + t, i, batch, head)):
+    # Column j = 32 g + 8 m + 2 t + h of row i takes 16 bits of philox((batch, i, head, 4 g + t)):
     # word m, the low half for h = 0.
     key, batch, head, row, g, t = (11, 22), 1, 2, 5, 3, 1
-    words = semantics.philox4x32(tuple(jnp.uint32(x) for x in (4 * g + t, row, batch, head)),
+    words = semantics.philox4x32(tuple(jnp.uint32(x) for x in (batch, row, head, 4 * g + t)),
                                  (jnp.uint32(key[0]), jnp.uint32(key[1])))
     bits = [(int(w) >> shift) & 0xFFFF for w in words for shift in (0, 16)]  # 2 m + h
     cols = jnp.asarray([32 * g + 8 * m + 2 * t + h for m in range(4) for h in range(2)])
@@ -109,6 +109,15 @@ def test_threshold_resolution_is_16_bits():
     assert semantics.dropout_threshold(0.1) == 6554
 
 
+def test_dropout_p_next_to_one_keeps_one_column_in_65536():
+    # round(p * 2**16) would be 2**16, past the 16 bits a column is compared in.
+    threshold = semantics.dropout_threshold(1 - 2.0**-18)
+    assert threshold == 0xFFFF
+    keep = semantics.dropout_keep((5, 6), 0, 0, jnp.arange(512)[:, None], jnp.arange(512)[None, :],
+                                  threshold)
+    assert 0 < int(jnp.sum(keep)) < 12  # 4 expected
+
+
 def keep_tile_call(block_q, block_k, *, interpret, debug=False):
     """A Pallas kernel that writes the kernels' keep tile (as float32) for a (block_q, block_k)
     tile at rows [32, 32 + block_q) and columns [block_k, 2 * block_k) of batch row 2, head 5,
@@ -123,7 +132,7 @@ def keep_tile_call(block_q, block_k, *, interpret, debug=False):
     def kernel(key_ref, out_ref):
         keep = dropout_tile(spec, key_ref, 2, 5, interpret=interpret)
         rows = 32 + jnp.arange(block_q, dtype=jnp.int32)
-        plgpu.store(out_ref, keep(rows, block_k, block_k).astype(jnp.float32))
+        plgpu.store(out_ref, keep(rows, block_k, block_k).keep.astype(jnp.float32))
 
     return pl.pallas_call(kernel, grid=(1,), in_specs=[pl.BlockSpec((2,), lambda i: (0,))],
                           out_specs=pl.BlockSpec((block_q, block_k), lambda i: (0, 0)),
@@ -142,3 +151,43 @@ def test_tile_form_inside_a_kernel(block_k):
     rows, cols = 32 + jnp.arange(64)[:, None], block_k + jnp.arange(block_k)[None, :]
     expected = semantics.dropout_keep((99, 7), 2, 5, rows, cols, semantics.dropout_threshold(0.1))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected, np.float32))
+
+
+def drop_tile_call(x, p, *, interpret):
+    """A Pallas kernel that zeroes the dropped elements of the 16-bit tile ``x`` with the kernels'
+    ``DropoutTile.apply`` (compiled: the packed pair instructions) for rows [32, 32 + R) and
+    columns [C, 2 C) of batch row 2, head 5."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    from flash_attn_jax.kernels.triton_tiles import dropout_tile
+
+    spec = semantics.ScoreSpec(softmax_scale=1.0, dropout_p=p)
+    block_q, block_k = x.shape
+
+    def kernel(key_ref, x_ref, out_ref):
+        rows = 32 + jnp.arange(block_q, dtype=jnp.int32)
+        tile = dropout_tile(spec, key_ref, 2, 5, interpret=interpret)(rows, block_k, block_k)
+        plgpu.store(out_ref, tile.apply(plgpu.load(x_ref)))
+
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+    return pl.pallas_call(kernel, grid=(1,), in_specs=[whole((2,)), whole(x.shape)],
+                          out_specs=whole(x.shape), out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+                          interpret=interpret)(jnp.asarray([99, 7], jnp.uint32), x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.75])
+@pytest.mark.parametrize("block_k", [16, 64])
+def test_apply_zeroes_exactly_the_dropped_elements(dtype, p, block_k):
+    # The compiled form tests both halves of a word at once (two formulas, split at p = 0.5).
+    from flash_attn_jax.kernels import use_interpret
+
+    x = jax.random.normal(jax.random.key(1), (64, block_k), jnp.float32).astype(dtype)
+    got = drop_tile_call(x, p, interpret=use_interpret())
+    rows, cols = 32 + jnp.arange(64)[:, None], block_k + jnp.arange(block_k)[None, :]
+    keep = semantics.dropout_keep((99, 7), 2, 5, rows, cols, semantics.dropout_threshold(p))
+    expected = jnp.where(keep, x, jnp.zeros((), dtype))
+    np.testing.assert_array_equal(np.asarray(got.view(jnp.uint16)),
+                                  np.asarray(expected.view(jnp.uint16)))

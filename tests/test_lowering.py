@@ -150,17 +150,20 @@ def test_every_backward_config_lowers(dtype, head_dim_p, dkdv_config, dq_config,
 @pytest.mark.parametrize("head_dim_p", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["fp16", "bf16", "fp32"])
 def test_feature_variants_lower(dtype, head_dim_p, variant):
-    forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20)
+    forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20,
+                             dropout=variant.startswith("dropout"))
     _check(_lower_forward(dtype, head_dim_p, forward, variant), 3)
     _check(_lower_backward(dtype, head_dim_p, *backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20),
                            variant), 7)
 
 
-@pytest.mark.parametrize("block_k", [16, 32, 64, 128])
-def test_dropout_forward_lowers_at_every_block_k(block_k):
-    config = dataclasses.replace(forward_config(jnp.bfloat16, 128, 1 << 20, 1 << 20),
-                                 block_k=block_k)
-    _check(_lower_forward(jnp.bfloat16, 128, config, "dropout-all-features-ragged"), 3)
+@pytest.mark.parametrize("head_dim_p,block_k", [(128, 16), (128, 32), (128, 64), (128, 128),
+                                                (64, 16), (64, 32), (64, 64)])
+def test_dropout_forward_lowers_at_every_block_k(head_dim_p, block_k):
+    # d 64 has its own dropout blocks (64 x 64).
+    config = forward_config(jnp.bfloat16, head_dim_p, 1 << 20, 1 << 20, dropout=True)
+    config = dataclasses.replace(config, block_k=block_k)
+    _check(_lower_forward(jnp.bfloat16, head_dim_p, config, "dropout-all-features-ragged"), 3)
 
 
 def _lower_decode(dtype, head_dim_p, config, *, paged, num_splits, spec=FULL):

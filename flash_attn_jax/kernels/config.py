@@ -105,8 +105,16 @@ def _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k):
                                block_k=_shrink(base.block_k, seqlen_k))
 
 
-def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int) -> BlockConfig:
-    return _shrunk(_FORWARD_TABLE, dtype, head_dim_p, seqlen_q, seqlen_k)
+# With dropout the 16-bit d64 forward is bound by the keep mask's integer work, and one warp group
+# per program (more programs per SM) hides more of it: 260 and 199 TFLOP/s against 239 and 162
+# with the table's blocks (H200 sweep, S 4096 and causal S 1024; benchmarks/RESULTS.md).
+_FORWARD_DROPOUT_TABLE = {**_FORWARD_TABLE, (2, 64): BlockConfig(64, 64, 4, 3)}
+
+
+def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int, *,
+                   dropout: bool = False) -> BlockConfig:
+    table = _FORWARD_DROPOUT_TABLE if dropout else _FORWARD_TABLE
+    return _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k)
 
 
 def backward_configs(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int):
@@ -132,9 +140,14 @@ def _all_configs(table):
 
 
 def all_forward_configs():
-    """Yields (dtype, padded head dim, config) for every block shape forward_config can pick
-    (dropout uses the same blocks)."""
-    return _all_configs(_FORWARD_TABLE)
+    """Yields (dtype, padded head dim, config) for every block shape forward_config can pick,
+    with dropout or without."""
+    seen = set()
+    for table in (_FORWARD_TABLE, _FORWARD_DROPOUT_TABLE):
+        for dtype, head_dim_p, config in _all_configs(table):
+            if (jnp.dtype(dtype), head_dim_p, config) not in seen:
+                seen.add((jnp.dtype(dtype), head_dim_p, config))
+                yield dtype, head_dim_p, config
 
 
 def all_backward_configs():

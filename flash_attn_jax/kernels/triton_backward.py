@@ -53,11 +53,11 @@ def _row_stats(lse_ref, delta_ref, row_ok, numerics):
     return lse, masked_load(delta_ref, row_ok)
 
 
-def _dp_minus_delta(dp, delta, kept, spec):
+def _dp_minus_delta(dp, delta, dropout, spec):
     """dP - delta, where the forward's dropout (P * Z / (1 - p)) makes dP = Z * dP / (1 - p)."""
-    if kept is None:
+    if dropout is None:
         return dp - delta
-    return jnp.where(kept, dp * spec.keep_scale - delta, -delta)
+    return jnp.where(dropout.keep, dp * spec.keep_scale - delta, -delta)
 
 
 def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_q, block_k,
@@ -87,7 +87,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
         def head_body(member, carry):
             head = head_k * group + member
             slope = slopes_ref[batch, head] if spec.has_alibi else None
-            keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
+            dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
 
             def body(query_block, carry, *, masked):
                 dk, dv = carry
@@ -114,11 +114,11 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                 else:
                     dp = numerics.matmul(v, dout, transpose_b=True)
                 # dV sees the forward's mask too; its 1 / (1 - p) is applied once at the end.
-                kept = None if keep is None else keep(rows, col_lo, block_k)
-                dropped_p = p if kept is None else jnp.where(kept, p, 0.0)
+                dropout = None if dropout_at is None else dropout_at(rows, col_lo, block_k)
+                dropped_p = p if dropout is None else jnp.where(dropout.keep, p, 0.0)
                 dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout,
                                           transpose_a=query_major)
-                ds = (p * _dp_minus_delta(dp, delta, kept, spec)
+                ds = (p * _dp_minus_delta(dp, delta, dropout, spec)
                       * logits_derivative(x, spec, unit=numerics.unit))
                 dk = dk + numerics.matmul(ds.astype(q.dtype), q, transpose_a=query_major)
                 return dk, dv
@@ -153,7 +153,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
         dout = masked_load(dout_ref.at[rows_at, :], as_rows(row_ok), d_mask)
         lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok, numerics)
         slope = slopes_ref[batch, head] if spec.has_alibi else None
-        keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
+        dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
 
         def body(key_block, dq, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -167,8 +167,8 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
                               apply_mask=masked)
             p = numerics.exp(s - lse[:, None])
             dp = numerics.matmul(dout, v, transpose_b=True)
-            kept = None if keep is None else keep(rows, col_lo, block_k)
-            ds = (p * _dp_minus_delta(dp, delta[:, None], kept, spec)
+            dropout = None if dropout_at is None else dropout_at(rows, col_lo, block_k)
+            ds = (p * _dp_minus_delta(dp, delta[:, None], dropout, spec)
                   * logits_derivative(x, spec, unit=numerics.unit))
             return dq + numerics.matmul(ds.astype(k.dtype), k)
 

@@ -49,7 +49,7 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
         slope = slopes_ref[batch, head] if spec.has_alibi else None
         blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,
                             seqlen_k=seg.seqlen_k)
-        keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
+        dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
 
         def body(key_block, carry, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -60,8 +60,9 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
             qk = numerics.matmul(q, k, transpose_b=True)
             s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
                        apply_mask=masked, offset=offset, seqlen_k=seg.seqlen_k)
+            dropout = None if dropout_at is None else dropout_at(rows, col_lo, block_k)
             return online_softmax_step(carry, s, v, numerics=numerics, masked=masked,
-                                       keep=None if keep is None else keep(rows, col_lo, block_k))
+                                       dropout=dropout)
 
         carry = masked_full_masked_loop(body, initial_softmax_state(block_q, head_dim_p), *blocks)
         out, lse = finish_softmax(carry, numerics, spec.keep_scale)
@@ -151,7 +152,8 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     lse = lse * numerics.unit
     probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
     if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
-        keep = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)(rows, col_lo, block_k)
+        dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
+        keep = dropout_at(rows, col_lo, block_k).keep
         # Set with integer ops: compiled float code may ignore the sign of zero (-0.0 == 0.0).
         sign = jnp.where(keep, jnp.uint32(0), jnp.uint32(0x80000000))
         probs = lax.bitcast_convert_type(lax.bitcast_convert_type(probs, jnp.uint32) | sign,

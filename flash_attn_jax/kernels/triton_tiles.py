@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, dropout_keep_tile, full_key_span,
-                                      full_query_span, key_span, query_span, mul_wide_u32)
+from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, column_tile, dropout_tile_words,
+                                      full_key_span, full_query_span, keep_tile, key_span,
+                                      mul_wide_u32, query_span)
 
 
 class Numerics:
@@ -153,10 +154,11 @@ def masked_full_masked_loop(body, carry, first, inner_first, inner_end, end):
     return lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
 
 
-def online_softmax_step(carry, s, v, *, numerics, masked, keep=None):
+def online_softmax_step(carry, s, v, *, numerics, masked, dropout=None):
     """One key block of the streaming softmax: ``carry`` = (acc, row_max, row_sum) updated with
-    scores ``s`` (in units, -inf where masked) and values ``v``. ``keep``: the dropout mask; the
-    dropped probabilities still count in the sum (the softmax is taken before dropout)."""
+    scores ``s`` (in units, -inf where masked) and values ``v``. ``dropout``: the tile's
+    ``DropoutTile``; the dropped probabilities still count in the sum (the softmax is taken
+    before dropout)."""
     acc, row_max, row_sum = carry
     new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
     # A row that has seen only masked keys keeps max -inf; exponentiate against 0 instead.
@@ -164,9 +166,10 @@ def online_softmax_step(carry, s, v, *, numerics, masked, keep=None):
     correction = numerics.exp(row_max - ref_max)
     p = numerics.exp(s - ref_max[:, None])
     row_sum = row_sum * correction + jnp.sum(p, axis=1)
-    if keep is not None:
-        p = jnp.where(keep, p, 0.0)
-    acc = acc * correction[:, None] + numerics.matmul(p.astype(v.dtype), v)
+    p = p.astype(v.dtype)
+    if dropout is not None:
+        p = dropout.apply(p)
+    acc = acc * correction[:, None] + numerics.matmul(p, v)
     return acc, new_max, row_sum
 
 
@@ -223,12 +226,69 @@ def _mul_wide_instruction(a, multiplier: int):
     return high, low
 
 
+def _drop_pairs_instruction(p, words, threshold: int):
+    """``p`` (16-bit) with the dropped elements zeroed, two at a time: ``words`` is the column
+    tile of hash words (both columns of a pair hold the pair's word, the even column's 16 bits in
+    its low half). The keep test runs on both 16-bit halves of the word at once and its result
+    becomes a mask by copying each half's bit 15 over the half (``prmt`` 0xBB99): 4-5 integer
+    instructions per pair instead of a shift, two compares and two selects. No carry or borrow
+    crosses the halves:
+
+    - t <= 0x8000: max(half, t) - half is 0 when kept and in [1, t] when dropped, so adding 0x7FFF
+      sets bit 15 exactly when dropped.
+    - t > 0x8000 (dropout_p > 0.5), t' = t - 0x8000 < 0x8000: bit 15 of (half | 0x8000) - t' says
+      (half & 0x7FFF) >= t'; kept when that and the half's own bit 15 are set.
+
+    Triton hands one asm instance two consecutive elements of a thread, which the tile layouts
+    make two adjacent columns (2 t, 2 t + 1), so the first element's word serves both."""
+    if threshold <= 0x8000:
+        body = (f"mov.b32 t, {threshold | threshold << 16};\n"
+                "max.u16x2 d, $2, t;\n"
+                "sub.u32 d, d, $2;\n"
+                "add.u32 d, d, 0x7FFF7FFF;\n"
+                "prmt.b32 m, d, 0, 0xBB99;\n"
+                "not.b32 m, m;\n")
+    else:
+        low = threshold - 0x8000
+        body = ("or.b32 d, $2, 0x80008000;\n"
+                f"sub.u32 d, d, {low | low << 16};\n"
+                "and.b32 d, d, $2;\n"
+                "prmt.b32 m, d, 0, 0xBB99;\n")
+    [dropped] = plgpu.elementwise_inline_asm(
+        "{\n.reg .b32 d, m, t;\n" + body + "and.b32 $0, $1, m;\n}",
+        args=[p, words], constraints="=r,r,r,r", pack=2,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, p.dtype)])
+    return dropped
+
+
+class DropoutTile:
+    """The dropout keep mask of one (rows, block_k) tile, in the forms the kernels apply it."""
+
+    def __init__(self, words, block_k, threshold, *, interpret):
+        self._words, self._block_k, self._threshold = words, block_k, threshold
+        self._interpret = interpret
+
+    @functools.cached_property
+    def keep(self):
+        """Boolean (rows, block_k), True where kept."""
+        return keep_tile(self._words, self._block_k, self._threshold)
+
+    def apply(self, p):
+        """``p`` with the dropped elements set to 0 (no 1 / (1 - p) scaling). 16-bit tiles in
+        compiled kernels take the packed form."""
+        if self._interpret or p.dtype.itemsize != 2:
+            return jnp.where(self.keep, p, jnp.zeros((), p.dtype))
+        pair_words = column_tile([word for word in self._words for _ in range(2)], self._block_k)
+        return _drop_pairs_instruction(p, pair_words, self._threshold)
+
+
 def dropout_tile(spec, seed_ref, batch, head, *, interpret):
-    """``keep(rows, col_lo, block_k)``: the dropout keep mask of a tile for one (batch row, query
+    """``tile(rows, col_lo, block_k)`` -> the ``DropoutTile`` of a tile for one (batch row, query
     head), or None without dropout."""
     if not spec.has_dropout:
         return None
     key = (seed_ref[0], seed_ref[1])
     mul_wide = mul_wide_u32 if interpret else _mul_wide_instruction
-    return lambda rows, col_lo, block_k: dropout_keep_tile(
-        key, batch, head, rows, col_lo, block_k, spec.dropout_threshold, mul_wide=mul_wide)
+    return lambda rows, col_lo, block_k: DropoutTile(
+        dropout_tile_words(key, batch, head, rows, col_lo, block_k, mul_wide=mul_wide), block_k,
+        spec.dropout_threshold, interpret=interpret)
