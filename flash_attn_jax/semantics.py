@@ -227,9 +227,9 @@ def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleave
 # (a thread holds column pairs 8 apart). So each thread computes the hashes of its own elements
 # and no mask crosses threads (``dropout_keep_tile``; the Triton compiler turns the joins and
 # transposes into register renaming). Batch and head sit in the two words the first round
-# multiplies, and the row and the column group in the two it only XORs: the first round works on
-# scalars and rows first meet columns in the third round's XORs: a tile pays its full width
-# only from there on.
+# multiplies, the row and the column group in the two it only XORs, so the first round works on
+# scalars and rows meet columns only in the third round's XORs: a tile pays its full width from
+# there on.
 
 _PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
