@@ -93,7 +93,7 @@ def sweep(shape, phase, q, k, v, dropout_p=0.0):
     spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=causal, dropout_p=dropout_p)
     seed = jnp.asarray([0, 1], jnp.uint32) if dropout_p else None
     fwd_config = forward_config(q.dtype, padded_head_dim(head_dim), seqlen, seqlen,
-                                dropout=dropout_p > 0)
+                                dropout=spec.has_dropout)
     results = {}
     if phase == "fwd":
         for config in FORWARD_SWEEP:

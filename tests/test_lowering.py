@@ -150,8 +150,8 @@ def test_every_backward_config_lowers(dtype, head_dim_p, dkdv_config, dq_config,
 @pytest.mark.parametrize("head_dim_p", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["fp16", "bf16", "fp32"])
 def test_feature_variants_lower(dtype, head_dim_p, variant):
-    forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20,
-                             dropout=variant.startswith("dropout"))
+    spec = VARIANTS[variant][0]
+    forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20, dropout=spec.has_dropout)
     _check(_lower_forward(dtype, head_dim_p, forward, variant), 3)
     _check(_lower_backward(dtype, head_dim_p, *backward_configs(dtype, head_dim_p, 1 << 20, 1 << 20),
                            variant), 7)

@@ -78,7 +78,7 @@ def _lengths(q, k, varlen):
     return varlen.max_seqlen_q, varlen.max_seqlen_k
 
 
-def _forward_config(q, k, varlen, spec):
+def _forward_config(q, k, spec, varlen):
     config = forward_config(q.dtype, padded_head_dim(q.shape[-1]), *_lengths(q, k, varlen),
                             dropout=spec.has_dropout)
     if varlen is not None and varlen.block_table is not None:  # key blocks stay within a page
@@ -99,7 +99,7 @@ def forward(q, k, v, slopes, spec, varlen: Varlen | None = None, seed=None):
     """Attention: out like q, lse float32. Dense: q (B, Sq, H, D), lse (B, H, Sq). Varlen: q
     (T, H, D), lse (H, T); tokens after the last row get out 0 and lse -inf. ``seed``: the
     dropout key's two uint32 words when ``spec`` has dropout."""
-    out, lse = triton_forward.forward(q, k, v, slopes, spec, _forward_config(q, k, varlen, spec),
+    out, lse = triton_forward.forward(q, k, v, slopes, spec, _forward_config(q, k, spec, varlen),
                                       seed=seed, interpret=use_interpret(),
                                       **_layout_args(k, varlen))
     if varlen is not None:
@@ -111,8 +111,8 @@ def forward(q, k, v, slopes, spec, varlen: Varlen | None = None, seed=None):
 def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None, seed=None):
     """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse (varlen:
     (B, H, max_seqlen_q, max_seqlen_k), zero outside each row's lengths)."""
-    return triton_forward.probabilities(q, k, lse, slopes, spec,
-                                        _forward_config(q, k, varlen, spec), seed=seed,
+    config = _forward_config(q, k, spec, varlen)
+    return triton_forward.probabilities(q, k, lse, slopes, spec, config, seed=seed,
                                         interpret=use_interpret(), **_layout_args(k, varlen))
 
 

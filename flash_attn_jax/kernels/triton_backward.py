@@ -113,7 +113,9 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                     dp = numerics.matmul(dout, v, transpose_b=True)
                 else:
                     dp = numerics.matmul(v, dout, transpose_b=True)
-                # dV sees the forward's mask too; its 1 / (1 - p) is applied once at the end.
+                # dV sees the forward's mask too; its 1 / (1 - p) is applied once at the end. The
+                # booleans, not DropoutTile.apply's pairs: dS needs them anyway, and holding both
+                # forms spills registers.
                 dropout = None if dropout_at is None else dropout_at(rows, col_lo, block_k)
                 dropped_p = p if dropout is None else jnp.where(dropout.keep, p, 0.0)
                 dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout,
