@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flash_attn_jax import kernels
+from flash_attn_jax import _partitioning, kernels
 from flash_attn_jax._validation import CacheLayout
 from flash_attn_jax.semantics import ScoreSpec, kvcache_rotary
 
@@ -37,20 +37,22 @@ def _not_differentiable(fn, message):
 _SECOND_ORDER = ("second-order differentiation (a gradient of the gradient) is not supported; "
                  "use flash_attn_jax.attention_reference where it is needed")
 _forward = _not_differentiable(
-    lambda spec, q, k, v, slopes, varlen, seed: kernels.forward(q, k, v, slopes, spec, varlen, seed),
+    lambda spec, q, k, v, slopes, varlen, seed: _partitioning.forward(q, k, v, slopes, spec,
+                                                                      varlen, seed),
     _SECOND_ORDER)
 _backward = _not_differentiable(
-    lambda spec, q, k, v, slopes, varlen, seed, out, lse, dout, dlse: kernels.backward(
+    lambda spec, q, k, v, slopes, varlen, seed, out, lse, dout, dlse: _partitioning.backward(
         q, k, v, slopes, out, lse, dout, dlse, spec, varlen, seed), _SECOND_ORDER)
 # Paged keys (varlen with a block table) are an inference path, like flash-attn's.
 _paged_forward = _not_differentiable(
-    lambda spec, q, k, v, slopes, varlen, seed: kernels.forward(q, k, v, slopes, spec, varlen, seed),
+    lambda spec, q, k, v, slopes, varlen, seed: _partitioning.forward(q, k, v, slopes, spec,
+                                                                      varlen, seed),
     "flash_attn_varlen_func with block_table (paged keys) is forward-only; it has no gradient")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, slopes, varlen, seed, spec: ScoreSpec):
-    return kernels.forward(q, k, v, slopes, spec, varlen, seed)
+    return _partitioning.forward(q, k, v, slopes, spec, varlen, seed)
 
 
 def _attention_fwd(q, k, v, slopes, varlen, seed, spec):
@@ -109,7 +111,7 @@ def attention_probs(q, k, lse, slopes, spec: ScoreSpec, varlen: kernels.Varlen |
     if q.size == 0 or no_keys or 0 in shape:
         return jnp.zeros(shape, jnp.float32)
     q, k, lse = (jax.lax.stop_gradient(x) for x in (q, k, lse))
-    return kernels.probabilities(q, k, lse, slopes, spec, varlen, seed)
+    return _partitioning.probabilities(q, k, lse, slopes, spec, varlen, seed)
 
 
 @dataclasses.dataclass(frozen=True)

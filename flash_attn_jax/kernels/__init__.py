@@ -62,13 +62,49 @@ class Varlen:
     max_seqlen_q: int = dataclasses.field(metadata=dict(static=True))
     max_seqlen_k: int = dataclasses.field(metadata=dict(static=True))
 
-    def kernel_args(self, k):
-        """Keyword arguments of the Triton kernels for keys ``k``."""
+    def kernel_args(self, k, place_words=None):
+        """Keyword arguments of the Triton kernels for keys ``k``, with the placement words."""
         paged = self.block_table is not None
         arrays = (self.cu_seqlens_q, self.cu_seqlens_k) + ((self.block_table,) if paged else ())
-        layout = triton_segments.Layout(varlen=True, page_size=k.shape[1] if paged else 0)
-        return dict(layout=layout, seq_arrays=arrays, max_seqlen_q=self.max_seqlen_q,
-                    max_seqlen_k=self.max_seqlen_k)
+        layout = triton_segments.Layout(varlen=True, page_size=k.shape[1] if paged else 0,
+                                        place_words=0 if place_words is None else place_words.size)
+        return dict(layout=layout, seq_arrays=arrays + _words(place_words),
+                    max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a call's arrays sit inside a larger attention they are a shard of (a mesh partition,
+    a step of ring attention): int32 scalars.
+
+    ``batch`` and ``head`` are the global indices of the first batch row and query head (the
+    dropout mask hashes global indices). For a shard of the sequence (dense layout only),
+    ``query`` and ``key`` are the score positions (the semantics' i and j) of the first query
+    row and key, and ``diagonal`` the bottom-right offset of the whole score matrix (its
+    seqlen_k - seqlen_q): masks and ALiBi then see global positions. None keeps the local ones.
+    """
+
+    batch: jax.Array
+    head: jax.Array
+    query: jax.Array | None = None
+    key: jax.Array | None = None
+    diagonal: jax.Array | None = None
+
+    @property
+    def has_positions(self) -> bool:
+        return self.query is not None
+
+    def words(self):
+        """The kernels' placement operand: int32 (2,) or, with positions, (5,)."""
+        parts = (self.batch, self.head)
+        if self.has_positions:
+            parts += (self.query, self.key, self.diagonal)
+        return jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in parts])
+
+
+def _words(place_words):
+    return () if place_words is None else (place_words,)
 
 
 def _lengths(q, k, varlen):
@@ -86,8 +122,15 @@ def _forward_config(q, k, spec, varlen):
     return config
 
 
-def _layout_args(k, varlen):
-    return {} if varlen is None else varlen.kernel_args(k)
+def _layout_args(k, varlen, placement):
+    words = None if placement is None else placement.words()
+    if varlen is not None:
+        if placement is not None and placement.has_positions:
+            raise ValueError("varlen kernels take no score positions")
+        return varlen.kernel_args(k, words)
+    if words is None:
+        return {}
+    return dict(layout=triton_segments.Layout(place_words=words.size), seq_arrays=(words,))
 
 
 def _fill_tail(x, cu_seqlens, value, token_axis=0):
@@ -95,36 +138,41 @@ def _fill_tail(x, cu_seqlens, value, token_axis=0):
                                      interpret=use_interpret())
 
 
-def forward(q, k, v, slopes, spec, varlen: Varlen | None = None, seed=None):
-    """Attention: out like q, lse float32. Dense: q (B, Sq, H, D), lse (B, H, Sq). Varlen: q
-    (T, H, D), lse (H, T); tokens after the last row get out 0 and lse -inf. ``seed``: the
-    dropout key's two uint32 words when ``spec`` has dropout."""
+def forward(q, k, v, slopes, spec, varlen: Varlen | None = None, seed=None, *,
+            placement: Placement | None = None, out_dtype=None):
+    """Attention: out (``out_dtype``, default q's), lse float32. Dense: q (B, Sq, H, D), lse
+    (B, H, Sq). Varlen: q (T, H, D), lse (H, T); tokens after the last row get out 0 and lse
+    -inf. ``seed``: the dropout key's two uint32 words when ``spec`` has dropout."""
     out, lse = triton_forward.forward(q, k, v, slopes, spec, _forward_config(q, k, spec, varlen),
-                                      seed=seed, interpret=use_interpret(),
-                                      **_layout_args(k, varlen))
+                                      seed=seed, out_dtype=out_dtype, interpret=use_interpret(),
+                                      **_layout_args(k, varlen, placement))
     if varlen is not None:
         out = _fill_tail(out, varlen.cu_seqlens_q, 0.0)
         lse = _fill_tail(lse, varlen.cu_seqlens_q, -jnp.inf, token_axis=1)
     return out, lse
 
 
-def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None, seed=None):
+def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None, seed=None, *,
+                  placement: Placement | None = None):
     """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse (varlen:
     (B, H, max_seqlen_q, max_seqlen_k), zero outside each row's lengths)."""
     config = _forward_config(q, k, spec, varlen)
     return triton_forward.probabilities(q, k, lse, slopes, spec, config, seed=seed,
-                                        interpret=use_interpret(), **_layout_args(k, varlen))
+                                        interpret=use_interpret(),
+                                        **_layout_args(k, varlen, placement))
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None = None,
-             seed=None):
-    """(dq, dk, dv) from the residuals and the cotangents of (out, lse); layouts as ``forward``
-    (contiguous keys only), tokens after the last row get zero gradients."""
+             seed=None, *, placement: Placement | None = None, grad_dtype=None):
+    """(dq, dk, dv) (``grad_dtype``, default the inputs') from the residuals and the cotangents
+    of (out, lse); layouts as ``forward`` (contiguous keys only), tokens after the last row get
+    zero gradients."""
     dkdv_config, dq_config = backward_configs(q.dtype, padded_head_dim(q.shape[-1]),
                                               *_lengths(q, k, varlen))
     dq, dk, dv = triton_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, dkdv_config,
-                                          dq_config, seed=seed, interpret=use_interpret(),
-                                          **_layout_args(k, varlen))
+                                          dq_config, seed=seed, grad_dtype=grad_dtype,
+                                          interpret=use_interpret(),
+                                          **_layout_args(k, varlen, placement))
     if varlen is not None:
         dq = _fill_tail(dq, varlen.cu_seqlens_q, 0.0)
         dk = _fill_tail(dk, varlen.cu_seqlens_k, 0.0)

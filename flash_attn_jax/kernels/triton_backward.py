@@ -25,13 +25,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import DELTA_BLOCK, BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.manual_axes import pallas_call
 from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, split_refs, stats_spec,
                                                     token_spec, whole_spec)
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, dropout_tile,
-                                                 head_dim_mask, key_blocks,
-                                                 masked_full_masked_loop, masked_load,
-                                                 masked_store, optional_arrays, optional_refs,
-                                                 query_blocks)
+                                                 head_dim_mask, masked_full_masked_loop,
+                                                 masked_load, masked_store, optional_arrays,
+                                                 optional_refs)
 from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_derivative
 
 
@@ -68,9 +68,9 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = k_ref.shape[-1]
     numerics = Numerics(k_ref.dtype)
-    offset = seg.seqlen_k - seg.seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
     col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k)
+    col_pos = seg.col_positions(cols)
     kv_mask = as_rows(col_ok)
     # Tiles are keys x queries (the accumulators' rows), except with dropout: then queries x keys
     # as in the forward, so that the keep mask's layout needs no transpose (dV and dK take
@@ -81,33 +81,34 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
     def accumulate():
         k = masked_load(k_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
         v = masked_load(v_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
-        blocks = query_blocks(col_lo, block_k, block_q, spec, seqlen_q=seg.seqlen_q,
-                              seqlen_k=seg.seqlen_k)
+        blocks = seg.query_blocks(col_lo, block_k, block_q, spec)
 
         def head_body(member, carry):
             head = head_k * group + member
             slope = slopes_ref[batch, head] if spec.has_alibi else None
-            dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
+            dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
+                                      interpret=interpret)
 
             def body(query_block, carry, *, masked):
                 dk, dv = carry
                 row_lo, rows, row_ok = block_indices(query_block, block_q, seg.seqlen_q,
                                                      check_bounds=masked)
                 rows_at = seg.q_slice(row_lo, block_q)
+                row_pos = seg.row_positions(rows)
                 q = masked_load(q_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
                 dout = masked_load(dout_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
                 lse, delta = _row_stats(lse_ref.at[member, rows_at], delta_ref.at[member, rows_at],
                                         row_ok, numerics)
                 if query_major:
                     x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
-                    row_ids, col_ids = rows[:, None], cols[None, :]
+                    row_ids, col_ids = row_pos[:, None], col_pos[None, :]
                     lse, delta = lse[:, None], delta[:, None]
                 else:  # keys x queries
                     x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=numerics.unit)
-                    row_ids, col_ids = rows[None, :], cols[:, None]
+                    row_ids, col_ids = row_pos[None, :], col_pos[:, None]
                     lse, delta = lse[None, :], delta[None, :]
-                s = bias_and_mask(x, row_ids, col_ids, spec, offset=offset, seqlen_k=seg.seqlen_k,
-                                  slope=slope, unit=numerics.unit, apply_mask=masked)
+                s = bias_and_mask(x, row_ids, col_ids, spec, slope=slope, unit=numerics.unit,
+                                  apply_mask=masked, **seg.mask_args())
                 p = numerics.exp(s - lse)
                 if query_major:
                     dp = numerics.matmul(dout, v, transpose_b=True)
@@ -116,7 +117,8 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                 # dV sees the forward's mask too; its 1 / (1 - p) is applied once at the end. The
                 # booleans, not DropoutTile.apply's pairs: dS needs them anyway, and holding both
                 # forms spills registers.
-                dropout = None if dropout_at is None else dropout_at(rows, col_lo, block_k)
+                dropout = (None if dropout_at is None
+                           else dropout_at(row_pos, seg.col_positions(col_lo), block_k))
                 dropped_p = p if dropout is None else jnp.where(dropout.keep, p, 0.0)
                 dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout,
                                           transpose_a=query_major)
@@ -145,9 +147,9 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
     numerics = Numerics(q_ref.dtype)
-    offset = seg.seqlen_k - seg.seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
     row_lo, rows, row_ok = block_indices(query_block, block_q, seg.seqlen_q)
+    row_pos = seg.row_positions(rows)
     rows_at = seg.q_slice(row_lo, block_q)
 
     def accumulate():
@@ -155,7 +157,8 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
         dout = masked_load(dout_ref.at[rows_at, :], as_rows(row_ok), d_mask)
         lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok, numerics)
         slope = slopes_ref[batch, head] if spec.has_alibi else None
-        dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
+        dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
+                                  interpret=interpret)
 
         def body(key_block, dq, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -164,18 +167,18 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
             k = masked_load(k_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
             v = masked_load(v_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
             x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
-            s = bias_and_mask(x, rows[:, None], cols[None, :], spec, offset=offset,
-                              seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit,
-                              apply_mask=masked)
+            s = bias_and_mask(x, row_pos[:, None], seg.col_positions(cols)[None, :], spec,
+                              slope=slope, unit=numerics.unit, apply_mask=masked,
+                              **seg.mask_args())
             p = numerics.exp(s - lse[:, None])
             dp = numerics.matmul(dout, v, transpose_b=True)
-            dropout = None if dropout_at is None else dropout_at(rows, col_lo, block_k)
+            dropout = (None if dropout_at is None
+                       else dropout_at(row_pos, seg.col_positions(col_lo), block_k))
             ds = (p * _dp_minus_delta(dp, delta[:, None], dropout, spec)
                   * logits_derivative(x, spec, unit=numerics.unit))
             return dq + numerics.matmul(ds.astype(k.dtype), k)
 
-        blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,
-                            seqlen_k=seg.seqlen_k)
+        blocks = seg.key_blocks(row_lo, block_q, block_k, spec)
         dq = masked_full_masked_loop(body, jnp.zeros((block_q, head_dim_p), jnp.float32), *blocks)
         masked_store(dq_ref.at[rows_at, :], dq.astype(dq_ref.dtype), as_rows(row_ok), d_mask)
 
@@ -187,9 +190,11 @@ def _params(config: BlockConfig):
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config: BlockConfig,
-             dq_config: BlockConfig, *, seed=None, layout: Layout = DENSE, seq_arrays=(), max_seqlen_q=None,
-             max_seqlen_k=None, interpret: bool, debug: bool = False):
-    """(dq, dk, dv) in the input dtype from the residuals and the cotangents of (out, lse).
+             dq_config: BlockConfig, *, seed=None, layout: Layout = DENSE, seq_arrays=(),
+             max_seqlen_q=None, max_seqlen_k=None, grad_dtype=None, interpret: bool,
+             debug: bool = False):
+    """(dq, dk, dv) in ``grad_dtype`` (default the input dtype) from the residuals and the
+    cotangents of (out, lse).
 
     Dense: q (B, Sq, H, D), lse (B, H, Sq). Varlen: q (T, H, D), lse (H, T), ``seq_arrays``
     (cu_q, cu_k) and the static ``max_seqlen_q``/``max_seqlen_k`` that size the grids.
@@ -203,7 +208,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
-    call = functools.partial(pl.pallas_call, interpret=interpret, debug=debug)
+    call = functools.partial(pallas_call, interpret=interpret, debug=debug)
     rows_spec = token_spec(layout, seqlen_q, head_dim_p)
     stats = stats_spec(layout, seqlen_q)
     seq_specs = [whole_spec(x) for x in seq_arrays]
@@ -232,7 +237,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
         in_specs=[*seq_specs, group_rows_spec, kv_spec, kv_spec, group_rows_spec, group_stats_spec,
                   group_stats_spec, *optional_specs],
         out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, grad_dtype or k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, grad_dtype or v.dtype)],
         compiler_params=_params(dkdv_config),
         name="flash_attn_backward_dkdv",
     )(*seq_arrays, q, k, v, dout, lse, delta, *optional)
@@ -246,7 +252,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
         in_specs=[*seq_specs, rows_spec, kv_of_query_head, kv_of_query_head, rows_spec, stats,
                   stats, *optional_specs],
         out_specs=rows_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, grad_dtype or q.dtype),
         compiler_params=_params(dq_config),
         name="flash_attn_backward_dq",
     )(*seq_arrays, q, k, v, dout, lse, delta, *optional)

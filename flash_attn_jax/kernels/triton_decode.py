@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import COMBINE_ROWS, DecodeConfig, next_power_of_2, padded_head_dim
+from flash_attn_jax.kernels.manual_axes import pallas_call
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, bounds_mask,
                                                  finish_softmax, head_dim_mask,
                                                  initial_softmax_state, key_blocks,
@@ -97,7 +98,7 @@ def append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, *, interpret
     kernel = functools.partial(_append_kernel, paged=table is not None,
                                has_batch_idx=batch_idx is not None, page_size=page_size,
                                num_pages=num_pages, num_heads_k=num_heads_k, head_dim=head_dim)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(seqlen_new, batch),
         in_specs=[_full(x.shape) for x in (cache_seqlens, *ints)] + [new_spec, new_spec, cache_spec,
@@ -148,8 +149,9 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
     leftpad = leftpad_ref[batch] if has_leftpad else 0
     seqlen_k = lengths_ref[batch] - leftpad
     offset = seqlen_k - seqlen_q
-    first, inner_first, inner_end, end = key_blocks(pos_lo, block_i, block_k, spec, seqlen_q=seqlen_q,
-                                                    seqlen_k=seqlen_k, key_start=leftpad)
+    first, inner_first, inner_end, end = key_blocks(
+        pos_lo, jnp.minimum(pos_lo + block_i, seqlen_q), block_k, spec, offset=offset,
+        seqlen_k=seqlen_k, shift=leftpad)
     # This program's share: an equal part of the blocks the rows really attend (not of the
     # capacity, which may be mostly unused).
     share = lax.div(end - first + num_splits - 1, num_splits)
@@ -221,7 +223,7 @@ def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, s
         head_dim=head_dim, paged=table is not None, has_leftpad=leftpad is not None,
         has_batch_idx=batch_idx is not None, page_size=page_size, num_pages=num_pages,
         num_splits=num_splits)
-    out, lse = pl.pallas_call(
+    out, lse = pallas_call(
         kernel,
         grid=(pl.cdiv(seqlen_q, config.block_i), num_splits, batch, num_heads_k),
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -268,7 +270,7 @@ def combine(partial_out, partial_lse, dtype, *, interpret, debug=False):
     """Merges (splits, N, D) partial outputs by their (splits, N) logsumexps."""
     num_splits, num_rows, head_dim = partial_out.shape
     head_dim_p = padded_head_dim(head_dim)
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows,
                           head_dim=head_dim),
         grid=(pl.cdiv(num_rows, COMBINE_ROWS),),

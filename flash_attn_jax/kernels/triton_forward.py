@@ -21,13 +21,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.manual_axes import pallas_call
 from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, key_spec, split_refs,
                                                     stats_spec, token_spec, whole_spec)
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, block_indices,
                                                  finish_softmax, head_dim_mask,
-                                                 initial_softmax_state, key_blocks,
-                                                 dropout_tile, masked_full_masked_loop,
-                                                 masked_load, masked_store, online_softmax_step,
+                                                 initial_softmax_state, dropout_tile,
+                                                 masked_full_masked_loop, masked_load,
+                                                 masked_store, online_softmax_step,
                                                  optional_arrays, optional_refs)
 from flash_attn_jax.semantics import ScoreSpec, scores
 
@@ -40,16 +41,16 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
     numerics = Numerics(q_ref.dtype)
-    offset = seg.seqlen_k - seg.seqlen_q
     d_mask = head_dim_mask(head_dim, head_dim_p)
     row_lo, rows, row_ok = block_indices(q_block, block_q, seg.seqlen_q)
 
     def attend():
         q = masked_load(q_ref.at[seg.q_slice(row_lo, block_q), :], as_rows(row_ok), d_mask)
         slope = slopes_ref[batch, head] if spec.has_alibi else None
-        blocks = key_blocks(row_lo, block_q, block_k, spec, seqlen_q=seg.seqlen_q,
-                            seqlen_k=seg.seqlen_k)
-        dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
+        blocks = seg.key_blocks(row_lo, block_q, block_k, spec)
+        dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
+                                  interpret=interpret)
+        row_pos = seg.row_positions(rows)
 
         def body(key_block, carry, *, masked):
             col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k,
@@ -58,9 +59,10 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
             k = masked_load(seg.keys(k_ref, col_lo, block_k), kv_mask, d_mask)
             v = masked_load(seg.keys(v_ref, col_lo, block_k), kv_mask, d_mask)
             qk = numerics.matmul(q, k, transpose_b=True)
-            s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
-                       apply_mask=masked, offset=offset, seqlen_k=seg.seqlen_k)
-            dropout = None if dropout_at is None else dropout_at(rows, col_lo, block_k)
+            s = scores(qk, row_pos[:, None], seg.col_positions(cols)[None, :], spec, slope=slope,
+                       unit=numerics.unit, apply_mask=masked, **seg.mask_args())
+            dropout = (None if dropout_at is None
+                       else dropout_at(row_pos, seg.col_positions(col_lo), block_k))
             return online_softmax_step(carry, s, v, numerics=numerics, masked=masked,
                                        dropout=dropout)
 
@@ -92,12 +94,12 @@ def _operands(layout, seq_arrays, q, kv_arrays, q_stats, optional, head_dim_p):
 
 
 def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, seed=None,
-            layout: Layout = DENSE,
-            seq_arrays=(), max_seqlen_q=None, max_seqlen_k=None, interpret: bool,
-            debug: bool = False):
-    """out in q.dtype and lse float32 of attention: dense q (B, Sq, H, D) -> lse (B, H, Sq);
-    varlen q (T, H, D) with ``seq_arrays`` (cu_q, cu_k[, block_table]) -> lse (H, T). The key
-    loops follow each row's real length, so ``max_seqlen_k`` is not needed."""
+            layout: Layout = DENSE, seq_arrays=(), max_seqlen_q=None, max_seqlen_k=None,
+            out_dtype=None, interpret: bool, debug: bool = False):
+    """out (in ``out_dtype``, default q.dtype) and lse float32 of attention: dense q (B, Sq, H, D)
+    -> lse (B, H, Sq); varlen q (T, H, D) with ``seq_arrays`` (cu_q, cu_k[, block_table]) -> lse
+    (H, T). ``seq_arrays`` end with the placement words when the layout has them. The key loops
+    follow each row's real length, so ``max_seqlen_k`` is not needed."""
     del max_seqlen_k
     num_heads, head_dim = q.shape[-2:]
     head_dim_p = padded_head_dim(head_dim)
@@ -113,12 +115,12 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, seed=None,
     kernel = functools.partial(_forward_kernel, layout=layout, spec=spec, head_dim=head_dim,
                                block_q=config.block_q, block_k=config.block_k,
                                interpret=interpret)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(pl.cdiv(grid_rows, config.block_q), batch, num_heads),
         in_specs=in_specs,
         out_specs=[token_spec(layout, seqlen_q, head_dim_p), stats_spec(layout, seqlen_q)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype),
                    jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
         compiler_params=_compiler_params(config),
         interpret=interpret,
@@ -147,13 +149,15 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     slope = slopes_ref[batch, head] if spec.has_alibi else None
     numerics = Numerics(q_ref.dtype)
     qk = numerics.matmul(q, k, transpose_b=True)
-    s = scores(qk, rows[:, None], cols[None, :], spec, offset=seg.seqlen_k - seg.seqlen_q,
-               seqlen_k=seg.seqlen_k, slope=slope, unit=numerics.unit)
+    row_pos = seg.row_positions(rows)
+    s = scores(qk, row_pos[:, None], seg.col_positions(cols)[None, :], spec, slope=slope,
+               unit=numerics.unit, **seg.mask_args())
     lse = lse * numerics.unit
     probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
     if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
-        dropout_at = dropout_tile(spec, seed_ref, batch, head, interpret=interpret)
-        keep = dropout_at(rows, col_lo, block_k).keep
+        dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
+                                  interpret=interpret)
+        keep = dropout_at(row_pos, seg.col_positions(col_lo), block_k).keep
         # Set with integer ops: compiled float code may ignore the sign of zero (-0.0 == 0.0).
         sign = jnp.where(keep, jnp.uint32(0), jnp.uint32(0x80000000))
         probs = lax.bitcast_convert_type(lax.bitcast_convert_type(probs, jnp.uint32) | sign,
@@ -180,7 +184,7 @@ def probabilities(q, k, lse, slopes, spec: ScoreSpec, config: BlockConfig, *, se
                                block_q=config.block_q, block_k=config.block_k,
                                interpret=interpret)
     shape = (batch, num_heads, max_seqlen_q, max_seqlen_k)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(pl.cdiv(max_seqlen_q, config.block_q), pl.cdiv(max_seqlen_k, config.block_k), batch,
               num_heads),

@@ -30,20 +30,39 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels.triton_tiles import as_cols, as_rows, block_indices, masked_store
+from flash_attn_jax.kernels.manual_axes import pallas_call
+from flash_attn_jax.kernels.triton_tiles import (as_cols, as_rows, block_indices, key_blocks,
+                                                 masked_store, query_blocks)
+
+
+# The placement operand (int32 words) of a kernel whose arrays are a shard of a larger attention:
+# the global index of its first batch row and first query head (dropout hashes global indices),
+# then, for a shard of the sequence, the score positions of its first query row and first key and
+# the bottom-right offset of the whole score matrix (masks and ALiBi use global positions).
+PLACE_INDICES = 2
+PLACE_POSITIONS = 5
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Static: dense or varlen, and the page size of paged keys (0: contiguous keys)."""
+    """Static: dense or varlen, the page size of paged keys (0: contiguous keys), and the words of
+    the placement operand (0: none; ``PLACE_INDICES``; ``PLACE_POSITIONS``, dense only)."""
 
     varlen: bool = False
     page_size: int = 0
+    place_words: int = 0
+
+    def __post_init__(self):
+        if self.place_words not in (0, PLACE_INDICES, PLACE_POSITIONS):
+            raise ValueError(f"place_words must be 0, {PLACE_INDICES} or {PLACE_POSITIONS}")
+        if self.varlen and self.place_words == PLACE_POSITIONS:
+            raise ValueError("varlen kernels take no score positions")
 
     @property
     def num_seq_refs(self) -> int:
-        """The int32 refs that lead a kernel's arguments: cu_q, cu_k[, block_table] for varlen."""
-        return (3 if self.page_size else 2) if self.varlen else 0
+        """The int32 refs that lead a kernel's arguments: cu_q, cu_k[, block_table] for varlen,
+        then the placement words if any."""
+        return (3 if self.page_size else 2) * self.varlen + (self.place_words > 0)
 
 
 DENSE = Layout()
@@ -96,27 +115,83 @@ def _offset(start, lo):
     return lo if isinstance(start, int) and start == 0 else start + lo
 
 
+def _plus(a, b):
+    """a + b, folding a Python 0 (no op in a kernel that is not placed)."""
+    if isinstance(a, int) and a == 0:
+        return b
+    return b if isinstance(b, int) and b == 0 else a + b
+
+
 class Segment:
-    """One batch row's queries and keys inside a kernel's refs.
+    """One batch row's queries and keys inside a kernel's refs, and where they sit.
 
     ``seqlen_q`` and ``seqlen_k`` are Python ints (dense) or traced int32 (varlen).
     ``total_q``/``total_k``: the refs' token counts (dense: the row's lengths).
+    Local query row r and key column c are the score positions (the semantics' i and j)
+    ``q_pos + r`` and ``k_pos + c``, with bottom-right offset ``diagonal``: 0, 0 and
+    ``seqlen_k - seqlen_q`` unless the layout places the kernel in a larger attention.
     """
 
     def __init__(self, layout: Layout, seq_refs, batch, *, total_q, total_k):
         self.layout, self.batch = layout, batch
+        place_ref = seq_refs[-1] if layout.place_words else None
         if not layout.varlen:
             self.q_start, self.seqlen_q, self.k_start, self.seqlen_k = 0, total_q, 0, total_k
-            return
-        cu_q_ref, cu_k_ref = seq_refs[:2]
-        self.q_start, self.seqlen_q = _token_range(cu_q_ref, batch, total_q)
-        if layout.page_size:
-            self.table_ref = seq_refs[2]
-            capacity = self.table_ref.shape[1] * layout.page_size
-            self.k_start = 0
-            self.seqlen_k = jnp.clip(cu_k_ref[batch + 1] - cu_k_ref[batch], 0, capacity)
         else:
-            self.k_start, self.seqlen_k = _token_range(cu_k_ref, batch, total_k)
+            cu_q_ref, cu_k_ref = seq_refs[:2]
+            self.q_start, self.seqlen_q = _token_range(cu_q_ref, batch, total_q)
+            if layout.page_size:
+                self.table_ref = seq_refs[2]
+                capacity = self.table_ref.shape[1] * layout.page_size
+                self.k_start = 0
+                self.seqlen_k = jnp.clip(cu_k_ref[batch + 1] - cu_k_ref[batch], 0, capacity)
+            else:
+                self.k_start, self.seqlen_k = _token_range(cu_k_ref, batch, total_k)
+        self._batch_offset = self._head_offset = 0
+        self.q_pos = self.k_pos = 0
+        self.diagonal = self.seqlen_k - self.seqlen_q
+        if place_ref is not None:
+            self._batch_offset, self._head_offset = place_ref[0], place_ref[1]
+        if layout.place_words == PLACE_POSITIONS:
+            self.q_pos, self.k_pos, self.diagonal = place_ref[2], place_ref[3], place_ref[4]
+
+    @property
+    def global_batch(self):
+        """The batch index the dropout hash sees."""
+        return _plus(self._batch_offset, self.batch)
+
+    def global_head(self, head):
+        """The query head index the dropout hash sees."""
+        return _plus(self._head_offset, head)
+
+    def row_positions(self, rows):
+        return _plus(self.q_pos, rows)
+
+    def col_positions(self, cols):
+        return _plus(self.k_pos, cols)
+
+    def mask_args(self):
+        """The keyword arguments of ``semantics.scores`` for score positions."""
+        return dict(offset=self.diagonal, seqlen_k=_plus(self.k_pos, self.seqlen_k))
+
+    def key_blocks(self, row_lo, block_q, block_k, spec):
+        """The key blocks (``triton_tiles.key_blocks``) of local rows ``[row_lo, row_lo +
+        block_q)``, counted in local key blocks."""
+        row_hi = jnp.minimum(row_lo + block_q, self.seqlen_q)
+        return key_blocks(self.row_positions(row_lo), self.row_positions(row_hi), block_k, spec,
+                          shift=-self.k_pos, **self.mask_args())
+
+    def query_blocks(self, col_lo, block_k, block_q, spec):
+        """The query blocks (``triton_tiles.query_blocks``) that may attend local key columns
+        ``[col_lo, col_lo + block_k)``; a key block cut by the end of the keys is never inner."""
+        col_hi = jnp.minimum(col_lo + block_k, self.seqlen_k)
+        first, inner_first, inner_end, end = query_blocks(
+            self.col_positions(col_lo), self.col_positions(col_hi), block_q, spec,
+            offset=self.diagonal, seqlen_q=_plus(self.q_pos, self.seqlen_q),
+            shift=-self.q_pos)
+        if not isinstance(self.seqlen_k, int) or self.seqlen_k % block_k:
+            inner_end = jnp.where(col_lo + block_k > self.seqlen_k, inner_first, inner_end)
+        return first, inner_first, inner_end, end
 
     def q_slice(self, lo, size):
         """The ref slice of this row's query rows ``[lo, lo + size)``."""
@@ -180,7 +255,7 @@ def fill_tail(x, cu_seqlens, value, *, token_axis=0, interpret, debug=False):
     shape = x.shape
     x2 = x.reshape(shape[0], -1) if token_axis == 0 else x.reshape(-1, shape[-1])
     total = x2.shape[token_axis]
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_fill_tail_kernel, value=value, token_axis=token_axis),
         grid=(pl.cdiv(total, _TAIL_TOKENS),),
         in_specs=[whole_spec(cu_seqlens), pl.BlockSpec(x2.shape, lambda i: (0, 0))],

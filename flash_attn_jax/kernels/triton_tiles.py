@@ -116,33 +116,35 @@ def _inner_block_range(lo, hi, block, first, end):
     return inner_first, inner_end
 
 
-def key_blocks(row_lo, block_q, block_k, spec: ScoreSpec, *, seqlen_q, seqlen_k, key_start=0):
-    """(first, inner_first, inner_end, end): the key blocks the query rows
-    ``[row_lo, row_lo + block_q)`` may attend; the inner ones they attend in full (no mask).
+def key_blocks(row_lo, row_hi, block_k, spec: ScoreSpec, *, offset, seqlen_k, shift=0):
+    """(first, inner_first, inner_end, end): the key blocks that query rows ``[row_lo, row_hi)``
+    may attend; the inner ones they attend in full (no mask).
 
-    Blocks count from key position ``-key_start``: key column j sits at position key_start + j
-    (a cache's left padding).
+    Rows and key columns are score positions (the semantics' i and j) with bottom-right
+    ``offset``; keys exist below ``seqlen_k``. Block b holds the key columns j with
+    ``b * block_k <= j + shift < (b + 1) * block_k`` (a cache's left padding, or minus the
+    position of a shard's first key).
     """
-    row_hi = jnp.minimum(row_lo + block_q, seqlen_q)
-    span = dict(offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k)
+    span = dict(offset=offset, seqlen_k=seqlen_k)
     lo, hi = key_span(row_lo, row_hi, spec, **span)
-    first, end = _block_range(lo + key_start, hi + key_start, block_k)
+    first, end = _block_range(lo + shift, hi + shift, block_k)
     full_lo, full_hi = full_key_span(row_lo, row_hi, spec, **span)
-    inner = _inner_block_range(full_lo + key_start, full_hi + key_start, block_k, first, end)
+    inner = _inner_block_range(full_lo + shift, full_hi + shift, block_k, first, end)
     return first, *inner, end
 
 
-def query_blocks(col_lo, block_k, block_q, spec: ScoreSpec, *, seqlen_q, seqlen_k):
+def query_blocks(col_lo, col_hi, block_q, spec: ScoreSpec, *, offset, seqlen_q, shift=0):
     """(first, inner_first, inner_end, end): the query blocks that may attend the key columns
-    ``[col_lo, col_lo + block_k)``; the inner ones attend all of them (no mask)."""
-    col_hi = jnp.minimum(col_lo + block_k, seqlen_k)
-    span = dict(offset=seqlen_k - seqlen_q, seqlen_q=seqlen_q)
-    first, end = _block_range(*query_span(col_lo, col_hi, spec, **span), block_q)
-    inner_first, inner_end = _inner_block_range(*full_query_span(col_lo, col_hi, spec, **span),
-                                                block_q, first, end)
-    if not isinstance(seqlen_k, int) or seqlen_k % block_k:
-        # A key block past the end needs its column mask on every row block.
-        inner_end = jnp.where(col_lo + block_k > seqlen_k, inner_first, inner_end)
+    ``[col_lo, col_hi)``; the inner ones attend all of them (no mask). Positions as in
+    ``key_blocks``: block b holds the rows i with ``b * block_q <= i + shift < (b + 1) * block_q``,
+    query rows exist below ``seqlen_q``. The caller masks a key block that is cut by the end of the
+    keys."""
+    span = dict(offset=offset, seqlen_q=seqlen_q)
+    lo, hi = query_span(col_lo, col_hi, spec, **span)
+    first, end = _block_range(lo + shift, hi + shift, block_q)
+    full_lo, full_hi = full_query_span(col_lo, col_hi, spec, **span)
+    inner_first, inner_end = _inner_block_range(full_lo + shift, full_hi + shift, block_q, first,
+                                                end)
     return first, inner_first, inner_end, end
 
 

@@ -1,0 +1,473 @@
+"""The attention kernels on device meshes under ``jax.jit``: batch, head and sequence partitioning.
+
+To XLA's SPMD partitioner a Pallas kernel is an opaque custom call: it would all-gather the
+operands and run the whole attention on every device. So every kernel entry point is wrapped in
+``jax.experimental.custom_partitioning``. Shardy propagates shardings through a factor rule
+(batch, sequence, heads; the query heads of a kv head are its minor factor), and the partition
+callback picks a plan from the operands' shardings and runs the kernels on the local shards:
+
+* batch and heads: the local call, no communication. Dropout hashes global indices (the call is
+  placed at the shard's first batch row and head), so the result is bitwise the unsharded one.
+* query sequence alone: the local queries at their global positions against all keys.
+* query and key sequence: ring attention over those mesh axes (``flash_attn_jax.ring``,
+  contiguous layout): only collective-permutes, O(S / n) memory per device.
+* KV cache: batch (the caches' rows or pages split like the batch) and heads.
+
+Heads split only when the mesh axes' size divides the kv heads as well (GQA/MQA: a kv head goes
+with its query heads); otherwise the heads stay whole on every device, gathered. Inside a
+``jax.shard_map`` over every mesh axis the wrapper is transparent (the local call).
+custom_partitioning has no vmap rule, so under ``jax.vmap`` the calls run unpartitioned (vmapped
+local calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flash_attn_jax import kernels, ring
+from flash_attn_jax.semantics import ScoreSpec
+
+# Dimension kinds of the operands and results; each plan maps them to mesh axes.
+BATCH, SEQ_Q, SEQ_K, HEADS, HEADS_K, CACHE_ROWS = "batch", "seq_q", "seq_k", "heads", "heads_k", "rows"
+
+
+def _axes_of(sharding, dim) -> tuple:
+    """The mesh axes that split dimension ``dim`` of a NamedSharding (empty when whole)."""
+    spec = getattr(sharding, "spec", None)
+    if spec is None or dim >= len(spec) or spec[dim] is None:
+        return ()
+    entry = spec[dim]
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _size(mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _divides(mesh, axes, *lengths) -> tuple:
+    """``axes`` if their size divides every length, else ()."""
+    n = _size(mesh, axes)
+    return axes if all(length % n == 0 for length in lengths) else ()
+
+
+def _entry(axes):
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The mesh axes that split each kind of dimension; ``ring``: the keys' sequence is split like
+    the queries' (ring attention), otherwise the keys are whole on every device."""
+
+    batch: tuple = ()
+    heads: tuple = ()
+    seq: tuple = ()
+    ring: bool = False
+    rows: tuple = ()  # the KV cache's rows or pages
+
+    def axes(self, kind):
+        return {BATCH: self.batch, HEADS: self.heads, HEADS_K: self.heads, SEQ_Q: self.seq,
+                SEQ_K: self.seq if self.ring else (), CACHE_ROWS: self.rows}.get(kind, ())
+
+    def sharding(self, mesh, dims):
+        return NamedSharding(mesh, PartitionSpec(*(_entry(self.axes(kind)) for kind in dims)))
+
+
+def _offset(axes, local_length):
+    """The global index of this shard's first element along a dimension split over ``axes``."""
+    return lax.axis_index(axes) * local_length if axes else 0
+
+
+def _factor_names(dims, group):
+    names = {BATCH: "b", SEQ_Q: "sq", SEQ_K: "sk", HEADS_K: "hk", CACHE_ROWS: "rows",
+             HEADS: "hk" if group == 1 else "(hk grp)"}
+    return " ".join(names.get(kind, kind) for kind in dims)
+
+
+class Op:
+    """One partitioned kernel entry point: ``local(*arrays)`` computes on (local) arrays,
+    ``arg_dims``/``out_dims`` name each dimension's kind, ``plan`` chooses the split from the
+    operands' shardings and ``lower(plan, mesh)`` returns the per-shard function. Subclasses are
+    frozen dataclasses (static arguments of custom_partitioning)."""
+
+    group = 1  # query heads per kv head
+
+    def local(self, *arrays):
+        raise NotImplementedError
+
+    def arg_dims(self):
+        raise NotImplementedError
+
+    def out_dims(self):
+        raise NotImplementedError
+
+    def plan(self, mesh, arg_shapes):
+        raise NotImplementedError
+
+    def lower(self, plan, mesh):
+        return self.local
+
+    def rule(self):
+        """The Shardy factor rule; dimensions that never split are replication factors."""
+        used = set()
+        def side(dims_list):
+            parts = []
+            for index, dims in enumerate(dims_list):
+                named = []
+                for axis, kind in enumerate(dims):
+                    if kind is None:  # a dimension of its own that is never split
+                        kind = f"x{len(used)}"
+                        used.add(kind)
+                    named.append(kind)
+                parts.append(_factor_names(named, self.group))
+            return ", ".join(parts)
+        text = f"{side(self.arg_dims())} -> {side(self.out_dims())}"
+        sizes = {"grp": self.group} if self.group > 1 else {}
+        return text, dict(need_replication_factors=tuple(sorted(used)), **sizes)
+
+
+def _partition(op: Op, mesh, arg_shapes, result_shape):
+    del result_shape
+    plan = op.plan(mesh, arg_shapes)
+    arg_shardings = tuple(plan.sharding(mesh, dims) for dims in op.arg_dims())
+    out_shardings = tuple(plan.sharding(mesh, dims) for dims in op.out_dims())
+    if len(out_shardings) == 1:  # an op with one result returns it bare
+        out_shardings = out_shardings[0]
+    return mesh, op.lower(plan, mesh), out_shardings, arg_shardings
+
+
+def _local(op: Op, *arrays):
+    return op.local(*arrays)
+
+
+_partitioned = custom_partitioning(_local, static_argnums=(0,))
+_partitioned.def_partition(partition=_partition,
+                           sharding_rule=lambda op, mesh, values, results: op.rule())
+
+
+def call(op: Op, *arrays):
+    """``op.local(*arrays)``, partitioned over the mesh of the arrays' shardings under jit;
+    under vmap, the vmapped local call (custom_partitioning has no vmap rule)."""
+
+    @jax.custom_batching.custom_vmap
+    def partitioned(*arrays):
+        return _partitioned(op, *arrays)
+
+    @partitioned.def_vmap
+    def _vmapped(axis_size, in_batched, *arrays):
+        del axis_size
+        outs = jax.vmap(op.local, in_axes=tuple(0 if b else None for b in in_batched))(*arrays)
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return partitioned(*arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense attention: forward, backward, probabilities.
+
+_Q = (BATCH, SEQ_Q, HEADS, None)
+_KV = (BATCH, SEQ_K, HEADS_K, None)
+_LSE = (BATCH, HEADS, SEQ_Q)
+_SLOPES = (BATCH, HEADS)
+_SEED = (None,)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dense(Op):
+    """Shared by the dense ops: the score spec, which optional arrays are present, GQA group."""
+
+    spec: ScoreSpec
+    group: int
+
+    def _optional_dims(self):
+        return ((_SLOPES,) if self.spec.has_alibi else ()) + (
+            (_SEED,) if self.spec.has_dropout else ())
+
+    def _split_optional(self, arrays):
+        """(slopes, seed, the rest) from the arrays that follow the leading ones."""
+        arrays = list(arrays)
+        slopes = arrays.pop(0) if self.spec.has_alibi else None
+        seed = arrays.pop(0) if self.spec.has_dropout else None
+        return slopes, seed, arrays
+
+    def _plan(self, mesh, q, k, *, allow_ring):
+        batch, seqlen_q, num_heads, _ = q.shape
+        seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+        plan_batch = _divides(mesh, _axes_of(q.sharding, 0), batch)
+        heads = _divides(mesh, _axes_of(q.sharding, 2), num_heads, num_heads_k)
+        seq = _divides(mesh, _axes_of(q.sharding, 1), seqlen_q)
+        use_ring = False
+        if seq and allow_ring and _axes_of(k.sharding, 1) and seqlen_k % _size(mesh, seq) == 0:
+            try:
+                ring.check_chunks(self.spec, ring.Ring(seq, _size(mesh, seq)), seqlen_q // _size(mesh, seq),
+                                  seqlen_k // _size(mesh, seq))
+                use_ring = True
+            except ValueError:  # e.g. dropout on key chunks the hash cannot align: keys gathered
+                use_ring = False
+        return Plan(batch=plan_batch, heads=heads, seq=seq, ring=use_ring)
+
+    def _placement(self, plan, mesh, q, k):
+        """The Placement of this shard's call (None when local indices are right)."""
+        base = (_offset(plan.batch, q.shape[0]), _offset(plan.heads, q.shape[2]))
+        if plan.seq:
+            n = _size(mesh, plan.seq)
+            return kernels.Placement(batch=base[0], head=base[1],
+                                     query=_offset(plan.seq, q.shape[1]), key=0,
+                                     diagonal=k.shape[1] - n * q.shape[1])
+        if self.spec.has_dropout and (plan.batch or plan.heads):
+            return kernels.Placement(batch=base[0], head=base[1])
+        return None
+
+    def _ring(self, plan, mesh):
+        return ring.Ring(axis_name=_entry(plan.seq), num_shards=_size(mesh, plan.seq))
+
+    def _base(self, plan, q):
+        return (_offset(plan.batch, q.shape[0]), _offset(plan.heads, q.shape[2]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward(_Dense):
+    """(q, k, v[, slopes][, seed]) -> (out, lse)."""
+
+    def local(self, q, k, v, *optional, placement=None):
+        slopes, seed, _ = self._split_optional(optional)
+        return kernels.forward(q, k, v, slopes, self.spec, None, seed, placement=placement)
+
+    def arg_dims(self):
+        return (_Q, _KV, _KV) + self._optional_dims()
+
+    def out_dims(self):
+        return (_Q, _LSE)
+
+    def plan(self, mesh, arg_shapes):
+        return self._plan(mesh, arg_shapes[0], arg_shapes[1], allow_ring=True)
+
+    def lower(self, plan, mesh):
+        def per_shard(q, k, v, *optional):
+            if plan.ring:
+                slopes, seed, _ = self._split_optional(optional)
+                return ring.forward(q, k, v, slopes, seed, self.spec, self._ring(plan, mesh),
+                                    self._base(plan, q))
+            return self.local(q, k, v, *optional,
+                              placement=self._placement(plan, mesh, q, k))
+        return per_shard
+
+
+@dataclasses.dataclass(frozen=True)
+class Backward(_Dense):
+    """(q, k, v, out, lse, dout, dlse[, slopes][, seed]) -> (dq, dk, dv)."""
+
+    def local(self, q, k, v, out, lse, dout, dlse, *optional, placement=None):
+        slopes, seed, _ = self._split_optional(optional)
+        return kernels.backward(q, k, v, slopes, out, lse, dout, dlse, self.spec, None, seed,
+                                placement=placement)
+
+    def arg_dims(self):
+        return (_Q, _KV, _KV, _Q, _LSE, _Q, _LSE) + self._optional_dims()
+
+    def out_dims(self):
+        return (_Q, _KV, _KV)
+
+    def plan(self, mesh, arg_shapes):
+        return self._plan(mesh, arg_shapes[0], arg_shapes[1], allow_ring=True)
+
+    def lower(self, plan, mesh):
+        def per_shard(q, k, v, out, lse, dout, dlse, *optional):
+            if plan.ring:
+                slopes, seed, _ = self._split_optional(optional)
+                return ring.backward(q, k, v, slopes, seed, out, lse, dout, dlse, self.spec,
+                                     self._ring(plan, mesh), self._base(plan, q))
+            return self.local(q, k, v, out, lse, dout, dlse, *optional,
+                              placement=self._placement(plan, mesh, q, k))
+        return per_shard
+
+
+@dataclasses.dataclass(frozen=True)
+class Probabilities(_Dense):
+    """(q, k, lse[, slopes][, seed]) -> probabilities (B, H, Sq, Sk); keys whole per device."""
+
+    def local(self, q, k, lse, *optional, placement=None):
+        slopes, seed, _ = self._split_optional(optional)
+        return kernels.probabilities(q, k, lse, slopes, self.spec, None, seed,
+                                     placement=placement)
+
+    def arg_dims(self):
+        return (_Q, _KV, _LSE) + self._optional_dims()
+
+    def out_dims(self):
+        return ((BATCH, HEADS, SEQ_Q, SEQ_K),)
+
+    def plan(self, mesh, arg_shapes):
+        return self._plan(mesh, arg_shapes[0], arg_shapes[1], allow_ring=False)
+
+    def lower(self, plan, mesh):
+        def per_shard(q, k, lse, *optional):
+            return self.local(q, k, lse, *optional, placement=self._placement(plan, mesh, q, k))
+        return per_shard
+
+
+# ----------------------------------------------------------------------------------------------
+# Variable-length attention: heads only (the packed token axis and cu_seqlens stay whole).
+
+_VQ = (None, HEADS, None)
+_VKV = (None, HEADS_K, None)
+_VLSE = (HEADS, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Varlen(_Dense):
+    """Shared by the varlen ops: ``max_seqlen_q``/``max_seqlen_k`` and paged keys."""
+
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    paged: bool = False
+
+    def _kv_dims(self):
+        return (None, None, HEADS_K, None) if self.paged else _VKV
+
+    def _seq_dims(self):
+        return ((None,), (None,)) + (((None, None),) if self.paged else ())
+
+    def _optional_dims(self):
+        return (((None, HEADS),) if self.spec.has_alibi else ()) + (
+            (_SEED,) if self.spec.has_dropout else ())
+
+    def _varlen(self, seq_arrays):
+        table = seq_arrays[2] if self.paged else None
+        return kernels.Varlen(cu_seqlens_q=seq_arrays[0], cu_seqlens_k=seq_arrays[1],
+                              block_table=table, max_seqlen_q=self.max_seqlen_q,
+                              max_seqlen_k=self.max_seqlen_k)
+
+    def _num_seq(self):
+        return 3 if self.paged else 2
+
+    def _plan_heads(self, mesh, q, k):
+        return Plan(heads=_divides(mesh, _axes_of(q.sharding, 1), q.shape[1], k.shape[-2]))
+
+    def _head_placement(self, plan, q):
+        if self.spec.has_dropout and plan.heads:
+            return kernels.Placement(batch=0, head=_offset(plan.heads, q.shape[1]))
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenForward(_Varlen):
+    """(q, k, v, cu_q, cu_k[, table][, slopes][, seed]) -> (out, lse)."""
+
+    def local(self, q, k, v, *rest, placement=None):
+        seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
+        slopes, seed, _ = self._split_optional(optional)
+        return kernels.forward(q, k, v, slopes, self.spec, self._varlen(seq), seed,
+                               placement=placement)
+
+    def arg_dims(self):
+        return (_VQ, self._kv_dims(), self._kv_dims()) + self._seq_dims() + self._optional_dims()
+
+    def out_dims(self):
+        return (_VQ, _VLSE)
+
+    def plan(self, mesh, arg_shapes):
+        return self._plan_heads(mesh, arg_shapes[0], arg_shapes[1])
+
+    def lower(self, plan, mesh):
+        return lambda q, *rest: self.local(q, *rest, placement=self._head_placement(plan, q))
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenBackward(_Varlen):
+    """(q, k, v, out, lse, dout, dlse, cu_q, cu_k[, slopes][, seed]) -> (dq, dk, dv)."""
+
+    def local(self, q, k, v, out, lse, dout, dlse, *rest, placement=None):
+        seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
+        slopes, seed, _ = self._split_optional(optional)
+        return kernels.backward(q, k, v, slopes, out, lse, dout, dlse, self.spec,
+                                self._varlen(seq), seed, placement=placement)
+
+    def arg_dims(self):
+        return ((_VQ, _VKV, _VKV, _VQ, _VLSE, _VQ, _VLSE) + self._seq_dims()
+                + self._optional_dims())
+
+    def out_dims(self):
+        return (_VQ, _VKV, _VKV)
+
+    def plan(self, mesh, arg_shapes):
+        return self._plan_heads(mesh, arg_shapes[0], arg_shapes[1])
+
+    def lower(self, plan, mesh):
+        return lambda q, *rest: self.local(q, *rest, placement=self._head_placement(plan, q))
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenProbabilities(_Varlen):
+    """(q, k, lse, cu_q, cu_k[, table][, slopes][, seed]) -> (B, H, max_q, max_k)."""
+
+    def local(self, q, k, lse, *rest, placement=None):
+        seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
+        slopes, seed, _ = self._split_optional(optional)
+        return kernels.probabilities(q, k, lse, slopes, self.spec, self._varlen(seq), seed,
+                                     placement=placement)
+
+    def arg_dims(self):
+        return (_VQ, self._kv_dims(), _VLSE) + self._seq_dims() + self._optional_dims()
+
+    def out_dims(self):
+        return ((None, HEADS, None, None),)
+
+    def plan(self, mesh, arg_shapes):
+        return self._plan_heads(mesh, arg_shapes[0], arg_shapes[1])
+
+    def lower(self, plan, mesh):
+        return lambda q, *rest: self.local(q, *rest, placement=self._head_placement(plan, q))
+
+
+# ----------------------------------------------------------------------------------------------
+# The seam's attention functions, partitioned (the signatures of flash_attn_jax.kernels).
+
+def _optional(slopes, seed):
+    return tuple(x for x in (slopes, seed) if x is not None)
+
+
+def _varlen_op(cls, spec, q, k, varlen):
+    return cls(spec=spec, group=q.shape[-2] // k.shape[-2], max_seqlen_q=varlen.max_seqlen_q,
+               max_seqlen_k=varlen.max_seqlen_k, paged=varlen.block_table is not None)
+
+
+def _seq_arrays(varlen):
+    return (varlen.cu_seqlens_q, varlen.cu_seqlens_k) + (
+        () if varlen.block_table is None else (varlen.block_table,))
+
+
+def forward(q, k, v, slopes, spec, varlen=None, seed=None):
+    """``kernels.forward``, partitioned."""
+    if varlen is None:
+        op = Forward(spec=spec, group=q.shape[-2] // k.shape[-2])
+        return call(op, q, k, v, *_optional(slopes, seed))
+    op = _varlen_op(VarlenForward, spec, q, k, varlen)
+    return call(op, q, k, v, *_seq_arrays(varlen), *_optional(slopes, seed))
+
+
+def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None):
+    """``kernels.backward``, partitioned."""
+    if varlen is None:
+        op = Backward(spec=spec, group=q.shape[-2] // k.shape[-2])
+        return call(op, q, k, v, out, lse, dout, dlse, *_optional(slopes, seed))
+    op = _varlen_op(VarlenBackward, spec, q, k, varlen)
+    return call(op, q, k, v, out, lse, dout, dlse, *_seq_arrays(varlen),
+                *_optional(slopes, seed))
+
+
+def probabilities(q, k, lse, slopes, spec, varlen=None, seed=None):
+    """``kernels.probabilities``, partitioned."""
+    if varlen is None:
+        op = Probabilities(spec=spec, group=q.shape[-2] // k.shape[-2])
+        return call(op, q, k, lse, *_optional(slopes, seed))
+    op = _varlen_op(VarlenProbabilities, spec, q, k, varlen)
+    return call(op, q, k, lse, *_seq_arrays(varlen), *_optional(slopes, seed))
