@@ -124,26 +124,46 @@ class CacheCall:
     num_splits: int
 
 
-def _kvcache(call: CacheCall, q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, batch_idx,
-             leftpad, table, slopes):
+CACHE_ARGS = ("q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens",
+              "cache_batch_idx", "cache_leftpad", "block_table", "alibi_slopes")
+
+
+def _kvcache_local(call: CacheCall, q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
+                   rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
+                   block_table=None, alibi_slopes=None):
+    """(out, lse[, k_cache, v_cache]) of one call on (local) arrays; the caches come back when
+    k and v are appended."""
     layout = call.layout
-    if cos is not None:
-        q, k = kvcache_rotary(q, k, cos, sin, cache_seqlens, call.spec,
+    if rotary_cos is not None:
+        q, k = kvcache_rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, call.spec,
                               interleaved=call.rotary_interleaved)
-    if k is not None and layout.seqlen_new > 0:
-        k_cache, v_cache = kernels.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, batch_idx,
-                                                  table)
+    appends = k is not None
+    if appends and layout.seqlen_new > 0:
+        k_cache, v_cache = kernels.kvcache_append(k_cache, v_cache, k, v, cache_seqlens,
+                                                  cache_batch_idx, block_table)
+    batch, seqlen_q, num_heads, _ = q.shape
     if cache_seqlens is None:
-        lengths = jnp.full((layout.batch,), layout.capacity, jnp.int32)
+        lengths = jnp.full((batch,), layout.capacity, jnp.int32)
     else:
         lengths = jnp.minimum(cache_seqlens + layout.seqlen_new, layout.capacity)
     if q.size == 0:
         out = jnp.zeros(q.shape, q.dtype)
-        lse = jnp.zeros((layout.batch, layout.num_heads, layout.seqlen_q), jnp.float32)
+        lse = jnp.zeros((batch, num_heads, seqlen_q), jnp.float32)
     else:
-        out, lse = kernels.kvcache_attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table,
-                                             slopes, call.spec, call.num_splits)
-    return out, lse, k_cache, v_cache
+        out, lse = kernels.kvcache_attention(q, k_cache, v_cache, lengths, cache_leftpad,
+                                             cache_batch_idx, block_table, alibi_slopes,
+                                             call.spec, call.num_splits)
+    return (out, lse, k_cache, v_cache) if appends else (out, lse)
+
+
+def _kvcache(call: CacheCall, *arrays):
+    named = dict(zip(CACHE_ARGS, arrays))
+    given = tuple(name for name in CACHE_ARGS if named[name] is not None)
+    op = _partitioning.KvCache(compute=_kvcache_local, call=call, names=given)
+    results = _partitioning.call(op, *(named[name] for name in given))
+    if named["k"] is None:
+        return (*results, named["k_cache"], named["v_cache"])
+    return results
 
 
 kvcache = _not_differentiable(

@@ -117,21 +117,23 @@ class Op:
 
     def rule(self):
         """The Shardy factor rule; dimensions that never split are replication factors."""
-        used = set()
+        unsplit = []  # in order of appearance, as Shardy wants its special factors
+
         def side(dims_list):
             parts = []
-            for index, dims in enumerate(dims_list):
+            for dims in dims_list:
                 named = []
-                for axis, kind in enumerate(dims):
+                for kind in dims:
                     if kind is None:  # a dimension of its own that is never split
-                        kind = f"x{len(used)}"
-                        used.add(kind)
+                        kind = f"x{len(unsplit)}"
+                        unsplit.append(kind)
                     named.append(kind)
                 parts.append(_factor_names(named, self.group))
             return ", ".join(parts)
+
         text = f"{side(self.arg_dims())} -> {side(self.out_dims())}"
         sizes = {"grp": self.group} if self.group > 1 else {}
-        return text, dict(need_replication_factors=tuple(sorted(used)), **sizes)
+        return text, dict(need_replication_factors=tuple(unsplit), **sizes)
 
 
 def _partition(op: Op, mesh, arg_shapes, result_shape):
@@ -153,9 +155,49 @@ _partitioned.def_partition(partition=_partition,
                            sharding_rule=lambda op, mesh, values, results: op.rule())
 
 
+def _is_explicit(mesh):
+    return (mesh is not None and not mesh.empty
+            and any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types))
+
+
+def _explicit_mesh(arrays):
+    """In explicit sharding mode (the types carry the shardings: a mesh with Explicit axes set or
+    on the arrays), that mesh; else None."""
+    for x in arrays:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if _is_explicit(mesh):
+            return mesh
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh if _is_explicit(mesh) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Typed:
+    shape: tuple
+    sharding: NamedSharding
+
+
+def _explicit_call(op: Op, mesh, arrays):
+    """Explicit sharding mode (the types carry the shardings): the plan's shard_map (also when
+    nothing is split: Pallas's interpret mode fails under an Explicit mesh outside one)."""
+    plan = op.plan(mesh, [_Typed(x.shape, jax.typeof(x).sharding) for x in arrays])
+    in_specs = tuple(plan.sharding(mesh, dims).spec for dims in op.arg_dims())
+    out_specs = tuple(plan.sharding(mesh, dims).spec for dims in op.out_dims())
+    arrays = [x if jax.typeof(x).sharding.spec == spec else jax.sharding.reshard(x, spec)
+              for x, spec in zip(arrays, in_specs)]
+    single = len(out_specs) == 1
+    return jax.shard_map(op.lower(plan, mesh), mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs[0] if single else out_specs)(*arrays)
+
+
 def call(op: Op, *arrays):
-    """``op.local(*arrays)``, partitioned over the mesh of the arrays' shardings under jit;
-    under vmap, the vmapped local call (custom_partitioning has no vmap rule)."""
+    """``op.local(*arrays)``, partitioned over the mesh of the arrays' shardings: under jit by
+    custom_partitioning, or, when the shardings are in the types (Explicit mesh axes), by the
+    plan's shard_map. Under vmap, the vmapped local call (custom_partitioning has no vmap
+    rule)."""
+    mesh = _explicit_mesh(arrays)
+    if mesh is not None:
+        return _explicit_call(op, mesh, arrays)
 
     @jax.custom_batching.custom_vmap
     def partitioned(*arrays):
@@ -426,6 +468,83 @@ class VarlenProbabilities(_Varlen):
 
     def lower(self, plan, mesh):
         return lambda q, *rest: self.local(q, *rest, placement=self._head_placement(plan, q))
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache: batch and heads.
+
+@dataclasses.dataclass(frozen=True)
+class KvCache(Op):
+    """The whole cache call (rotary, append, attention) on the ``names`` arrays given.
+
+    Batch: a contiguous cache without cache_batch_idx splits with the batch. With cache_batch_idx
+    or a block table, the cache's rows (pages) split over the batch's mesh axes too: shard d owns
+    rows [d * R / n, (d + 1) * R / n), and the indices and page ids of its batch rows are taken
+    relative to that (an index outside the shard counts as missing: nothing read or written).
+    A cache that is not split like that stays whole on every device: read-only calls still
+    split the batch, appending ones do not (every replica must take every write).
+    """
+
+    compute: object  # (call, **arrays) -> results, the local computation
+    call: object  # the static _core.CacheCall
+    names: tuple  # the arguments given, in CACHE_ARGS order
+
+    @property
+    def group(self):
+        return self.call.layout.num_heads // self.call.layout.num_heads_k
+
+    @property
+    def _rows_kind(self):
+        layout = self.call.layout
+        return CACHE_ROWS if layout.paged or "cache_batch_idx" in self.names else BATCH
+
+    @property
+    def _appends(self):
+        return "k" in self.names
+
+    def _dims(self, name):
+        cache = (self._rows_kind, None, HEADS_K, None)
+        return {"q": (BATCH, None, HEADS, None), "k_cache": cache, "v_cache": cache,
+                "k": (BATCH, None, HEADS_K, None), "v": (BATCH, None, HEADS_K, None),
+                "rotary_cos": (None, None), "rotary_sin": (None, None),
+                "cache_seqlens": (BATCH,), "cache_batch_idx": (BATCH,),
+                "cache_leftpad": (BATCH,), "block_table": (BATCH, None),
+                "alibi_slopes": (BATCH, HEADS)}[name]
+
+    def local(self, *arrays):
+        return self.compute(self.call, **dict(zip(self.names, arrays)))
+
+    def arg_dims(self):
+        return tuple(self._dims(name) for name in self.names)
+
+    def out_dims(self):
+        outs = ((BATCH, None, HEADS, None), (BATCH, HEADS, None))
+        return outs + ((self._dims("k_cache"),) * 2 if self._appends else ())
+
+    def plan(self, mesh, arg_shapes):
+        q, k_cache = arg_shapes[0], arg_shapes[1]
+        layout = self.call.layout
+        batch = _divides(mesh, _axes_of(q.sharding, 0), layout.batch)
+        heads = _divides(mesh, _axes_of(q.sharding, 2), layout.num_heads, layout.num_heads_k)
+        rows = ()
+        if self._rows_kind == CACHE_ROWS and batch:
+            if (_axes_of(k_cache.sharding, 0) == batch
+                    and k_cache.shape[0] % _size(mesh, batch) == 0):
+                rows = batch
+            elif self._appends:
+                batch = ()
+        return Plan(batch=batch, heads=heads, rows=rows)
+
+    def lower(self, plan, mesh):
+        def per_shard(*arrays):
+            named = dict(zip(self.names, arrays))
+            if plan.rows:
+                first_row = _offset(plan.rows, named["k_cache"].shape[0])
+                for name in ("cache_batch_idx", "block_table"):
+                    if name in named:
+                        named[name] = named[name] - first_row
+            return self.compute(self.call, **named)
+        return per_shard
 
 
 # ----------------------------------------------------------------------------------------------

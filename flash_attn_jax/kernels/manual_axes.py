@@ -22,6 +22,11 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
 
+def _checked_shard_map() -> bool:
+    """Whether this trace is inside a shard_map that checks varying axes."""
+    return bool(jax.sharding.get_abstract_mesh().manual_axes) and _jax_config._check_vma.value
+
+
 def varying_axes(arrays) -> frozenset:
     """The manual mesh axes any of ``arrays`` varies over (empty outside a checked shard_map)."""
     axes = frozenset()
@@ -42,10 +47,10 @@ def pallas_call(kernel, *, out_shape, interpret: bool, **kwargs):
     a checked shard_map (compiled and interpreted)."""
 
     def call(*operands):
-        axes = varying_axes(operands)
-        if not axes:
+        if not _checked_shard_map():
             return pl.pallas_call(kernel, out_shape=out_shape, interpret=interpret, **kwargs)(
                 *operands)
+        axes = varying_axes(operands)
         if not interpret:
             typed = jax.tree.map(lambda s: _varying_struct(s, axes), out_shape)
             return pl.pallas_call(kernel, out_shape=typed, interpret=False, **kwargs)(*operands)
