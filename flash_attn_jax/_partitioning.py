@@ -86,9 +86,12 @@ def _offset(axes, local_length):
     return lax.axis_index(axes) * local_length if axes else 0
 
 
-def _factor_names(dims, group):
+def _factor_names(dims, group, num_heads_k):
+    """Factor names of a rule: the query heads of a kv head are the minor factor of the query
+    heads (Shardy takes no factor of size 1 in a compound, so with one kv head they are apart)."""
+    heads = "hk" if group == 1 else "hq" if num_heads_k == 1 else "(hk grp)"
     names = {BATCH: "b", SEQ_Q: "sq", SEQ_K: "sk", HEADS_K: "hk", CACHE_ROWS: "rows",
-             HEADS: "hk" if group == 1 else "(hk grp)"}
+             HEADS: heads}
     return " ".join(names.get(kind, kind) for kind in dims)
 
 
@@ -99,6 +102,7 @@ class Op:
     frozen dataclasses (static arguments of custom_partitioning)."""
 
     group = 1  # query heads per kv head
+    num_heads_k = 2  # only whether it is 1 matters (the rule's factors)
 
     def local(self, *arrays):
         raise NotImplementedError
@@ -128,11 +132,11 @@ class Op:
                         kind = f"x{len(unsplit)}"
                         unsplit.append(kind)
                     named.append(kind)
-                parts.append(_factor_names(named, self.group))
+                parts.append(_factor_names(named, self.group, self.num_heads_k))
             return ", ".join(parts)
 
         text = f"{side(self.arg_dims())} -> {side(self.out_dims())}"
-        sizes = {"grp": self.group} if self.group > 1 else {}
+        sizes = {"grp": self.group} if self.group > 1 and self.num_heads_k > 1 else {}
         return text, dict(need_replication_factors=tuple(unsplit), **sizes)
 
 
@@ -183,7 +187,8 @@ def _explicit_call(op: Op, mesh, arrays):
     plan = op.plan(mesh, [_Typed(x.shape, jax.typeof(x).sharding) for x in arrays])
     in_specs = tuple(plan.sharding(mesh, dims).spec for dims in op.arg_dims())
     out_specs = tuple(plan.sharding(mesh, dims).spec for dims in op.out_dims())
-    arrays = [x if jax.typeof(x).sharding.spec == spec else jax.sharding.reshard(x, spec)
+    arrays = [x if jax.typeof(x).sharding.spec == spec
+              else jax.sharding.reshard(x, NamedSharding(mesh, spec))
               for x, spec in zip(arrays, in_specs)]
     single = len(out_specs) == 1
     return jax.shard_map(op.lower(plan, mesh), mesh=mesh, in_specs=in_specs,
@@ -228,6 +233,7 @@ class _Dense(Op):
 
     spec: ScoreSpec
     group: int
+    num_heads_k: int
 
     def _optional_dims(self):
         return ((_SLOPES,) if self.spec.has_alibi else ()) + (
@@ -494,6 +500,10 @@ class KvCache(Op):
         return self.call.layout.num_heads // self.call.layout.num_heads_k
 
     @property
+    def num_heads_k(self):
+        return self.call.layout.num_heads_k
+
+    @property
     def _rows_kind(self):
         layout = self.call.layout
         return CACHE_ROWS if layout.paged or "cache_batch_idx" in self.names else BATCH
@@ -550,12 +560,17 @@ class KvCache(Op):
 # ----------------------------------------------------------------------------------------------
 # The seam's attention functions, partitioned (the signatures of flash_attn_jax.kernels).
 
+def _heads(q, k):
+    return dict(group=q.shape[-2] // k.shape[-2], num_heads_k=k.shape[-2])
+
+
 def _optional(slopes, seed):
     return tuple(x for x in (slopes, seed) if x is not None)
 
 
 def _varlen_op(cls, spec, q, k, varlen):
-    return cls(spec=spec, group=q.shape[-2] // k.shape[-2], max_seqlen_q=varlen.max_seqlen_q,
+    return cls(spec=spec, group=q.shape[-2] // k.shape[-2], num_heads_k=k.shape[-2],
+               max_seqlen_q=varlen.max_seqlen_q,
                max_seqlen_k=varlen.max_seqlen_k, paged=varlen.block_table is not None)
 
 
@@ -567,7 +582,7 @@ def _seq_arrays(varlen):
 def forward(q, k, v, slopes, spec, varlen=None, seed=None):
     """``kernels.forward``, partitioned."""
     if varlen is None:
-        op = Forward(spec=spec, group=q.shape[-2] // k.shape[-2])
+        op = Forward(spec=spec, **_heads(q, k))
         return call(op, q, k, v, *_optional(slopes, seed))
     op = _varlen_op(VarlenForward, spec, q, k, varlen)
     return call(op, q, k, v, *_seq_arrays(varlen), *_optional(slopes, seed))
@@ -576,7 +591,7 @@ def forward(q, k, v, slopes, spec, varlen=None, seed=None):
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None):
     """``kernels.backward``, partitioned."""
     if varlen is None:
-        op = Backward(spec=spec, group=q.shape[-2] // k.shape[-2])
+        op = Backward(spec=spec, **_heads(q, k))
         return call(op, q, k, v, out, lse, dout, dlse, *_optional(slopes, seed))
     op = _varlen_op(VarlenBackward, spec, q, k, varlen)
     return call(op, q, k, v, out, lse, dout, dlse, *_seq_arrays(varlen),
@@ -586,7 +601,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None
 def probabilities(q, k, lse, slopes, spec, varlen=None, seed=None):
     """``kernels.probabilities``, partitioned."""
     if varlen is None:
-        op = Probabilities(spec=spec, group=q.shape[-2] // k.shape[-2])
+        op = Probabilities(spec=spec, **_heads(q, k))
         return call(op, q, k, lse, *_optional(slopes, seed))
     op = _varlen_op(VarlenProbabilities, spec, q, k, varlen)
     return call(op, q, k, lse, *_seq_arrays(varlen), *_optional(slopes, seed))

@@ -2,16 +2,19 @@
 
 The suite's time goes to XLA compiling a few programs per test case, so compiling is made cheaper:
 without a GPU (Pallas interpret mode) LLVM's backend optimisations are off, and on a GPU XLA does not
-autotune the reference's matmuls. Neither changes what is computed.
+autotune the reference's matmuls. Neither changes what is computed. Without a GPU the host platform
+also simulates 8 devices, for the mesh tests (tests/test_mesh.py); every other test uses one.
 """
 
 import os
 import sys
 
 _HAS_GPU = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")  # before jax is imported
-_FLAG = "--xla_gpu_autotune_level=0" if _HAS_GPU else "--xla_backend_optimization_level=0"
-if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+_FLAGS = (["--xla_gpu_autotune_level=0"] if _HAS_GPU else
+          ["--xla_backend_optimization_level=0", "--xla_force_host_platform_device_count=8"])
+for _flag in _FLAGS:
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -77,7 +77,9 @@ def _untyped_call(fn, operands, axes):
 
 def _abstract_eval(*avals, jaxpr, axes):
     mat = _jax_core.ManualAxisType(varying=axes)
-    return [a.update(manual_axis_type=mat, sharding=avals[0].sharding) for a in jaxpr.out_avals]
+    # The sharding of an operand that varies: its mesh knows the manual axes.
+    like = next((a for a in avals if a.mat.varying), avals[0])
+    return [a.update(manual_axis_type=mat, sharding=like.sharding) for a in jaxpr.out_avals]
 
 
 def _lowering(ctx, *operands, jaxpr, axes):
