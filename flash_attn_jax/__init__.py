@@ -16,6 +16,7 @@ from flash_attn_jax.interface import (
 )
 from flash_attn_jax.kernels import backend_name
 from flash_attn_jax.reference import attention_reference, dropout_mask, kvcache_reference
+from flash_attn_jax.ring import from_ring_layout, ring_flash_attn_func, to_ring_layout
 from flash_attn_jax.semantics import ScoreSpec
 
 __version__ = "0.1.0"
@@ -33,5 +34,8 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "from_ring_layout",
     "kvcache_reference",
+    "ring_flash_attn_func",
+    "to_ring_layout",
 ]
