@@ -163,6 +163,7 @@ def backward(q, k, v, slopes, seed, out, lse, dout, dlse, spec: ScoreSpec, ring:
     kv = (k, v)
     k_lens = [k_len for _, k_len, _ in ring.chunks(me, k.shape[1])]
     dkv = tuple((zeros(k, k_len), zeros(v, k_len)) for k_len in k_lens)
+    delta = kernels.backward_delta(out, dout, dlse)  # once, not in every step's kernels
     for step in range(ring.num_shards):
         source = (me - step) % ring.num_shards
         if step + 1 < ring.num_shards:
@@ -173,11 +174,11 @@ def backward(q, k, v, slopes, seed, out, lse, dout, dlse, spec: ScoreSpec, ring:
             for j, (k_lo, k_len, k_pos) in enumerate(ring.chunks(source, k.shape[1])):
                 cols = slice(k_lo, k_lo + k_len)
 
-                def compute(q_c, k_c, v_c, out_c, lse_c, dout_c, dlse_c, q_pos=q_pos, k_pos=k_pos):
-                    return kernels.backward(q_c, k_c, v_c, slopes, out_c, lse_c, dout_c, dlse_c,
+                def compute(q_c, k_c, v_c, lse_c, dout_c, delta_c, q_pos=q_pos, k_pos=k_pos):
+                    return kernels.backward(q_c, k_c, v_c, slopes, None, lse_c, dout_c, None,
                                             spec, None, seed,
                                             placement=_placement(base, q_pos, k_pos, diagonal),
-                                            grad_dtype=jnp.float32)
+                                            grad_dtype=jnp.float32, delta=delta_c)
 
                 def empty(q_len=q_len, k_len=k_len):
                     return zeros(q, q_len), zeros(k, k_len), zeros(v, k_len)
@@ -185,8 +186,8 @@ def backward(q, k, v, slopes, seed, out, lse, dout, dlse, spec: ScoreSpec, ring:
                 visible = _visible(spec, q_pos, q_len, k_pos, k_len, diagonal, seqlen_k)
                 dq_p, dk_p, dv_p = _maybe(
                     visible, compute, empty,
-                    (q[:, rows], kv[0][:, cols], kv[1][:, cols], out[:, rows], lse[:, :, rows],
-                     dout[:, rows], dlse[:, :, rows]))
+                    (q[:, rows], kv[0][:, cols], kv[1][:, cols], lse[:, :, rows], dout[:, rows],
+                     delta[:, :, rows]))
                 dq[i] = dq[i] + dq_p
                 acc[j][0] = acc[j][0] + dk_p
                 acc[j][1] = acc[j][1] + dv_p

@@ -56,12 +56,12 @@ def ring_call(mesh, layout, **options):
 
 CASES = {
     # name: (devices, layout, dtype, seqlen_q, seqlen_k, nheads_k, options)
-    "contiguous-causal-alibi-gqa-dropout": (4, "contiguous", jnp.float32, 256, 256, 2,
+    "contiguous-causal-alibi-gqa-dropout": (4, "contiguous", jnp.float32, 128, 128, 2,
                                             dict(causal=True, alibi=True, dropout_p=0.2)),
     "zigzag-causal-window-softcap": (4, "zigzag", jnp.bfloat16, 128, 128, 4,
                                      dict(causal=True, window_size=(40, -1), softcap=5.0)),
-    "zigzag-cross-dropout-window": (2, "zigzag", jnp.float16, 128, 256, 1,
-                                    dict(window_size=(50, 30), dropout_p=0.3)),
+    "zigzag-cross-dropout-window": (2, "zigzag", jnp.float16, 64, 128, 1,
+                                    dict(window_size=(30, 20), dropout_p=0.3)),
     "contiguous-two-sided-window-lse": (2, "contiguous", jnp.bfloat16, 96, 64, 2,
                                         dict(window_size=(20, 10), alibi=True)),
 }

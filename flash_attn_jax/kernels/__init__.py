@@ -162,16 +162,23 @@ def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None, seed=No
                                         **_layout_args(k, varlen, placement))
 
 
+def backward_delta(out, dout, dlse):
+    """delta = rowsum(dout * out) - dlse (dense (B, H, Sq) float32), the backward's first pass:
+    for callers that run several backward calls over one set of query rows (ring attention)."""
+    return triton_backward.row_delta(out, dout, dlse, interpret=use_interpret())
+
+
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None = None,
-             seed=None, *, placement: Placement | None = None, grad_dtype=None):
+             seed=None, *, placement: Placement | None = None, grad_dtype=None, delta=None):
     """(dq, dk, dv) (``grad_dtype``, default the inputs') from the residuals and the cotangents
     of (out, lse); layouts as ``forward`` (contiguous keys only), tokens after the last row get
-    zero gradients."""
+    zero gradients. ``delta``: ``backward_delta(out, dout, dlse)`` if the caller has it (then
+    out and dlse are not read)."""
     dkdv_config, dq_config = backward_configs(q.dtype, padded_head_dim(q.shape[-1]),
                                               *_lengths(q, k, varlen))
     dq, dk, dv = triton_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, dkdv_config,
                                           dq_config, seed=seed, grad_dtype=grad_dtype,
-                                          interpret=use_interpret(),
+                                          delta=delta, interpret=use_interpret(),
                                           **_layout_args(k, varlen, placement))
     if varlen is not None:
         dq = _fill_tail(dq, varlen.cu_seqlens_q, 0.0)

@@ -185,16 +185,36 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
     seg.run_if_within(row_lo, seg.seqlen_q, accumulate)
 
 
+def row_delta(out, dout, dlse, *, layout: Layout = DENSE, interpret: bool, debug: bool = False):
+    """delta = rowsum(dO * O) - dlse, float32 shaped like lse: dense (B, H, Sq), varlen (H, T)."""
+    num_heads, head_dim = out.shape[-2:]
+    head_dim_p = padded_head_dim(head_dim)
+    seqlen_q = out.shape[0] if layout.varlen else out.shape[1]
+    rows_spec = token_spec(layout, seqlen_q, head_dim_p)
+    stats = stats_spec(layout, seqlen_q)
+    # Per token: a varlen batch is one row of all its tokens.
+    return pallas_call(
+        functools.partial(_delta_kernel, head_dim=head_dim, block_q=DELTA_BLOCK),
+        grid=(pl.cdiv(seqlen_q, DELTA_BLOCK), 1 if layout.varlen else out.shape[0], num_heads),
+        in_specs=[rows_spec, rows_spec, stats], out_specs=stats,
+        out_shape=jax.ShapeDtypeStruct(dlse.shape, jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret, debug=debug,
+        name="flash_attn_backward_delta",
+    )(out, dout, dlse)
+
+
 def _params(config: BlockConfig):
     return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config: BlockConfig,
              dq_config: BlockConfig, *, seed=None, layout: Layout = DENSE, seq_arrays=(),
-             max_seqlen_q=None, max_seqlen_k=None, grad_dtype=None, interpret: bool,
-             debug: bool = False):
+             max_seqlen_q=None, max_seqlen_k=None, grad_dtype=None, delta=None,
+             interpret: bool, debug: bool = False):
     """(dq, dk, dv) in ``grad_dtype`` (default the input dtype) from the residuals and the
-    cotangents of (out, lse).
+    cotangents of (out, lse). ``delta``: ``row_delta`` of (out, dout, dlse) when the caller has
+    it already (then out and dlse are not read).
 
     Dense: q (B, Sq, H, D), lse (B, H, Sq). Varlen: q (T, H, D), lse (H, T), ``seq_arrays``
     (cu_q, cu_k) and the static ``max_seqlen_q``/``max_seqlen_k`` that size the grids.
@@ -215,15 +235,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
     optional = optional_arrays(spec, slopes, seed)
     optional_specs = [whole_spec(x) for x in optional]
 
-    # Per token: a varlen batch is one row of all its tokens.
-    delta = call(
-        functools.partial(_delta_kernel, head_dim=head_dim, block_q=DELTA_BLOCK),
-        grid=(pl.cdiv(seqlen_q, DELTA_BLOCK), 1 if layout.varlen else batch, num_heads),
-        in_specs=[rows_spec, rows_spec, stats], out_specs=stats,
-        out_shape=jax.ShapeDtypeStruct(lse.shape, jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        name="flash_attn_backward_delta",
-    )(out, dout, dlse)
+    if delta is None:
+        delta = row_delta(out, dout, dlse, layout=layout, interpret=interpret, debug=debug)
 
     # dK/dV: the query-side operands of all `group` query heads of one kv head.
     kv_spec = token_spec(layout, seqlen_k, head_dim_p)
