@@ -24,8 +24,10 @@ KEY = jax.random.key(11)
 
 
 def make_mesh(size):
-    if len(jax.devices()) < size:
-        pytest.skip(f"needs {size} devices")
+    """A ring of ``size`` devices, or of all there are (at least 2)."""
+    size = min(size, len(jax.devices()))
+    if size < 2:
+        pytest.skip("needs 2 devices")
     return jax.make_mesh((size,), ("seq",), axis_types=(AxisType.Auto,))
 
 
