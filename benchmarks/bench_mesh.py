@@ -110,12 +110,40 @@ def ring(num_devices, seqlens):
     return rows
 
 
+def ring_schedule(num_devices, seqlen_dev=16384):
+    """The order of the K/V exchange and the kernels in the compiled ring forward + backward
+    (causal, zigzag): overlap shows as kernels between a collective-permute's start and done."""
+    mesh = jax.make_mesh((num_devices,), ("seq",), axis_types=(AxisType.Auto,))
+    spec = P(None, "seq")
+    x = jax.ShapeDtypeStruct((1, num_devices * seqlen_dev, 16, 128), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, spec))
+    fn = jax.shard_map(lambda q, k, v: fa.ring_flash_attn_func(q, k, v, axis_name="seq",
+                                                               layout="zigzag", causal=True),
+                       mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    text = fwd_bwd(fn).lower(x, x, x).compile().as_text()
+    events = []
+    for line in text.splitlines():
+        if "collective-permute-start" in line and "=" in line:
+            events.append("permute-start")
+        elif "collective-permute-done" in line and "=" in line:
+            events.append("permute-done")
+        elif "__gpu$xla.gpu.triton" in line and "custom-call" in line:
+            name = line.split("name=")[-1].split(",")[0] if "name=" in line else "kernel"
+            events.append(name.strip('"'))
+    return events
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqlens", type=int, nargs="+", default=[16384, 32768],
                         help="tokens per device of the ring benchmark")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--schedule", action="store_true",
+                        help="print where the ring's exchanges sit among its kernels, and exit")
     args = parser.parse_args()
+    if args.schedule:
+        print(" -> ".join(ring_schedule(len(jax.devices()))))
+        return
     num_devices = len(jax.devices())
     if num_devices < 2:
         raise SystemExit("needs at least 2 GPUs")
