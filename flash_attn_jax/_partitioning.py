@@ -23,11 +23,9 @@ local calls).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
@@ -240,11 +238,11 @@ class _Dense(Op):
             (_SEED,) if self.spec.has_dropout else ())
 
     def _split_optional(self, arrays):
-        """(slopes, seed, the rest) from the arrays that follow the leading ones."""
+        """(slopes, seed) from the optional arrays (those the spec uses)."""
         arrays = list(arrays)
         slopes = arrays.pop(0) if self.spec.has_alibi else None
         seed = arrays.pop(0) if self.spec.has_dropout else None
-        return slopes, seed, arrays
+        return slopes, seed
 
     def _plan(self, mesh, q, k, *, allow_ring):
         batch, seqlen_q, num_heads, _ = q.shape
@@ -252,19 +250,17 @@ class _Dense(Op):
         plan_batch = _divides(mesh, _axes_of(q.sharding, 0), batch)
         heads = _divides(mesh, _axes_of(q.sharding, 2), num_heads, num_heads_k)
         seq = _divides(mesh, _axes_of(q.sharding, 1), seqlen_q)
-        use_ring = False
-        if seq and allow_ring and _axes_of(k.sharding, 1) and seqlen_k % _size(mesh, seq) == 0:
-            try:
-                ring.check_chunks(self.spec, ring.Ring(seq, _size(mesh, seq)), seqlen_q // _size(mesh, seq),
-                                  seqlen_k // _size(mesh, seq))
-                use_ring = True
-            except ValueError:  # e.g. dropout on key chunks the hash cannot align: keys gathered
-                use_ring = False
+        # A ring when the keys' sequence is split too (over the queries' axes, resharded if
+        # need be) and its chunks suit it (dropout's aligned key chunks); otherwise whole keys.
+        n = _size(mesh, seq)
+        use_ring = bool(seq and allow_ring and _axes_of(k.sharding, 1) and seqlen_k % n == 0
+                        and ring.chunk_problem(self.spec, ring.Ring(seq, n), seqlen_q // n,
+                                               seqlen_k // n) is None)
         return Plan(batch=plan_batch, heads=heads, seq=seq, ring=use_ring)
 
     def _placement(self, plan, mesh, q, k):
         """The Placement of this shard's call (None when local indices are right)."""
-        base = (_offset(plan.batch, q.shape[0]), _offset(plan.heads, q.shape[2]))
+        base = self._base(plan, q)
         if plan.seq:
             n = _size(mesh, plan.seq)
             return kernels.Placement(batch=base[0], head=base[1],
@@ -278,6 +274,7 @@ class _Dense(Op):
         return ring.Ring(axis_name=_entry(plan.seq), num_shards=_size(mesh, plan.seq))
 
     def _base(self, plan, q):
+        """The global (batch, head) of this shard's first batch row and query head."""
         return (_offset(plan.batch, q.shape[0]), _offset(plan.heads, q.shape[2]))
 
 
@@ -286,7 +283,7 @@ class Forward(_Dense):
     """(q, k, v[, slopes][, seed]) -> (out, lse)."""
 
     def local(self, q, k, v, *optional, placement=None):
-        slopes, seed, _ = self._split_optional(optional)
+        slopes, seed = self._split_optional(optional)
         return kernels.forward(q, k, v, slopes, self.spec, None, seed, placement=placement)
 
     def arg_dims(self):
@@ -301,7 +298,7 @@ class Forward(_Dense):
     def lower(self, plan, mesh):
         def per_shard(q, k, v, *optional):
             if plan.ring:
-                slopes, seed, _ = self._split_optional(optional)
+                slopes, seed = self._split_optional(optional)
                 return ring.forward(q, k, v, slopes, seed, self.spec, self._ring(plan, mesh),
                                     self._base(plan, q))
             return self.local(q, k, v, *optional,
@@ -314,7 +311,7 @@ class Backward(_Dense):
     """(q, k, v, out, lse, dout, dlse[, slopes][, seed]) -> (dq, dk, dv)."""
 
     def local(self, q, k, v, out, lse, dout, dlse, *optional, placement=None):
-        slopes, seed, _ = self._split_optional(optional)
+        slopes, seed = self._split_optional(optional)
         return kernels.backward(q, k, v, slopes, out, lse, dout, dlse, self.spec, None, seed,
                                 placement=placement)
 
@@ -330,7 +327,7 @@ class Backward(_Dense):
     def lower(self, plan, mesh):
         def per_shard(q, k, v, out, lse, dout, dlse, *optional):
             if plan.ring:
-                slopes, seed, _ = self._split_optional(optional)
+                slopes, seed = self._split_optional(optional)
                 return ring.backward(q, k, v, slopes, seed, out, lse, dout, dlse, self.spec,
                                      self._ring(plan, mesh), self._base(plan, q))
             return self.local(q, k, v, out, lse, dout, dlse, *optional,
@@ -343,7 +340,7 @@ class Probabilities(_Dense):
     """(q, k, lse[, slopes][, seed]) -> probabilities (B, H, Sq, Sk); keys whole per device."""
 
     def local(self, q, k, lse, *optional, placement=None):
-        slopes, seed, _ = self._split_optional(optional)
+        slopes, seed = self._split_optional(optional)
         return kernels.probabilities(q, k, lse, slopes, self.spec, None, seed,
                                      placement=placement)
 
@@ -412,7 +409,7 @@ class VarlenForward(_Varlen):
 
     def local(self, q, k, v, *rest, placement=None):
         seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
-        slopes, seed, _ = self._split_optional(optional)
+        slopes, seed = self._split_optional(optional)
         return kernels.forward(q, k, v, slopes, self.spec, self._varlen(seq), seed,
                                placement=placement)
 
@@ -435,7 +432,7 @@ class VarlenBackward(_Varlen):
 
     def local(self, q, k, v, out, lse, dout, dlse, *rest, placement=None):
         seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
-        slopes, seed, _ = self._split_optional(optional)
+        slopes, seed = self._split_optional(optional)
         return kernels.backward(q, k, v, slopes, out, lse, dout, dlse, self.spec,
                                 self._varlen(seq), seed, placement=placement)
 
@@ -459,7 +456,7 @@ class VarlenProbabilities(_Varlen):
 
     def local(self, q, k, lse, *rest, placement=None):
         seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
-        slopes, seed, _ = self._split_optional(optional)
+        slopes, seed = self._split_optional(optional)
         return kernels.probabilities(q, k, lse, slopes, self.spec, self._varlen(seq), seed,
                                      placement=placement)
 

@@ -39,8 +39,7 @@ LAYOUTS = ("contiguous", "zigzag")
 
 @dataclasses.dataclass(frozen=True)
 class Ring:
-    """Static description of one ring: the mesh axis (or axes), its size, the layout, and the
-    global batch and head index of this call's first row and head (for dropout)."""
+    """Static description of one ring: the mesh axis (or axes), its size, the layout."""
 
     axis_name: str | tuple
     num_shards: int
@@ -66,7 +65,7 @@ class Ring:
 
 def _visible(spec: ScoreSpec, q_pos, q_len, k_pos, k_len, diagonal, seqlen_k):
     """Whether any query of [q_pos, q_pos + q_len) may attend a key of [k_pos, k_pos + k_len)
-    (True without a window: then every pair is visible)."""
+    (traced); None without a window, where every pair is visible."""
     if not spec.is_masked:
         return None
     lo, hi = key_span(q_pos, q_pos + q_len, spec, offset=diagonal, seqlen_k=seqlen_k)
@@ -109,7 +108,7 @@ def _placement(base, q_pos, k_pos, diagonal):
 
 
 def _geometry(ring: Ring, q, k):
-    """(this device, the ring's global (seqlen_q, seqlen_k), the bottom-right offset)."""
+    """(this device's index, the global seqlen_k, the bottom-right offset seqlen_k - seqlen_q)."""
     me = lax.axis_index(ring.axis_name)
     seqlen_q, seqlen_k = ring.num_shards * q.shape[1], ring.num_shards * k.shape[1]
     return me, seqlen_k, seqlen_k - seqlen_q
@@ -228,17 +227,18 @@ def _axis_size(axis_name):
                          "ring_flash_attn_func inside jax.shard_map over that axis") from None
 
 
-def check_chunks(spec: ScoreSpec, ring: Ring, seqlen_q_local: int, seqlen_k_local: int):
-    """Raises ValueError where a ring cannot run these local lengths."""
+def chunk_problem(spec: ScoreSpec, ring: Ring, seqlen_q_local: int, seqlen_k_local: int):
+    """Why a ring cannot run these local lengths (a message), or None."""
     chunks = ring.chunks_per_shard
     for name, length in (("q", seqlen_q_local), ("k", seqlen_k_local)):
         if length % chunks:
-            raise ValueError(f"layout='zigzag' needs an even local sequence length, got {name} "
-                             f"with {length} tokens per device")
+            return (f"layout='zigzag' needs an even local sequence length, got {name} with "
+                    f"{length} tokens per device")
     # The dropout hash works on aligned groups of 32 key columns (semantics.py).
     if spec.has_dropout and (seqlen_k_local // chunks) % 32:
-        raise ValueError(f"ring attention with dropout needs key chunks of a multiple of 32 "
-                         f"tokens; got {seqlen_k_local // chunks} per chunk (layout {ring.layout!r})")
+        return (f"ring attention with dropout needs key chunks of a multiple of 32 tokens; got "
+                f"{seqlen_k_local // chunks} per chunk (layout {ring.layout!r})")
+    return None
 
 
 def ring_flash_attn_func(q, k, v, *, axis_name, layout="contiguous", dropout_p=0.0,
@@ -285,7 +285,9 @@ def ring_flash_attn_func(q, k, v, *, axis_name, layout="contiguous", dropout_p=0
                             window=window_size, softcap=softcap, has_alibi=slopes is not None,
                             dropout_p=dropout_p)
     ring = Ring(axis_name=axis_name, num_shards=_axis_size(axis_name), layout=layout)
-    check_chunks(spec, ring, seqlen_q, k.shape[1])
+    problem = chunk_problem(spec, ring, seqlen_q, k.shape[1])
+    if problem:
+        raise ValueError(problem)
     if q.size == 0 or k.shape[1] == 0:
         out = jnp.zeros(q.shape, q.dtype)
         lse = jnp.full((batch, num_heads, seqlen_q), -jnp.inf, jnp.float32)

@@ -11,7 +11,6 @@ collectives: none for batch and head sharding, only collective-permutes for the 
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 
