@@ -28,7 +28,7 @@ import flash_attn_jax as fa
 from flash_attn_jax.kernels import triton_decode
 from flash_attn_jax.kernels.config import DecodeConfig
 from flash_attn_jax.semantics import ScoreSpec
-from timing import seconds_per_call
+from timing import report, seconds_per_call
 
 SHAPES = [(8, 4096), (64, 4096), (8, 32768), (64, 32768)]
 NUM_HEADS, NUM_HEADS_K, HEAD_DIM = 32, 8, 128
@@ -183,11 +183,7 @@ def main():
               "", "| capacity | ms per step |", "|---|---|"]
     for capacity, seconds in capacity_check():
         lines.append(f"| {capacity} | {seconds * 1e3:.3f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

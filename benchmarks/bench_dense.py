@@ -28,7 +28,7 @@ import flash_attn_jax as fa
 from flash_attn_jax.kernels import triton_backward, triton_forward
 from flash_attn_jax.kernels.config import BlockConfig, backward_configs, forward_config, padded_head_dim
 from flash_attn_jax.semantics import ScoreSpec
-from timing import seconds_per_call
+from timing import report, seconds_per_call
 
 TOKENS, WIDTH = 16384, 2048
 SHAPES = [(d, s, causal) for d in (128, 64) for s in (1024, 4096, 16384) for causal in (False, True)]
@@ -168,11 +168,7 @@ def main():
     geomeans = [math.exp(statistics.fmean(math.log(r) for r in ratios[name])) if ratios[name] else
                 float("nan") for name in names]
     lines.append("| geomean ratio to cuDNN | | | " + " | ".join(f"{g:.2f}" for g in geomeans) + " |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import jax
 
 import flash_attn_jax as fa
 from bench_dense import SHAPES, flops, inputs, print_sweep, timed
-from timing import seconds_per_call
+from timing import report, seconds_per_call
 
 DROPOUT_P = 0.1
 
@@ -66,11 +66,7 @@ def main():
             print_sweep((head_dim, seqlen, causal), args.phase, q, k, v, dropout_p=DROPOUT_P)
     geomean = math.exp(statistics.fmean(math.log(s) for s in slowdowns))
     lines.append(f"| geomean | | | | | {100 * (geomean - 1):+.1f} % | |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flash_attn_jax as fa
-from timing import seconds_per_call
+from timing import report, seconds_per_call
 
 
 def normal(shape, *, sharding=None, seed=0):
@@ -175,11 +175,7 @@ def main():
     for total, causal, name, ms, base, eff, tflops in ring(num_devices, args.seqlens):
         lines.append(f"| {total} | {causal} | {name} | {ms:.2f} | {base:.2f} | **{eff:.2f}** | "
                      f"{tflops:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flash_attn_jax as fa
-from timing import seconds_per_call
+from timing import report, seconds_per_call
 
 NUM_SEQS, MAX_LEN, NHEADS, HEAD_DIM = 64, 2048, 16, 128
 
@@ -107,11 +107,7 @@ def main():
                     cells.append(f"failed: {type(error).__name__}")
             lines.append(f"| {phase} | {'y' if causal else 'n'} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

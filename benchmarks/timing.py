@@ -30,3 +30,12 @@ def seconds_per_call(fn, *args, min_time=0.25, repeats=5):
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
+
+
+def report(lines, out=None):
+    """Prints a benchmark's markdown lines and writes them to ``out`` when given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")

@@ -227,11 +227,12 @@ _SEED = (None,)
 
 @dataclasses.dataclass(frozen=True)
 class _Dense(Op):
-    """Shared by the dense ops: the score spec, which optional arrays are present, GQA group."""
+    """Shared by the dense ops: the score spec (which optional arrays are present), GQA."""
 
     spec: ScoreSpec
     group: int
     num_heads_k: int
+    allows_ring = True  # whether a split key sequence runs the ring (else keys are gathered)
 
     def _optional_dims(self):
         return ((_SLOPES,) if self.spec.has_alibi else ()) + (
@@ -244,7 +245,8 @@ class _Dense(Op):
         seed = arrays.pop(0) if self.spec.has_dropout else None
         return slopes, seed
 
-    def _plan(self, mesh, q, k, *, allow_ring):
+    def plan(self, mesh, arg_shapes):
+        q, k = arg_shapes[:2]
         batch, seqlen_q, num_heads, _ = q.shape
         seqlen_k, num_heads_k = k.shape[1], k.shape[2]
         plan_batch = _divides(mesh, _axes_of(q.sharding, 0), batch)
@@ -253,7 +255,7 @@ class _Dense(Op):
         # A ring when the keys' sequence is split too (over the queries' axes, resharded if
         # need be) and its chunks suit it (dropout's aligned key chunks); otherwise whole keys.
         n = _size(mesh, seq)
-        use_ring = bool(seq and allow_ring and _axes_of(k.sharding, 1) and seqlen_k % n == 0
+        use_ring = bool(seq and self.allows_ring and _axes_of(k.sharding, 1) and seqlen_k % n == 0
                         and ring.chunk_problem(self.spec, ring.Ring(seq, n), seqlen_q // n,
                                                seqlen_k // n) is None)
         return Plan(batch=plan_batch, heads=heads, seq=seq, ring=use_ring)
@@ -270,8 +272,17 @@ class _Dense(Op):
             return kernels.Placement(batch=base[0], head=base[1])
         return None
 
-    def _ring(self, plan, mesh):
-        return ring.Ring(axis_name=_entry(plan.seq), num_shards=_size(mesh, plan.seq))
+    def ring_call(self, plan_ring, base, *arrays):
+        """The op on this device's shard of a ring (``ring.forward`` or ``ring.backward``)."""
+        raise NotImplementedError
+
+    def lower(self, plan, mesh):
+        def per_shard(q, k, *rest):
+            if plan.ring:
+                plan_ring = ring.Ring(axis_name=_entry(plan.seq), num_shards=_size(mesh, plan.seq))
+                return self.ring_call(plan_ring, self._base(plan, q), q, k, *rest)
+            return self.local(q, k, *rest, placement=self._placement(plan, mesh, q, k))
+        return per_shard
 
     def _base(self, plan, q):
         """The global (batch, head) of this shard's first batch row and query head."""
@@ -292,18 +303,9 @@ class Forward(_Dense):
     def out_dims(self):
         return (_Q, _LSE)
 
-    def plan(self, mesh, arg_shapes):
-        return self._plan(mesh, arg_shapes[0], arg_shapes[1], allow_ring=True)
-
-    def lower(self, plan, mesh):
-        def per_shard(q, k, v, *optional):
-            if plan.ring:
-                slopes, seed = self._split_optional(optional)
-                return ring.forward(q, k, v, slopes, seed, self.spec, self._ring(plan, mesh),
-                                    self._base(plan, q))
-            return self.local(q, k, v, *optional,
-                              placement=self._placement(plan, mesh, q, k))
-        return per_shard
+    def ring_call(self, plan_ring, base, q, k, v, *optional):
+        slopes, seed = self._split_optional(optional)
+        return ring.forward(q, k, v, slopes, seed, self.spec, plan_ring, base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,18 +323,10 @@ class Backward(_Dense):
     def out_dims(self):
         return (_Q, _KV, _KV)
 
-    def plan(self, mesh, arg_shapes):
-        return self._plan(mesh, arg_shapes[0], arg_shapes[1], allow_ring=True)
-
-    def lower(self, plan, mesh):
-        def per_shard(q, k, v, out, lse, dout, dlse, *optional):
-            if plan.ring:
-                slopes, seed = self._split_optional(optional)
-                return ring.backward(q, k, v, slopes, seed, out, lse, dout, dlse, self.spec,
-                                     self._ring(plan, mesh), self._base(plan, q))
-            return self.local(q, k, v, out, lse, dout, dlse, *optional,
-                              placement=self._placement(plan, mesh, q, k))
-        return per_shard
+    def ring_call(self, plan_ring, base, q, k, v, out, lse, dout, dlse, *optional):
+        slopes, seed = self._split_optional(optional)
+        return ring.backward(q, k, v, slopes, seed, out, lse, dout, dlse, self.spec, plan_ring,
+                             base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,13 +344,7 @@ class Probabilities(_Dense):
     def out_dims(self):
         return ((BATCH, HEADS, SEQ_Q, SEQ_K),)
 
-    def plan(self, mesh, arg_shapes):
-        return self._plan(mesh, arg_shapes[0], arg_shapes[1], allow_ring=False)
-
-    def lower(self, plan, mesh):
-        def per_shard(q, k, lse, *optional):
-            return self.local(q, k, lse, *optional, placement=self._placement(plan, mesh, q, k))
-        return per_shard
+    allows_ring = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,13 +382,22 @@ class _Varlen(_Dense):
     def _num_seq(self):
         return 3 if self.paged else 2
 
-    def _plan_heads(self, mesh, q, k):
+    def _unpack(self, rest):
+        """(Varlen, slopes, seed) from the arrays after the leading ones."""
+        seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
+        return (self._varlen(seq), *self._split_optional(optional))
+
+    def plan(self, mesh, arg_shapes):
+        q, k = arg_shapes[:2]
         return Plan(heads=_divides(mesh, _axes_of(q.sharding, 1), q.shape[1], k.shape[-2]))
 
-    def _head_placement(self, plan, q):
-        if self.spec.has_dropout and plan.heads:
-            return kernels.Placement(batch=0, head=_offset(plan.heads, q.shape[1]))
-        return None
+    def lower(self, plan, mesh):
+        def per_shard(q, *rest):
+            placement = None
+            if self.spec.has_dropout and plan.heads:
+                placement = kernels.Placement(batch=0, head=_offset(plan.heads, q.shape[1]))
+            return self.local(q, *rest, placement=placement)
+        return per_shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,10 +405,8 @@ class VarlenForward(_Varlen):
     """(q, k, v, cu_q, cu_k[, table][, slopes][, seed]) -> (out, lse)."""
 
     def local(self, q, k, v, *rest, placement=None):
-        seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
-        slopes, seed = self._split_optional(optional)
-        return kernels.forward(q, k, v, slopes, self.spec, self._varlen(seq), seed,
-                               placement=placement)
+        varlen, slopes, seed = self._unpack(rest)
+        return kernels.forward(q, k, v, slopes, self.spec, varlen, seed, placement=placement)
 
     def arg_dims(self):
         return (_VQ, self._kv_dims(), self._kv_dims()) + self._seq_dims() + self._optional_dims()
@@ -419,22 +414,15 @@ class VarlenForward(_Varlen):
     def out_dims(self):
         return (_VQ, _VLSE)
 
-    def plan(self, mesh, arg_shapes):
-        return self._plan_heads(mesh, arg_shapes[0], arg_shapes[1])
-
-    def lower(self, plan, mesh):
-        return lambda q, *rest: self.local(q, *rest, placement=self._head_placement(plan, q))
-
 
 @dataclasses.dataclass(frozen=True)
 class VarlenBackward(_Varlen):
     """(q, k, v, out, lse, dout, dlse, cu_q, cu_k[, slopes][, seed]) -> (dq, dk, dv)."""
 
     def local(self, q, k, v, out, lse, dout, dlse, *rest, placement=None):
-        seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
-        slopes, seed = self._split_optional(optional)
-        return kernels.backward(q, k, v, slopes, out, lse, dout, dlse, self.spec,
-                                self._varlen(seq), seed, placement=placement)
+        varlen, slopes, seed = self._unpack(rest)
+        return kernels.backward(q, k, v, slopes, out, lse, dout, dlse, self.spec, varlen, seed,
+                                placement=placement)
 
     def arg_dims(self):
         return ((_VQ, _VKV, _VKV, _VQ, _VLSE, _VQ, _VLSE) + self._seq_dims()
@@ -443,21 +431,14 @@ class VarlenBackward(_Varlen):
     def out_dims(self):
         return (_VQ, _VKV, _VKV)
 
-    def plan(self, mesh, arg_shapes):
-        return self._plan_heads(mesh, arg_shapes[0], arg_shapes[1])
-
-    def lower(self, plan, mesh):
-        return lambda q, *rest: self.local(q, *rest, placement=self._head_placement(plan, q))
-
 
 @dataclasses.dataclass(frozen=True)
 class VarlenProbabilities(_Varlen):
     """(q, k, lse, cu_q, cu_k[, table][, slopes][, seed]) -> (B, H, max_q, max_k)."""
 
     def local(self, q, k, lse, *rest, placement=None):
-        seq, optional = rest[:self._num_seq()], rest[self._num_seq():]
-        slopes, seed = self._split_optional(optional)
-        return kernels.probabilities(q, k, lse, slopes, self.spec, self._varlen(seq), seed,
+        varlen, slopes, seed = self._unpack(rest)
+        return kernels.probabilities(q, k, lse, slopes, self.spec, varlen, seed,
                                      placement=placement)
 
     def arg_dims(self):
@@ -465,12 +446,6 @@ class VarlenProbabilities(_Varlen):
 
     def out_dims(self):
         return ((None, HEADS, None, None),)
-
-    def plan(self, mesh, arg_shapes):
-        return self._plan_heads(mesh, arg_shapes[0], arg_shapes[1])
-
-    def lower(self, plan, mesh):
-        return lambda q, *rest: self.local(q, *rest, placement=self._head_placement(plan, q))
 
 
 # ----------------------------------------------------------------------------------------------

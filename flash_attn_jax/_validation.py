@@ -242,6 +242,20 @@ def score_spec(*, head_dim, softmax_scale, causal, window, softcap, has_alibi, d
                             dropout_p=dropout_p)
 
 
+def attention_options(batch, num_heads, head_dim, *, dropout_p, softmax_scale, causal,
+                      window_size, softcap, alibi, deterministic, dropout_key):
+    """The flags shared by flash_attn_func, its variants and ring_flash_attn_func, checked:
+    (slopes (batch, nheads) or None, ScoreSpec, the dropout key's words or None). ``alibi``: the
+    alibi_slopes argument."""
+    dropout_p, seed = dropout(dropout_p, dropout_key)
+    static_bool("deterministic", deterministic)
+    slopes = alibi_slopes(alibi, batch, num_heads)
+    spec = score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
+                      window=window_size, softcap=softcap, has_alibi=slopes is not None,
+                      dropout_p=dropout_p)
+    return slopes, spec, seed
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
     """Static facts of a flash_attn_with_kvcache call, validated."""

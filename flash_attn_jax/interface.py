@@ -46,14 +46,11 @@ def _options(batch, num_heads, head_dim, dropout_p, softmax_scale, causal, windo
              alibi_slopes, deterministic, return_attn_probs, dropout_key):
     """(slopes (batch, nheads) or None, ScoreSpec, dropout key words or None, return_attn_probs)
     of the shared flags."""
-    dropout_p, seed = check.dropout(dropout_p, dropout_key)
-    check.static_bool("deterministic", deterministic)
-    return_attn_probs = check.static_bool("return_attn_probs", return_attn_probs)
-    slopes = check.alibi_slopes(alibi_slopes, batch, num_heads)
-    spec = check.score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
-                            window=window_size, softcap=softcap, has_alibi=slopes is not None,
-                            dropout_p=dropout_p)
-    return slopes, spec, seed, return_attn_probs
+    slopes, spec, seed = check.attention_options(
+        batch, num_heads, head_dim, dropout_p=dropout_p, softmax_scale=softmax_scale,
+        causal=causal, window_size=window_size, softcap=softcap, alibi=alibi_slopes,
+        deterministic=deterministic, dropout_key=dropout_key)
+    return slopes, spec, seed, check.static_bool("return_attn_probs", return_attn_probs)
 
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,

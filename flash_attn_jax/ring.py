@@ -241,10 +241,14 @@ def chunk_problem(spec: ScoreSpec, ring: Ring, seqlen_q_local: int, seqlen_k_loc
     return None
 
 
-def ring_flash_attn_func(q, k, v, *, axis_name, layout="contiguous", dropout_p=0.0,
-                         softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                         alibi_slopes=None, deterministic=False, dropout_key=None,
-                         return_softmax_lse=False):
+def ring_flash_attn_func(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                         axis_name: str | tuple[str, ...], layout: str = "contiguous",
+                         dropout_p: float = 0.0, softmax_scale: float | None = None,
+                         causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                         softcap: float = 0.0, alibi_slopes: jax.Array | None = None,
+                         deterministic: bool = False, dropout_key: jax.Array | None = None,
+                         return_softmax_lse: bool = False
+                         ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Ring attention: ``flash_attn_func`` over a sequence split across a mesh axis.
 
     Call it inside ``jax.shard_map`` with the sequence axis (axis 1) of q, k and v split over the
@@ -277,13 +281,11 @@ def ring_flash_attn_func(q, k, v, *, axis_name, layout="contiguous", dropout_p=0
     batch, seqlen_q, _, num_heads, _, head_dim = check.dense_qkv(q, k, v)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    dropout_p, seed = check.dropout(dropout_p, dropout_key)
-    check.static_bool("deterministic", deterministic)
+    slopes, spec, seed = check.attention_options(
+        batch, num_heads, head_dim, dropout_p=dropout_p, softmax_scale=softmax_scale,
+        causal=causal, window_size=window_size, softcap=softcap, alibi=alibi_slopes,
+        deterministic=deterministic, dropout_key=dropout_key)
     return_lse = check.static_bool("return_softmax_lse", return_softmax_lse)
-    slopes = check.alibi_slopes(alibi_slopes, batch, num_heads)
-    spec = check.score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
-                            window=window_size, softcap=softcap, has_alibi=slopes is not None,
-                            dropout_p=dropout_p)
     ring = Ring(axis_name=axis_name, num_shards=_axis_size(axis_name), layout=layout)
     problem = chunk_problem(spec, ring, seqlen_q, k.shape[1])
     if problem:
@@ -316,12 +318,14 @@ def _permute_chunks(x, num_shards, axis, inverse):
     return jnp.concatenate([chunks[c] for c in order], axis=axis)
 
 
-def to_ring_layout(x, num_shards, axis=1):
-    """``x`` with its ``axis`` permuted into the zigzag order: split into 2 * num_shards chunks,
-    device i's contiguous shard holds chunks i and 2 * num_shards - 1 - i."""
+def to_ring_layout(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+    """``x`` (the sequence on ``axis``; same shape out) permuted into the zigzag order of
+    ``ring_flash_attn_func(..., layout="zigzag")``: the axis is cut into 2 * num_shards chunks,
+    reordered so that contiguous shard i of num_shards holds chunks i and 2 * num_shards - 1 - i.
+    Its length must be a multiple of 2 * num_shards."""
     return _permute_chunks(x, num_shards, axis, inverse=False)
 
 
-def from_ring_layout(x, num_shards, axis=1):
-    """The inverse of ``to_ring_layout``."""
+def from_ring_layout(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+    """The inverse of ``to_ring_layout``: the zigzag order back to the sequence order."""
     return _permute_chunks(x, num_shards, axis, inverse=True)
