@@ -220,6 +220,9 @@ _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
 def _axis_size(axis_name):
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"axis_name must be a mesh axis name or a tuple of them, got {axis_name!r}")
     try:
         return lax.axis_size(axis_name)
     except NameError:
@@ -279,6 +282,8 @@ def ring_flash_attn_func(q: jax.Array, k: jax.Array, v: jax.Array, *,
       ValueError for bad shapes or values or an unbound ``axis_name``, TypeError for bad types.
     """
     batch, seqlen_q, _, num_heads, _, head_dim = check.dense_qkv(q, k, v)
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be a str, one of {LAYOUTS}, got {type(layout).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     slopes, spec, seed = check.attention_options(

@@ -152,6 +152,10 @@ def test_errors():
 
     with pytest.raises(ValueError, match="layout"):
         run(layout="ring")
+    with pytest.raises(TypeError, match="layout"):
+        run(layout=2)
+    with pytest.raises(TypeError, match="axis_name"):
+        fa.ring_flash_attn_func(x, x, x, axis_name=5)
     with pytest.raises(ValueError, match="even local sequence"):
         run(layout="zigzag", length=34)
     with pytest.raises(ValueError, match="multiple of 32"):
