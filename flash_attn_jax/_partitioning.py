@@ -532,48 +532,29 @@ class KvCache(Op):
 # ----------------------------------------------------------------------------------------------
 # The seam's attention functions, partitioned (the signatures of flash_attn_jax.kernels).
 
-def _heads(q, k):
-    return dict(group=q.shape[-2] // k.shape[-2], num_heads_k=k.shape[-2])
-
-
-def _optional(slopes, seed):
-    return tuple(x for x in (slopes, seed) if x is not None)
-
-
-def _varlen_op(cls, spec, q, k, varlen):
-    return cls(spec=spec, group=q.shape[-2] // k.shape[-2], num_heads_k=k.shape[-2],
-               max_seqlen_q=varlen.max_seqlen_q,
-               max_seqlen_k=varlen.max_seqlen_k, paged=varlen.block_table is not None)
-
-
-def _seq_arrays(varlen):
-    return (varlen.cu_seqlens_q, varlen.cu_seqlens_k) + (
-        () if varlen.block_table is None else (varlen.block_table,))
+def _run(dense_op, varlen_op, spec, varlen, leading, slopes, seed):
+    """The dense or the varlen op on the ``leading`` arrays (q, k, ...) and the optional ones."""
+    q, k = leading[:2]
+    heads = dict(group=q.shape[-2] // k.shape[-2], num_heads_k=k.shape[-2])
+    optional = tuple(x for x in (slopes, seed) if x is not None)
+    if varlen is None:
+        return call(dense_op(spec=spec, **heads), *leading, *optional)
+    op = varlen_op(spec=spec, **heads, max_seqlen_q=varlen.max_seqlen_q,
+                   max_seqlen_k=varlen.max_seqlen_k, paged=varlen.block_table is not None)
+    return call(op, *leading, *varlen.arrays, *optional)
 
 
 def forward(q, k, v, slopes, spec, varlen=None, seed=None):
     """``kernels.forward``, partitioned."""
-    if varlen is None:
-        op = Forward(spec=spec, **_heads(q, k))
-        return call(op, q, k, v, *_optional(slopes, seed))
-    op = _varlen_op(VarlenForward, spec, q, k, varlen)
-    return call(op, q, k, v, *_seq_arrays(varlen), *_optional(slopes, seed))
+    return _run(Forward, VarlenForward, spec, varlen, (q, k, v), slopes, seed)
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None):
     """``kernels.backward``, partitioned."""
-    if varlen is None:
-        op = Backward(spec=spec, **_heads(q, k))
-        return call(op, q, k, v, out, lse, dout, dlse, *_optional(slopes, seed))
-    op = _varlen_op(VarlenBackward, spec, q, k, varlen)
-    return call(op, q, k, v, out, lse, dout, dlse, *_seq_arrays(varlen),
-                *_optional(slopes, seed))
+    return _run(Backward, VarlenBackward, spec, varlen, (q, k, v, out, lse, dout, dlse), slopes,
+                seed)
 
 
 def probabilities(q, k, lse, slopes, spec, varlen=None, seed=None):
     """``kernels.probabilities``, partitioned."""
-    if varlen is None:
-        op = Probabilities(spec=spec, **_heads(q, k))
-        return call(op, q, k, lse, *_optional(slopes, seed))
-    op = _varlen_op(VarlenProbabilities, spec, q, k, varlen)
-    return call(op, q, k, lse, *_seq_arrays(varlen), *_optional(slopes, seed))
+    return _run(Probabilities, VarlenProbabilities, spec, varlen, (q, k, lse), slopes, seed)

@@ -62,13 +62,18 @@ class Varlen:
     max_seqlen_q: int = dataclasses.field(metadata=dict(static=True))
     max_seqlen_k: int = dataclasses.field(metadata=dict(static=True))
 
+    @property
+    def arrays(self):
+        """(cu_seqlens_q, cu_seqlens_k[, block_table])."""
+        table = () if self.block_table is None else (self.block_table,)
+        return (self.cu_seqlens_q, self.cu_seqlens_k) + table
+
     def kernel_args(self, k, place_words=None):
         """Keyword arguments of the Triton kernels for keys ``k``, with the placement words."""
         paged = self.block_table is not None
-        arrays = (self.cu_seqlens_q, self.cu_seqlens_k) + ((self.block_table,) if paged else ())
         layout = triton_segments.Layout(varlen=True, page_size=k.shape[1] if paged else 0,
                                         place_words=0 if place_words is None else place_words.size)
-        return dict(layout=layout, seq_arrays=arrays + _words(place_words),
+        return dict(layout=layout, seq_arrays=self.arrays + _words(place_words),
                     max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
 
 
