@@ -111,12 +111,8 @@ def _token_range(cu_ref, batch, total):
     return start, jnp.clip(cu_ref[batch + 1], start, total) - start
 
 
-def _offset(start, lo):
-    return lo if isinstance(start, int) and start == 0 else start + lo
-
-
 def _plus(a, b):
-    """a + b, folding a Python 0 (no op in a kernel that is not placed)."""
+    """a + b, folding a Python 0 (no op for a dense or unplaced kernel)."""
     if isinstance(a, int) and a == 0:
         return b
     return b if isinstance(b, int) and b == 0 else a + b
@@ -195,11 +191,11 @@ class Segment:
 
     def q_slice(self, lo, size):
         """The ref slice of this row's query rows ``[lo, lo + size)``."""
-        return pl.ds(_offset(self.q_start, lo), size)
+        return pl.ds(_plus(self.q_start, lo), size)
 
     def k_slice(self, lo, size):
         """The ref slice of this row's key columns ``[lo, lo + size)`` (contiguous keys)."""
-        return pl.ds(_offset(self.k_start, lo), size)
+        return pl.ds(_plus(self.k_start, lo), size)
 
     def keys(self, ref, lo, size):
         """The ref view of this row's key columns ``[lo, lo + size)``, paged or contiguous."""
