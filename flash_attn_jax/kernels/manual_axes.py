@@ -44,19 +44,21 @@ def _varying_struct(struct, axes):
 
 def pallas_call(kernel, *, out_shape, interpret: bool, **kwargs):
     """``pl.pallas_call(kernel, out_shape=..., interpret=..., **kwargs)`` that also works inside
-    a checked shard_map (compiled and interpreted)."""
+    a checked shard_map (compiled and interpreted) and, interpreted, under jax_enable_x64."""
 
     def call(*operands):
-        if not _checked_shard_map():
+        checked = _checked_shard_map()
+        if interpret and (checked or jax.config.jax_enable_x64):
+            return _untyped_call(
+                lambda *ops: pl.pallas_call(kernel, out_shape=out_shape, interpret=True,
+                                            **kwargs)(*ops),
+                operands, varying_axes(operands) if checked else frozenset())
+        if not checked:
             return pl.pallas_call(kernel, out_shape=out_shape, interpret=interpret, **kwargs)(
                 *operands)
         axes = varying_axes(operands)
-        if not interpret:
-            typed = jax.tree.map(lambda s: _varying_struct(s, axes), out_shape)
-            return pl.pallas_call(kernel, out_shape=typed, interpret=False, **kwargs)(*operands)
-        return _untyped_call(
-            lambda *ops: pl.pallas_call(kernel, out_shape=out_shape, interpret=True, **kwargs)(
-                *ops), operands, axes)
+        typed = jax.tree.map(lambda s: _varying_struct(s, axes), out_shape)
+        return pl.pallas_call(kernel, out_shape=typed, interpret=False, **kwargs)(*operands)
 
     return call
 
@@ -66,16 +68,19 @@ _untyped_call_p.multiple_results = True
 
 
 def _untyped_call(fn, operands, axes):
-    """``fn(*operands)`` traced and lowered without manual axes, its outputs varying over
-    ``axes``."""
+    """``fn(*operands)`` traced and lowered without manual axes and with 32-bit defaults (the
+    interpreter's own index constants would be int64 under jax_enable_x64, next to the kernels'
+    int32 ones), its outputs varying over ``axes``."""
     structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands]
-    with _jax_config._check_vma(False):
+    with _jax_config._check_vma(False), jax.enable_x64(False):
         closed, out_tree = jax.make_jaxpr(fn, return_shape=True)(*structs)
     outs = _untyped_call_p.bind(*operands, jaxpr=closed, axes=axes)
     return jax.tree.unflatten(jax.tree.structure(out_tree), outs)
 
 
 def _abstract_eval(*avals, jaxpr, axes):
+    if not axes:
+        return list(jaxpr.out_avals)
     mat = _jax_core.ManualAxisType(varying=axes)
     # The sharding of an operand that varies: its mesh knows the manual axes.
     like = next((a for a in avals if a.mat.varying), avals[0])
@@ -85,7 +90,7 @@ def _abstract_eval(*avals, jaxpr, axes):
 def _lowering(ctx, *operands, jaxpr, axes):
     del axes
     plain = [_jax_core.ShapedArray(a.shape, a.dtype) for a in ctx.avals_in]
-    with _jax_config._check_vma(False):
+    with _jax_config._check_vma(False), jax.enable_x64(False):
         ctx = ctx.replace(avals_in=plain, avals_out=list(jaxpr.out_avals))
         return mlir.lower_fun(_jax_core.jaxpr_as_fun(jaxpr), multiple_results=True)(ctx, *operands)
 
@@ -97,6 +102,12 @@ def _batching(operands, dims, *, jaxpr, axes):
     return outs, [0] * len(outs)
 
 
+def _impl(*operands, jaxpr, axes):
+    # Eagerly: a jitted program of the one primitive, lowered by the rule below.
+    return jax.jit(lambda *ops: _untyped_call_p.bind(*ops, jaxpr=jaxpr, axes=axes))(*operands)
+
+
+_untyped_call_p.def_impl(_impl)
 _untyped_call_p.def_abstract_eval(_abstract_eval)
 mlir.register_lowering(_untyped_call_p, _lowering)
 batching.primitive_batchers[_untyped_call_p] = _batching

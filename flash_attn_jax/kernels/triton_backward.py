@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -29,7 +28,8 @@ from flash_attn_jax.kernels.manual_axes import pallas_call
 from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, split_refs, stats_spec,
                                                     token_spec, whole_spec)
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, dropout_tile,
-                                                 head_dim_mask, masked_full_masked_loop,
+                                                 fori_loop, head_dim_mask, idiv,
+                                                 masked_full_masked_loop,
                                                  masked_load, masked_store, optional_arrays,
                                                  optional_refs)
 from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_derivative
@@ -130,7 +130,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
             return masked_full_masked_loop(body, carry, *blocks)
 
         zeros = jnp.zeros((block_k, head_dim_p), jnp.float32)
-        dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+        dk, dv = fori_loop(0, group, head_body, (zeros, zeros))
         if spec.has_dropout:
             dv = dv * spec.keep_scale
         for ref, grad in ((dk_ref, dk), (dv_ref, dv)):
@@ -256,7 +256,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, dkdv_config
         name="flash_attn_backward_dkdv",
     )(*seq_arrays, q, k, v, dout, lse, delta, *optional)
 
-    kv_of_query_head = token_spec(layout, seqlen_k, head_dim_p, head=lambda h: lax.div(h, group))
+    kv_of_query_head = token_spec(layout, seqlen_k, head_dim_p, head=lambda h: idiv(h, group))
     dq = call(
         functools.partial(_dq_kernel, layout=layout, spec=spec, head_dim=head_dim,
                           block_q=dq_config.block_q, block_k=dq_config.block_k,

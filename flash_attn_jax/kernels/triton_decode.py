@@ -22,13 +22,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.config import COMBINE_ROWS, DecodeConfig, next_power_of_2, padded_head_dim
 from flash_attn_jax.kernels.manual_axes import pallas_call
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, bounds_mask,
+                                                 fori_loop, idiv, irem,
                                                  finish_softmax, head_dim_mask,
                                                  initial_softmax_state, key_blocks,
                                                  masked_full_masked_loop, masked_load,
@@ -55,11 +55,11 @@ class _Pages:
     def locate(self, batch, position):
         position = jnp.maximum(position, 0)
         if self.paged:
-            slot = lax.div(position, self.page_size)
+            slot = idiv(position, self.page_size)
             max_slots = self.table_ref.shape[1]
             page = self.table_ref[batch, jnp.minimum(slot, max_slots - 1)]
             exists = slot < max_slots
-            offset = lax.rem(position, self.page_size)
+            offset = irem(position, self.page_size)
         else:
             page = batch if self.batch_idx_ref is None else self.batch_idx_ref[batch]
             exists = position < self.page_size
@@ -139,7 +139,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
     row_masks = (None if pos_ok is None else pos_rows[:, :, None],
                  None if head_ok is None else head_cols[:, :, None], d_mask)
     q = masked_load(q_ref.at[pl.ds(pos_lo, block_i), :, :], *row_masks).reshape(config.rows, head_dim_p)
-    rows = pos_lo + lax.div(jnp.arange(config.rows, dtype=jnp.int32), group_p)
+    rows = pos_lo + idiv(jnp.arange(config.rows, dtype=jnp.int32), group_p)
     slope = None
     if spec.has_alibi:
         slope = masked_load(slopes_ref.at[batch, pl.ds(head_k * group, group_p)], head_ok)
@@ -154,7 +154,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
         seqlen_k=seqlen_k, shift=leftpad)
     # This program's share: an equal part of the blocks the rows really attend (not of the
     # capacity, which may be mostly unused).
-    share = lax.div(end - first + num_splits - 1, num_splits)
+    share = idiv(end - first + num_splits - 1, num_splits)
     first = jnp.minimum(first + split * share, end)
     end = jnp.minimum(first + share, end)
     inner_first = jnp.clip(inner_first, first, end)
@@ -245,7 +245,7 @@ def _combine_kernel(out_ref, lse_ref, merged_ref, merged_lse_ref, *, num_splits,
     def split_lse(split):
         return masked_load(lse_ref.at[split, pl.ds(row_lo, COMBINE_ROWS)], row_ok, other=-jnp.inf)
 
-    top = lax.fori_loop(0, num_splits, lambda s, m: jnp.maximum(m, split_lse(s)),
+    top = fori_loop(0, num_splits, lambda s, m: jnp.maximum(m, split_lse(s)),
                         jnp.full((COMBINE_ROWS,), -jnp.inf, jnp.float32))
     top = jnp.where(top == -jnp.inf, 0.0, top)
 
@@ -257,7 +257,7 @@ def _combine_kernel(out_ref, lse_ref, merged_ref, merged_lse_ref, *, num_splits,
 
     zeros = (jnp.zeros((COMBINE_ROWS, out_ref.shape[-1]), jnp.float32),
              jnp.zeros((COMBINE_ROWS,), jnp.float32))
-    acc, total = lax.fori_loop(0, num_splits, body, zeros)
+    acc, total = fori_loop(0, num_splits, body, zeros)
     empty = total == 0.0
     safe_total = jnp.where(empty, 1.0, total)
     masked_store(merged_ref.at[pl.ds(row_lo, COMBINE_ROWS), :],

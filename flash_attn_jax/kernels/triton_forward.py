@@ -25,7 +25,7 @@ from flash_attn_jax.kernels.manual_axes import pallas_call
 from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, key_spec, split_refs,
                                                     stats_spec, token_spec, whole_spec)
 from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, block_indices,
-                                                 finish_softmax, head_dim_mask,
+                                                 finish_softmax, head_dim_mask, idiv,
                                                  initial_softmax_state, dropout_tile,
                                                  masked_full_masked_loop, masked_load,
                                                  masked_store, online_softmax_step,
@@ -86,7 +86,7 @@ def _operands(layout, seq_arrays, q, kv_arrays, q_stats, optional, head_dim_p):
     group = q.shape[-2] // kv_arrays[0].shape[-2]
     seqlen_q = q.shape[0] if layout.varlen else q.shape[1]
     specs = [whole_spec(x) for x in seq_arrays] + [token_spec(layout, seqlen_q, head_dim_p)]
-    specs += [key_spec(layout, x, head_dim_p, head=lambda h: lax.div(h, group)) for x in kv_arrays]
+    specs += [key_spec(layout, x, head_dim_p, head=lambda h: idiv(h, group)) for x in kv_arrays]
     specs += [stats_spec(layout, seqlen_q) for _ in q_stats]
     operands = [*seq_arrays, q, *kv_arrays, *q_stats, *optional]
     return specs + [whole_spec(x) for x in optional], operands

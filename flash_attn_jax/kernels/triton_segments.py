@@ -26,13 +26,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.manual_axes import pallas_call
-from flash_attn_jax.kernels.triton_tiles import (as_cols, as_rows, block_indices, key_blocks,
-                                                 masked_store, query_blocks)
+from flash_attn_jax.kernels.triton_tiles import (as_cols, as_rows, block_indices, fori_loop, idiv,
+                                                 irem, key_blocks, masked_store, query_blocks)
 
 
 # The placement operand (int32 words) of a kernel whose arrays are a shard of a larger attention:
@@ -203,8 +202,8 @@ class Segment:
         if not page_size:
             return ref.at[self.k_slice(lo, size), :]
         num_pages, max_pages = ref.shape[0], self.table_ref.shape[1]
-        page = self.table_ref[self.batch, jnp.minimum(lax.div(lo, page_size), max_pages - 1)]
-        return ref.at[jnp.clip(page, 0, num_pages - 1), pl.ds(lax.rem(lo, page_size), size), :]
+        page = self.table_ref[self.batch, jnp.minimum(idiv(lo, page_size), max_pages - 1)]
+        return ref.at[jnp.clip(page, 0, num_pages - 1), pl.ds(irem(lo, page_size), size), :]
 
     def run_if_within(self, lo, length, fn):
         """Runs ``fn()`` when a block starting at ``lo`` overlaps ``[0, length)``; dense grids
@@ -242,7 +241,7 @@ def _fill_tail_kernel(cu_ref, x_ref, out_ref, *, value, token_axis):
                              fill, as_rows(col_ok), as_cols(in_tail))
             return 0
 
-        lax.fori_loop(0, pl.cdiv(width, _TAIL_WIDTH), chunk, 0)
+        fori_loop(0, pl.cdiv(width, _TAIL_WIDTH), chunk, 0)
 
 
 def fill_tail(x, cu_seqlens, value, *, token_axis=0, interpret, debug=False):

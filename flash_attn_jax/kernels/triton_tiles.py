@@ -51,6 +51,27 @@ class Numerics:
         return row_max + jnp.log(row_sum)
 
 
+def i32(x):
+    """``x`` as int32: Python ints in kernel index arithmetic would be int64 under
+    jax_enable_x64, which lax's integer ops refuse to mix with the int32 program ids."""
+    return jnp.asarray(x, jnp.int32)
+
+
+def idiv(a, b):
+    """a // b for nonnegative int32 operands (lax.div truncates)."""
+    return lax.div(i32(a), i32(b))
+
+
+def irem(a, b):
+    """a % b for nonnegative int32 operands."""
+    return lax.rem(i32(a), i32(b))
+
+
+def fori_loop(lower, upper, body, carry):
+    """lax.fori_loop with an int32 index whatever the bounds' types (see ``i32``)."""
+    return lax.fori_loop(i32(lower), i32(upper), body, carry)
+
+
 def _conjunction(masks, shape):
     mask = None
     for m in masks:
@@ -104,15 +125,15 @@ def head_dim_mask(head_dim, head_dim_p):
 
 def _block_range(lo, hi, block):
     """Blocks ``[first, end)`` of size ``block`` that overlap ``[lo, hi)``."""
-    first = lax.div(jnp.maximum(lo, 0), block)
-    end = jnp.maximum(lax.div(jnp.maximum(hi, 0) + block - 1, block), first)
+    first = idiv(jnp.maximum(lo, 0), block)
+    end = jnp.maximum(idiv(jnp.maximum(hi, 0) + block - 1, block), first)
     return first, end
 
 
 def _inner_block_range(lo, hi, block, first, end):
     """Blocks inside ``[first, end)`` that lie entirely within ``[lo, hi)``."""
-    inner_first = jnp.clip(lax.div(jnp.maximum(lo, 0) + block - 1, block), first, end)
-    inner_end = jnp.clip(lax.div(jnp.maximum(hi, 0), block), inner_first, end)
+    inner_first = jnp.clip(idiv(jnp.maximum(lo, 0) + block - 1, block), first, end)
+    inner_end = jnp.clip(idiv(jnp.maximum(hi, 0), block), inner_first, end)
     return inner_first, inner_end
 
 
@@ -151,9 +172,9 @@ def query_blocks(col_lo, col_hi, block_q, spec: ScoreSpec, *, offset, seqlen_q, 
 def masked_full_masked_loop(body, carry, first, inner_first, inner_end, end):
     """Runs ``carry = body(i, carry, masked=...)`` for i in ``[first, end)``: masked outside
     ``[inner_first, inner_end)``, unmasked inside."""
-    carry = lax.fori_loop(first, inner_first, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(inner_first, inner_end, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
+    carry = fori_loop(first, inner_first, functools.partial(body, masked=True), carry)
+    carry = fori_loop(inner_first, inner_end, functools.partial(body, masked=False), carry)
+    return fori_loop(inner_end, end, functools.partial(body, masked=True), carry)
 
 
 def online_softmax_step(carry, s, v, *, numerics, masked, dropout=None):
