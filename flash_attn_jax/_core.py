@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from flash_attn_jax import _partitioning, kernels
 from flash_attn_jax._validation import CacheLayout
-from flash_attn_jax.semantics import ScoreSpec, kvcache_rotary
+from flash_attn_jax.semantics import (ScoreSpec, cache_append_starts, cache_lengths,
+                                      cache_write_slots, kvcache_rotary)
 
 
 def _not_differentiable(fn, message):
@@ -138,17 +139,28 @@ def _kvcache_local(call: CacheCall, q, k_cache, v_cache, k=None, v=None, rotary_
         q, k = kvcache_rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, call.spec,
                               interleaved=call.rotary_interleaved)
     appends = k is not None
-    if appends and layout.seqlen_new > 0:
-        k_cache, v_cache = kernels.kvcache_append(k_cache, v_cache, k, v, cache_seqlens,
-                                                  cache_batch_idx, block_table)
     batch, seqlen_q, num_heads, _ = q.shape
+    # No storage (no rows, pages or positions): nothing to write, no key to attend.
+    has_storage = min(k_cache.shape[0], k_cache.shape[1], layout.capacity, batch) > 0
+    if appends and layout.seqlen_new > 0 and has_storage:
+        starts = cache_append_starts(cache_seqlens, layout.seqlen_new, layout.capacity)
+        keep = None
+        if block_table is not None or cache_batch_idx is not None:  # two keys may meet
+            slots = cache_write_slots(starts, layout.seqlen_new, layout.capacity,
+                                      page_size=layout.page_size, num_rows=k_cache.shape[0],
+                                      block_table=block_table, batch_idx=cache_batch_idx)
+            keep = (slots >= 0).astype(jnp.int32)
+        k_cache, v_cache = kernels.kvcache_append(k_cache, v_cache, k, v, starts,
+                                                  cache_batch_idx, block_table, keep)
     if cache_seqlens is None:
         lengths = jnp.full((batch,), layout.capacity, jnp.int32)
     else:
-        lengths = jnp.minimum(cache_seqlens + layout.seqlen_new, layout.capacity)
-    if q.size == 0:
+        lengths = cache_lengths(cache_seqlens, layout.seqlen_new, layout.capacity)
+    if cache_leftpad is not None:
+        cache_leftpad = jnp.clip(cache_leftpad, 0, layout.capacity)
+    if q.size == 0 or not has_storage:
         out = jnp.zeros(q.shape, q.dtype)
-        lse = jnp.zeros((batch, num_heads, seqlen_q), jnp.float32)
+        lse = jnp.full((batch, num_heads, seqlen_q), -jnp.inf, jnp.float32)
     else:
         out, lse = kernels.kvcache_attention(q, k_cache, v_cache, lengths, cache_leftpad,
                                              cache_batch_idx, block_table, alibi_slopes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from flash_attn_jax import _core
 from flash_attn_jax import _validation as check
 from flash_attn_jax.kernels import Varlen
+from flash_attn_jax.semantics import sequence_bounds
 
 _COMMON_ARGS_DOC = """
       dropout_p: dropout probability in [0, 1) (needs dropout_key). The kept probabilities are
@@ -43,22 +44,22 @@ _COMMON_ARGS_DOC = """
 
 
 def _options(batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
-             alibi_slopes, deterministic, return_attn_probs, dropout_key):
+             alibi_slopes, deterministic, return_attn_probs, dropout_key, longest):
     """(slopes (batch, nheads) or None, ScoreSpec, dropout key words or None, return_attn_probs)
-    of the shared flags."""
+    of the shared flags; ``longest`` bounds the sequence lengths (``check.score_spec``)."""
     slopes, spec, seed = check.attention_options(
         batch, num_heads, head_dim, dropout_p=dropout_p, softmax_scale=softmax_scale,
         causal=causal, window_size=window_size, softcap=softcap, alibi=alibi_slopes,
-        deterministic=deterministic, dropout_key=dropout_key)
+        deterministic=deterministic, dropout_key=dropout_key, longest=longest)
     return slopes, spec, seed, check.static_bool("return_attn_probs", return_attn_probs)
 
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
            deterministic, return_attn_probs, dropout_key, names):
-    batch, _, _, num_heads, _, head_dim = check.dense_qkv(q, k, v, **names)
+    batch, seqlen_q, seqlen_k, num_heads, _, head_dim = check.dense_qkv(q, k, v, **names)
     slopes, spec, seed, return_attn_probs = _options(
         batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
-        alibi_slopes, deterministic, return_attn_probs, dropout_key)
+        alibi_slopes, deterministic, return_attn_probs, dropout_key, max(seqlen_q, seqlen_k))
     out, lse = _core.attention(q, k, v, slopes, spec, seed)
     if not return_attn_probs:
         return out
@@ -149,12 +150,18 @@ _VARLEN_ARGS_DOC = """
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
             return_attn_probs, block_table, dropout_key, names):
-    batch, num_heads, head_dim, max_q, max_k = check.varlen_qkv(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, **names)
+    batch, num_heads, head_dim, max_q, max_k, cu_seqlens_q, cu_seqlens_k, block_table = (
+        check.varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         block_table, **names))
+    # Each sequence's lengths are at most the tokens (or a paged key's capacity).
+    longest = max(q.shape[0], k.shape[0] if block_table is None else
+                  block_table.shape[1] * k.shape[1])
     slopes, spec, seed, return_attn_probs = _options(
         batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
-        alibi_slopes, deterministic, return_attn_probs, dropout_key)
-    varlen = Varlen(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
+        alibi_slopes, deterministic, return_attn_probs, dropout_key, longest)
+    total_k = check.INT32_MAX if block_table is not None else k.shape[0]
+    varlen = Varlen(cu_seqlens_q=sequence_bounds(cu_seqlens_q, q.shape[0]),
+                    cu_seqlens_k=sequence_bounds(cu_seqlens_k, total_k), block_table=block_table,
                     max_seqlen_q=max_q, max_seqlen_k=max_k)
     out, lse = _core.varlen_attention(q, k, v, slopes, varlen, spec, seed)
     if not return_attn_probs:
@@ -271,18 +278,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Raises:
       ValueError for bad shapes or values, TypeError for bad types or dtypes, naming the argument.
     """
-    layout, cache_seqlens = check.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
-                                          cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    layout, indices = check.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                    cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     slopes = check.alibi_slopes(alibi_slopes, layout.batch, layout.num_heads)
     spec = check.score_spec(head_dim=layout.head_dim, softmax_scale=softmax_scale, causal=causal,
-                            window=window_size, softcap=softcap, has_alibi=slopes is not None)
+                            window=window_size, softcap=softcap, has_alibi=slopes is not None,
+                            longest=max(layout.capacity, layout.seqlen_q))
     call = _core.CacheCall(spec=spec, layout=layout,
                            rotary_interleaved=check.static_bool("rotary_interleaved", rotary_interleaved),
                            num_splits=check.static_int("num_splits", num_splits, 0, 128))
     return_lse = check.static_bool("return_softmax_lse", return_softmax_lse)
     out, lse, k_cache, v_cache = _core.kvcache(
-        call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-        cache_leftpad, block_table, slopes)
+        call, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, indices.cache_seqlens,
+        indices.cache_batch_idx, indices.cache_leftpad, indices.block_table, slopes)
     results = (out, lse) if return_lse else (out,)
     if k is not None:
         results += (k_cache, v_cache)

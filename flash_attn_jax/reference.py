@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from flash_attn_jax import _validation as check
-from flash_attn_jax.semantics import dropout_keep, dropout_threshold, kvcache_rotary, scores
+from flash_attn_jax.semantics import (cache_append_starts, cache_lengths, cache_write_slots,
+                                      dropout_keep, dropout_threshold, kvcache_rotary, scores)
 
 
 def dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k, *, first_batch=0):
@@ -74,7 +75,8 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
     batch, seqlen_q, seqlen_k, num_heads, _, head_dim = check.dense_qkv(q, k, v)
     slopes = check.alibi_slopes(alibi_slopes, batch, num_heads)
     spec = check.score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
-                            window=window_size, softcap=softcap, has_alibi=slopes is not None)
+                            window=window_size, softcap=softcap, has_alibi=slopes is not None,
+                            longest=max(seqlen_q, seqlen_k))
     if keep_mask is None and dropout_p != 0.0:
         keep_mask = dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k)
     if keep_mask is not None and tuple(keep_mask.shape) != (batch, num_heads, seqlen_q, seqlen_k):
@@ -156,47 +158,52 @@ def kvcache_reference(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
     ``compute_dtype`` as for ``attention_reference``. The cache update is a scatter, the attention
     gathers each batch row's whole cache (O(batch x capacity) memory).
     """
-    layout, cache_seqlens = check.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
-                                          cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
-    batch = layout.batch
+    layout, indices = check.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,
+                                    cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    cache_seqlens, cache_batch_idx = indices.cache_seqlens, indices.cache_batch_idx
+    cache_leftpad, block_table = indices.cache_leftpad, indices.block_table
+    batch, capacity = layout.batch, layout.capacity
     slopes = check.alibi_slopes(alibi_slopes, batch, layout.num_heads)
     spec = check.score_spec(head_dim=layout.head_dim, softmax_scale=softmax_scale, causal=causal,
-                            window=window_size, softcap=softcap, has_alibi=slopes is not None)
+                            window=window_size, softcap=softcap, has_alibi=slopes is not None,
+                            longest=max(capacity, layout.seqlen_q))
     if rotary_cos is not None:
         q, k = kvcache_rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, spec,
                               interleaved=check.static_bool("rotary_interleaved", rotary_interleaved))
 
-    num_pages, page_size = k_cache.shape[:2]
-    if layout.paged:
-        page_valid = (block_table >= 0) & (block_table < num_pages)
-        pages = jnp.where(page_valid, block_table, num_pages)  # num_pages: out of range, dropped
+    num_rows, page_size = k_cache.shape[:2]
+    if min(num_rows, page_size, capacity, batch) == 0:  # no storage: no write, no key
+        out = jnp.zeros(q.shape, q.dtype)
+        lse = jnp.full((batch, layout.num_heads, layout.seqlen_q), -jnp.inf, jnp.float32)
+        return out, lse, k_cache, v_cache
+    if k is not None and layout.seqlen_new > 0:
+        starts = cache_append_starts(cache_seqlens, layout.seqlen_new, capacity)
+        slots = cache_write_slots(starts, layout.seqlen_new, capacity, page_size=page_size,
+                                  num_rows=num_rows, block_table=block_table,
+                                  batch_idx=cache_batch_idx)
+        slots = jnp.where(slots >= 0, slots, num_rows * page_size)  # past the end: dropped
 
-        def slots(positions):  # (B, n) cache positions -> (page, offset) of each
-            slot = positions // page_size
-            page = jnp.take_along_axis(pages, jnp.minimum(slot, pages.shape[1] - 1), axis=1)
-            return jnp.where(slot < pages.shape[1], page, num_pages), positions % page_size
-    else:
-        rows = jnp.arange(batch, dtype=jnp.int32) if cache_batch_idx is None else cache_batch_idx
-
-        def slots(positions):
-            return jnp.broadcast_to(rows[:, None], positions.shape), positions
-
-    if k is not None:
-        positions = cache_seqlens[:, None] + jnp.arange(layout.seqlen_new, dtype=jnp.int32)
-        page, offset = slots(positions)
-        k_cache = k_cache.at[page, offset].set(k, mode="drop")
-        v_cache = v_cache.at[page, offset].set(v, mode="drop")
+        def write(cache, new):
+            flat = cache.reshape((num_rows * page_size,) + cache.shape[2:])
+            return flat.at[slots].set(new, mode="drop").reshape(cache.shape)
+        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
 
     # Every batch row's keys at absolute positions 0 .. capacity - 1, and which of them exist.
-    positions = jnp.broadcast_to(jnp.arange(layout.capacity, dtype=jnp.int32), (batch, layout.capacity))
-    page, offset = slots(positions)
-    exists = (page >= 0) & (page < num_pages)
-    page = jnp.clip(page, 0, num_pages - 1)
-    keys, values = k_cache[page, offset], v_cache[page, offset]
+    positions = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
+    if layout.paged:
+        rows = jnp.take_along_axis(block_table, positions // page_size, axis=1)
+        offsets = positions % page_size
+    else:
+        rows = jnp.arange(batch, dtype=jnp.int32) if cache_batch_idx is None else cache_batch_idx
+        rows, offsets = jnp.broadcast_to(rows[:, None], positions.shape), positions
+    exists = (rows >= 0) & (rows < num_rows)  # a missing page or row holds no key
+    rows = jnp.clip(rows, 0, num_rows - 1)
+    keys, values = k_cache[rows, offsets], v_cache[rows, offsets]
 
-    length = jnp.full((batch,), layout.capacity, jnp.int32) if cache_seqlens is None else \
-        jnp.minimum(cache_seqlens + layout.seqlen_new, layout.capacity)
-    leftpad = jnp.zeros((batch,), jnp.int32) if cache_leftpad is None else cache_leftpad
+    length = (jnp.full((batch,), capacity, jnp.int32) if cache_seqlens is None
+              else cache_lengths(cache_seqlens, layout.seqlen_new, capacity))
+    leftpad = (jnp.zeros((batch,), jnp.int32) if cache_leftpad is None
+               else jnp.clip(cache_leftpad, 0, capacity))
     cols = positions - leftpad[:, None]  # key column j is relative to the left padding
     out, lse, _ = attend(q, keys, values, slopes, spec, cols=cols, seqlen_k=length - leftpad,
                          key_valid=exists & (cols >= 0), upcast=upcast, compute_dtype=compute_dtype)

@@ -286,12 +286,13 @@ def ring_flash_attn_func(q: jax.Array, k: jax.Array, v: jax.Array, *,
         raise TypeError(f"layout must be a str, one of {LAYOUTS}, got {type(layout).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    ring = Ring(axis_name=axis_name, num_shards=_axis_size(axis_name), layout=layout)
     slopes, spec, seed = check.attention_options(
         batch, num_heads, head_dim, dropout_p=dropout_p, softmax_scale=softmax_scale,
         causal=causal, window_size=window_size, softcap=softcap, alibi=alibi_slopes,
-        deterministic=deterministic, dropout_key=dropout_key)
+        deterministic=deterministic, dropout_key=dropout_key,
+        longest=ring.num_shards * max(seqlen_q, k.shape[1]))  # the global lengths
     return_lse = check.static_bool("return_softmax_lse", return_softmax_lse)
-    ring = Ring(axis_name=axis_name, num_shards=_axis_size(axis_name), layout=layout)
     problem = chunk_problem(spec, ring, seqlen_q, k.shape[1])
     if problem:
         raise ValueError(problem)

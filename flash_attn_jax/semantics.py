@@ -14,18 +14,20 @@ row ``i`` sits at key position ``i + offset``):
 5. softmax in float32 over ``j``; a row with no key left has output 0 and logsumexp ``-inf``.
 
 The functions take arrays of any shape that broadcast (``rows[:, None]`` against ``cols[None, :]``)
-and work on traced values, so they run unchanged inside a Pallas kernel and in plain jnp.
-A ``unit`` argument returns the logits multiplied by a constant: the kernels work in base 2
-(``unit = log2(e)``) so that ``exp2`` replaces ``exp``.
+and work on traced values, so they run unchanged inside a Pallas kernel and in plain jnp. Logits
+are in natural units everywhere; a kernel passes ``logits`` a ``mul`` whose product the compiler
+cannot fuse into the softmax's later subtraction of the row maximum (``Numerics.mul_exact``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -84,18 +86,17 @@ class ScoreSpec:
         return self.window_left >= 0 or self.window_right >= 0
 
 
-def logits(qk, spec: ScoreSpec, *, unit=1.0):
-    """Steps 1-2: the raw dot products ``qk`` (float32) to logits, times ``unit``."""
+def logits(qk, spec: ScoreSpec, *, mul=operator.mul):
+    """Steps 1-2: the raw dot products ``qk`` (float32) to logits. ``mul(x, constant)`` forms the
+    rounded product (a kernel's exactly rounded multiply; see the module docstring)."""
     if spec.softcap > 0:
-        return (spec.softcap * unit) * jnp.tanh(qk * (spec.softmax_scale / spec.softcap))
-    return qk * (spec.softmax_scale * unit)
+        return mul(jnp.tanh(qk * (spec.softmax_scale / spec.softcap)), spec.softcap)
+    return mul(qk, spec.softmax_scale)
 
 
 def alibi_bias(slope, rows, cols, offset):
-    """Step 3: ``-slope * |row + offset - col|``; ``slope`` may already carry a unit.
-
-    Computed in the slope's precision (float32 at least).
-    """
+    """Step 3: ``-slope * |row + offset - col|``, computed in the slope's precision (float32 at
+    least)."""
     distance = jnp.abs(rows + offset - cols)
     return -slope * distance.astype(jnp.result_type(slope, jnp.float32))
 
@@ -110,28 +111,28 @@ def key_mask(rows, cols, spec: ScoreSpec, *, offset, seqlen_k):
     return keep
 
 
-def bias_and_mask(x, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=None, unit=1.0,
+def bias_and_mask(x, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=None,
                   apply_mask=True):
-    """Steps 3-4 on logits ``x`` (already times ``unit``): ALiBi, then ``-inf`` where masked.
+    """Steps 3-4 on logits ``x``: ALiBi, then ``-inf`` where masked.
 
     ``apply_mask=False`` is for tiles known to lie inside the mask (see ``full_key_span``).
     """
     if spec.has_alibi:
-        x = x + alibi_bias(slope * unit, rows, cols, offset)
+        x = x + alibi_bias(slope, rows, cols, offset)
     if apply_mask:
         x = jnp.where(key_mask(rows, cols, spec, offset=offset, seqlen_k=seqlen_k), x, -jnp.inf)
     return x
 
 
-def scores(qk, rows, cols, spec: ScoreSpec, *, unit=1.0, **kwargs):
-    """Steps 1-4 in one: masked logits (``-inf`` where masked), times ``unit``."""
-    return bias_and_mask(logits(qk, spec, unit=unit), rows, cols, spec, unit=unit, **kwargs)
+def scores(qk, rows, cols, spec: ScoreSpec, *, mul=operator.mul, **kwargs):
+    """Steps 1-4 in one: masked logits (``-inf`` where masked)."""
+    return bias_and_mask(logits(qk, spec, mul=mul), rows, cols, spec, **kwargs)
 
 
-def logits_derivative(x, spec: ScoreSpec, *, unit=1.0):
-    """d logits / d qk given the logits ``x = logits(qk, spec, unit=unit)`` (tanh's derivative)."""
+def logits_derivative(x, spec: ScoreSpec):
+    """d logits / d qk given the logits ``x = logits(qk, spec)`` (tanh's derivative)."""
     if spec.softcap > 0:
-        tanh = x * (1.0 / (spec.softcap * unit))
+        tanh = x * (1.0 / spec.softcap)
         return spec.softmax_scale * (1.0 - tanh * tanh)
     return spec.softmax_scale
 
@@ -187,8 +188,10 @@ def apply_rotary(x, cos, sin, positions, *, interleaved):
     """
     half = cos.shape[1]
     rotary_dim = 2 * half
-    c = cos[positions].astype(jnp.float32)[:, :, None, :]
-    s = sin[positions].astype(jnp.float32)[:, :, None, :]
+    # Positions beyond the table (traced cache_seqlens past the capacity, or negative) take its
+    # first or last row.
+    c = jnp.take(cos, positions, axis=0, mode="clip").astype(jnp.float32)[:, :, None, :]
+    s = jnp.take(sin, positions, axis=0, mode="clip").astype(jnp.float32)[:, :, None, :]
     xr = x[..., :rotary_dim].astype(jnp.float32)
     if interleaved:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
@@ -197,6 +200,57 @@ def apply_rotary(x, cos, sin, positions, *, interleaved):
         x1, x2 = xr[..., :half], xr[..., half:]
         rotated = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
     return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
+
+
+def sequence_bounds(cu_seqlens, total):
+    """The varlen functions' sequence boundaries as computed: ``cu_seqlens`` clipped to
+    [0, total] and made non-decreasing (a running maximum), so that sequences never overlap.
+    Sequence b holds the tokens [bounds[b], bounds[b + 1]), truncated to max_seqlen; every other
+    token belongs to no sequence."""
+    return lax.cummax(jnp.clip(cu_seqlens, 0, total))
+
+
+def cache_append_starts(cache_seqlens, seqlen_new, capacity):
+    """Where each row's new keys start, clipped to [-seqlen_new, capacity]: the same writes
+    (positions below 0 or from the capacity on are dropped) and no int32 overflow."""
+    return jnp.clip(cache_seqlens, -seqlen_new, capacity)
+
+
+def cache_lengths(cache_seqlens, seqlen_new, capacity):
+    """The key positions in use in each row after the append: cache_seqlens + seqlen_new within
+    [0, capacity] (int32, no overflow)."""
+    return jnp.clip(cache_append_starts(cache_seqlens, seqlen_new, capacity) + seqlen_new, 0,
+                    capacity)
+
+
+def cache_write_slots(starts, seqlen_new, capacity, *, page_size, num_rows, block_table=None,
+                      batch_idx=None):
+    """The slot each new key (b, t) of flash_attn_with_kvcache is written to, as a flat index
+    ``row * page_size + offset`` into the cache's (rows or pages) x page_size positions, or -1
+    where it is dropped: a position outside [0, capacity), a missing page (a block-table entry
+    outside [0, num_rows)) or row (a cache_batch_idx outside it), or a slot an earlier key (lower
+    b, then lower t) already writes, so that no two writes meet. ``starts``: the (B,) clipped
+    ``cache_append_starts``."""
+    batch = starts.shape[0]
+    positions = starts[:, None] + jnp.arange(seqlen_new, dtype=jnp.int32)[None, :]
+    valid = (positions >= 0) & (positions < capacity)
+    positions = jnp.clip(positions, 0, max(capacity - 1, 0))
+    if block_table is not None:
+        slot = jnp.minimum(positions // page_size, block_table.shape[1] - 1)
+        rows = jnp.take_along_axis(block_table, slot, axis=1)
+        offsets = positions % page_size
+    else:
+        rows = jnp.arange(batch, dtype=jnp.int32) if batch_idx is None else batch_idx
+        rows = jnp.broadcast_to(rows[:, None], positions.shape)
+        offsets = positions
+    valid = valid & (rows >= 0) & (rows < num_rows)
+    flat = jnp.where(valid, rows * page_size + offsets, -1).reshape(-1)
+    # The first writer of each slot keeps it: a stable sort groups equal slots in (b, t) order.
+    order = jnp.argsort(flat, stable=True)
+    ordered = flat[order]
+    repeated = jnp.concatenate([jnp.zeros((1,), bool), ordered[1:] == ordered[:-1]])
+    keep = jnp.zeros_like(repeated).at[order].set(~repeated)
+    return jnp.where(keep, flat, -1).reshape(batch, seqlen_new)
 
 
 def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleaved):

@@ -264,7 +264,7 @@ def _lower_varlen(dtype, head_dim_p, *, page_size=0, spec=DROPOUT):
             q, keys, keys, slopes, q, lse, q, lse, ints(batch + 1), ints(batch + 1), SEED)
         for x, axis in ((q, 0), (lse, 1)):
             ttir += lower_for_h100(
-                lambda x, cu: triton_segments.fill_tail(x, cu, 0.0, token_axis=axis,
+                lambda x, cu: triton_segments.fill_outside(x, cu, 0.0, token_axis=axis,
                                                         interpret=False, debug=True),
                 x, ints(batch + 1))
     return ttir

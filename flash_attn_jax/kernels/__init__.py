@@ -72,7 +72,9 @@ class Varlen:
         """Keyword arguments of the Triton kernels for keys ``k``, with the placement words."""
         paged = self.block_table is not None
         layout = triton_segments.Layout(varlen=True, page_size=k.shape[1] if paged else 0,
-                                        place_words=0 if place_words is None else place_words.size)
+                                        place_words=0 if place_words is None else place_words.size,
+                                        max_seqlen_q=self.max_seqlen_q,
+                                        max_seqlen_k=self.max_seqlen_k)
         return dict(layout=layout, seq_arrays=self.arrays + _words(place_words),
                     max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
 
@@ -138,8 +140,8 @@ def _layout_args(k, varlen, placement):
     return dict(layout=triton_segments.Layout(place_words=words.size), seq_arrays=(words,))
 
 
-def _fill_tail(x, cu_seqlens, value, token_axis=0):
-    return triton_segments.fill_tail(x, cu_seqlens, value, token_axis=token_axis,
+def _fill_outside(x, cu_seqlens, value, token_axis=0):
+    return triton_segments.fill_outside(x, cu_seqlens, value, token_axis=token_axis,
                                      interpret=use_interpret())
 
 
@@ -152,8 +154,8 @@ def forward(q, k, v, slopes, spec, varlen: Varlen | None = None, seed=None, *,
                                       seed=seed, out_dtype=out_dtype, interpret=use_interpret(),
                                       **_layout_args(k, varlen, placement))
     if varlen is not None:
-        out = _fill_tail(out, varlen.cu_seqlens_q, 0.0)
-        lse = _fill_tail(lse, varlen.cu_seqlens_q, -jnp.inf, token_axis=1)
+        out = _fill_outside(out, varlen.cu_seqlens_q, 0.0)
+        lse = _fill_outside(lse, varlen.cu_seqlens_q, -jnp.inf, token_axis=1)
     return out, lse
 
 
@@ -186,9 +188,9 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None 
                                           delta=delta, interpret=use_interpret(),
                                           **_layout_args(k, varlen, placement))
     if varlen is not None:
-        dq = _fill_tail(dq, varlen.cu_seqlens_q, 0.0)
-        dk = _fill_tail(dk, varlen.cu_seqlens_k, 0.0)
-        dv = _fill_tail(dv, varlen.cu_seqlens_k, 0.0)
+        dq = _fill_outside(dq, varlen.cu_seqlens_q, 0.0)
+        dk = _fill_outside(dk, varlen.cu_seqlens_k, 0.0)
+        dv = _fill_outside(dv, varlen.cu_seqlens_k, 0.0)
     return dq, dk, dv
 
 
@@ -198,9 +200,10 @@ def _num_sms():
     return (getattr(device, "core_count", None) if device.platform == "gpu" else None) or 132
 
 
-def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table):
-    """The caches with k, v written at cache_seqlens (in place when the caches are donated)."""
-    return triton_decode.append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table,
+def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, keep=None):
+    """The caches with k, v written at cache_seqlens (in place when the caches are donated);
+    ``keep`` (B, seqlen_new): write only where nonzero (each slot's first writer)."""
+    return triton_decode.append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, keep,
                                 interpret=use_interpret())
 
 

@@ -46,10 +46,10 @@ def _delta_kernel(out_ref, dout_ref, dlse_ref, delta_ref, *, head_dim, block_q):
     masked_store(delta_ref.at[pl.ds(row_lo, block_q)], delta, row_ok)
 
 
-def _row_stats(lse_ref, delta_ref, row_ok, numerics):
-    """lse (in units; +inf for empty and out-of-range rows, so their P is 0) and delta."""
+def _row_stats(lse_ref, delta_ref, row_ok):
+    """lse (+inf for empty and out-of-range rows, so their P is 0) and delta."""
     lse = masked_load(lse_ref, row_ok, other=jnp.inf)
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse) * numerics.unit
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
     return lse, masked_load(delta_ref, row_ok)
 
 
@@ -67,7 +67,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
     key_block, batch, head_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = k_ref.shape[-1]
-    numerics = Numerics(k_ref.dtype)
+    numerics = Numerics(k_ref.dtype, interpret=interpret)
     d_mask = head_dim_mask(head_dim, head_dim_p)
     col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k)
     col_pos = seg.col_positions(cols)
@@ -98,17 +98,17 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                 q = masked_load(q_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
                 dout = masked_load(dout_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
                 lse, delta = _row_stats(lse_ref.at[member, rows_at], delta_ref.at[member, rows_at],
-                                        row_ok, numerics)
+                                        row_ok)
                 if query_major:
-                    x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
+                    x = logits(numerics.matmul(q, k, transpose_b=True), spec, mul=numerics.mul_exact)
                     row_ids, col_ids = row_pos[:, None], col_pos[None, :]
                     lse, delta = lse[:, None], delta[:, None]
                 else:  # keys x queries
-                    x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=numerics.unit)
+                    x = logits(numerics.matmul(k, q, transpose_b=True), spec, mul=numerics.mul_exact)
                     row_ids, col_ids = row_pos[None, :], col_pos[:, None]
                     lse, delta = lse[None, :], delta[None, :]
-                s = bias_and_mask(x, row_ids, col_ids, spec, slope=slope, unit=numerics.unit,
-                                  apply_mask=masked, **seg.mask_args())
+                s = bias_and_mask(x, row_ids, col_ids, spec, slope=slope, apply_mask=masked,
+                                  **seg.mask_args())
                 p = numerics.exp(s - lse)
                 if query_major:
                     dp = numerics.matmul(dout, v, transpose_b=True)
@@ -123,7 +123,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                 dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout,
                                           transpose_a=query_major)
                 ds = (p * _dp_minus_delta(dp, delta, dropout, spec)
-                      * logits_derivative(x, spec, unit=numerics.unit))
+                      * logits_derivative(x, spec))
                 dk = dk + numerics.matmul(ds.astype(q.dtype), q, transpose_a=query_major)
                 return dk, dv
 
@@ -138,6 +138,8 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                          d_mask)
 
     seg.run_if_within(col_lo, seg.seqlen_k, accumulate)
+    seg.fill_rows((dk_ref, dv_ref), (0.0, 0.0), key_block == pl.num_programs(0) - 1, block_k,
+                  keys=True, col_mask=d_mask)
 
 
 def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k, interpret):
@@ -146,7 +148,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
     query_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
-    numerics = Numerics(q_ref.dtype)
+    numerics = Numerics(q_ref.dtype, interpret=interpret)
     d_mask = head_dim_mask(head_dim, head_dim_p)
     row_lo, rows, row_ok = block_indices(query_block, block_q, seg.seqlen_q)
     row_pos = seg.row_positions(rows)
@@ -155,7 +157,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
     def accumulate():
         q = masked_load(q_ref.at[rows_at, :], as_rows(row_ok), d_mask)
         dout = masked_load(dout_ref.at[rows_at, :], as_rows(row_ok), d_mask)
-        lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok, numerics)
+        lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok)
         slope = slopes_ref[batch, head] if spec.has_alibi else None
         dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
                                   interpret=interpret)
@@ -166,16 +168,15 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
             kv_mask = as_rows(col_ok)
             k = masked_load(k_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
             v = masked_load(v_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
-            x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=numerics.unit)
+            x = logits(numerics.matmul(q, k, transpose_b=True), spec, mul=numerics.mul_exact)
             s = bias_and_mask(x, row_pos[:, None], seg.col_positions(cols)[None, :], spec,
-                              slope=slope, unit=numerics.unit, apply_mask=masked,
-                              **seg.mask_args())
+                              slope=slope, apply_mask=masked, **seg.mask_args())
             p = numerics.exp(s - lse[:, None])
             dp = numerics.matmul(dout, v, transpose_b=True)
             dropout = (None if dropout_at is None
                        else dropout_at(row_pos, seg.col_positions(col_lo), block_k))
             ds = (p * _dp_minus_delta(dp, delta[:, None], dropout, spec)
-                  * logits_derivative(x, spec, unit=numerics.unit))
+                  * logits_derivative(x, spec))
             return dq + numerics.matmul(ds.astype(k.dtype), k)
 
         blocks = seg.key_blocks(row_lo, block_q, block_k, spec)
@@ -183,6 +184,8 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
         masked_store(dq_ref.at[rows_at, :], dq.astype(dq_ref.dtype), as_rows(row_ok), d_mask)
 
     seg.run_if_within(row_lo, seg.seqlen_q, accumulate)
+    seg.fill_rows((dq_ref,), (0.0,), query_block == pl.num_programs(0) - 1, block_q,
+                  col_mask=d_mask)
 
 
 def row_delta(out, dout, dlse, *, layout: Layout = DENSE, interpret: bool, debug: bool = False):

@@ -53,31 +53,36 @@ class _Pages:
         self.table_ref, self.batch_idx_ref = table_ref, batch_idx_ref
 
     def locate(self, batch, position):
+        """A position below 0 does not exist (a row's new keys before its start: dropped)."""
+        exists = position >= 0
         position = jnp.maximum(position, 0)
         if self.paged:
             slot = idiv(position, self.page_size)
             max_slots = self.table_ref.shape[1]
             page = self.table_ref[batch, jnp.minimum(slot, max_slots - 1)]
-            exists = slot < max_slots
+            exists = exists & (slot < max_slots)
             offset = irem(position, self.page_size)
         else:
             page = batch if self.batch_idx_ref is None else self.batch_idx_ref[batch]
-            exists = position < self.page_size
+            exists = exists & (position < self.page_size)
             offset = jnp.minimum(position, self.page_size - 1)
         exists = exists & (page >= 0) & (page < self.num_pages)
         return jnp.clip(page, 0, self.num_pages - 1), offset, exists
 
 
-def _append_kernel(seqlens_ref, *refs, paged, has_batch_idx, page_size, num_pages, num_heads_k,
-                   head_dim):
+def _append_kernel(seqlens_ref, *refs, paged, has_batch_idx, has_keep, page_size, num_pages,
+                   num_heads_k, head_dim):
     refs = list(refs)
     table_ref = refs.pop(0) if paged else None
     batch_idx_ref = refs.pop(0) if has_batch_idx else None
+    keep_ref = refs.pop(0) if has_keep else None
     new_k_ref, new_v_ref, _, _, k_cache_ref, v_cache_ref = refs  # the two inputs alias the outputs
     token, batch = pl.program_id(0), pl.program_id(1)
     pages = _Pages(paged=paged, page_size=page_size, num_pages=num_pages, table_ref=table_ref,
                    batch_idx_ref=batch_idx_ref)
     page, offset, exists = pages.locate(batch, seqlens_ref[batch] + token)
+    if keep_ref is not None:  # a slot that an earlier key also writes: only that one does
+        exists = exists & (keep_ref[batch, token] != 0)
     heads_p, head_dim_p = new_k_ref.shape[-2:]
     masks = (exists, as_rows(bounds_mask(jnp.arange(heads_p, dtype=jnp.int32), num_heads_k, heads_p)),
              head_dim_mask(head_dim, head_dim_p))
@@ -86,17 +91,21 @@ def _append_kernel(seqlens_ref, *refs, paged, has_batch_idx, page_size, num_page
         masked_store(cache_ref.at[page, offset, :, :], rows, *masks)
 
 
-def append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, *, interpret, debug=False):
-    """The caches with k, v (B, seqlen_new, Hk, D) written at ``cache_seqlens[b] + t``, in place."""
+def append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, keep=None, *, interpret,
+           debug=False):
+    """The caches with k, v (B, seqlen_new, Hk, D) written at ``cache_seqlens[b] + t``, in place.
+    Positions below 0 or past the capacity, and missing pages or rows, are not written; ``keep``
+    (B, seqlen_new) int32, if given: only where nonzero."""
     batch, seqlen_new, num_heads_k, head_dim = k.shape
     num_pages, page_size = k_cache.shape[:2]
     heads_p, head_dim_p = next_power_of_2(num_heads_k), padded_head_dim(head_dim)
     new_spec = pl.BlockSpec((None, seqlen_new, heads_p, head_dim_p), lambda t, b: (b, 0, 0, 0))
     cache_spec = pl.BlockSpec((num_pages, page_size, heads_p, head_dim_p), lambda t, b: (0, 0, 0, 0))
-    ints = [x for x in (table, batch_idx) if x is not None]
+    ints = [x for x in (table, batch_idx, keep) if x is not None]
     operands = [cache_seqlens, *ints, k, v, k_cache, v_cache]
     kernel = functools.partial(_append_kernel, paged=table is not None,
-                               has_batch_idx=batch_idx is not None, page_size=page_size,
+                               has_batch_idx=batch_idx is not None, has_keep=keep is not None,
+                               page_size=page_size,
                                num_pages=num_pages, num_heads_k=num_heads_k, head_dim=head_dim)
     return pallas_call(
         kernel,
@@ -116,7 +125,7 @@ def append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, *, interpret
 
 def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, config: DecodeConfig,
                       seqlen_q, group, head_dim, paged, has_leftpad, has_batch_idx, page_size,
-                      num_pages, num_splits):
+                      num_pages, num_splits, interpret):
     refs = list(refs)
     leftpad_ref = refs.pop(0) if has_leftpad else None
     table_ref = refs.pop(0) if paged else None
@@ -126,7 +135,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
     row_block, split, batch, head_k = (pl.program_id(i) for i in range(4))
     block_i, group_p, block_k = config.block_i, config.group_p, config.block_k
     head_dim_p = q_ref.shape[-1]
-    numerics = Numerics(q_ref.dtype)
+    numerics = Numerics(q_ref.dtype, interpret=interpret)
     d_mask = head_dim_mask(head_dim, head_dim_p)
     pages = _Pages(paged=paged, page_size=page_size, num_pages=num_pages, table_ref=table_ref,
                    batch_idx_ref=batch_idx_ref)
@@ -170,7 +179,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, lengths_ref, *refs, spec: ScoreSpec, 
         k = masked_load(k_ref.at[page, pl.ds(page_offset, block_k), :], in_page, d_mask)
         v = masked_load(v_ref.at[page, pl.ds(page_offset, block_k), :], in_page, d_mask)
         qk = numerics.matmul(q, k, transpose_b=True)
-        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, unit=numerics.unit,
+        s = scores(qk, rows[:, None], cols[None, :], spec, slope=slope, mul=numerics.mul_exact,
                    apply_mask=masked, offset=offset, seqlen_k=seqlen_k)
         if masked and has_leftpad:
             s = jnp.where(cols[None, :] >= 0, s, -jnp.inf)
@@ -222,7 +231,7 @@ def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, s
         _attention_kernel, spec=spec, config=config, seqlen_q=seqlen_q, group=group,
         head_dim=head_dim, paged=table is not None, has_leftpad=leftpad is not None,
         has_batch_idx=batch_idx is not None, page_size=page_size, num_pages=num_pages,
-        num_splits=num_splits)
+        num_splits=num_splits, interpret=interpret)
     out, lse = pallas_call(
         kernel,
         grid=(pl.cdiv(seqlen_q, config.block_i), num_splits, batch, num_heads_k),

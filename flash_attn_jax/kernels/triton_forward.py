@@ -40,7 +40,7 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
     q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
-    numerics = Numerics(q_ref.dtype)
+    numerics = Numerics(q_ref.dtype, interpret=interpret)
     d_mask = head_dim_mask(head_dim, head_dim_p)
     row_lo, rows, row_ok = block_indices(q_block, block_q, seg.seqlen_q)
 
@@ -60,7 +60,7 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
             v = masked_load(seg.keys(v_ref, col_lo, block_k), kv_mask, d_mask)
             qk = numerics.matmul(q, k, transpose_b=True)
             s = scores(qk, row_pos[:, None], seg.col_positions(cols)[None, :], spec, slope=slope,
-                       unit=numerics.unit, apply_mask=masked, **seg.mask_args())
+                       mul=numerics.mul_exact, apply_mask=masked, **seg.mask_args())
             dropout = (None if dropout_at is None
                        else dropout_at(row_pos, seg.col_positions(col_lo), block_k))
             return online_softmax_step(carry, s, v, numerics=numerics, masked=masked,
@@ -73,6 +73,8 @@ def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, b
         masked_store(lse_ref.at[seg.q_slice(row_lo, block_q)], lse, row_ok)
 
     seg.run_if_within(row_lo, seg.seqlen_q, attend)
+    seg.fill_rows((out_ref, lse_ref), (0.0, -jnp.inf), q_block == pl.num_programs(0) - 1, block_q,
+                  col_mask=d_mask)
 
 
 def _compiler_params(config: BlockConfig):
@@ -147,12 +149,11 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     k = masked_load(seg.keys(k_ref, col_lo, block_k), as_rows(col_ok), d_mask)
     lse = masked_load(lse_ref.at[seg.q_slice(row_lo, block_q)], row_ok, other=-jnp.inf)
     slope = slopes_ref[batch, head] if spec.has_alibi else None
-    numerics = Numerics(q_ref.dtype)
+    numerics = Numerics(q_ref.dtype, interpret=interpret)
     qk = numerics.matmul(q, k, transpose_b=True)
     row_pos = seg.row_positions(rows)
     s = scores(qk, row_pos[:, None], seg.col_positions(cols)[None, :], spec, slope=slope,
-               unit=numerics.unit, **seg.mask_args())
-    lse = lse * numerics.unit
+               mul=numerics.mul_exact, **seg.mask_args())
     probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
     if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
         dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),

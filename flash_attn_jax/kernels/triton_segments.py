@@ -16,7 +16,7 @@ columns of one batch row, at an offset in the kernel's refs, with a length.
   cross a page (block_k <= page); page ids are clipped into range.
 
 Tokens after the last sequence (``cu[-1] < total``, padding at the end of a packed batch) belong
-to no batch row: ``fill_tail`` sets their outputs (out 0, lse -inf, zero gradients).
+to no batch row: ``fill_outside`` sets their outputs (out 0, lse -inf, zero gradients).
 """
 
 from __future__ import annotations
@@ -44,12 +44,15 @@ PLACE_POSITIONS = 5
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Static: dense or varlen, the page size of paged keys (0: contiguous keys), and the words of
-    the placement operand (0: none; ``PLACE_INDICES``; ``PLACE_POSITIONS``, dense only)."""
+    """Static: dense or varlen, the page size of paged keys (0: contiguous keys), the words of
+    the placement operand (0: none; ``PLACE_INDICES``; ``PLACE_POSITIONS``, dense only), and for
+    varlen the ``max_seqlen_q``/``max_seqlen_k`` each sequence is truncated to."""
 
     varlen: bool = False
     page_size: int = 0
     place_words: int = 0
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
 
     def __post_init__(self):
         if self.place_words not in (0, PLACE_INDICES, PLACE_POSITIONS):
@@ -134,14 +137,18 @@ class Segment:
             self.q_start, self.seqlen_q, self.k_start, self.seqlen_k = 0, total_q, 0, total_k
         else:
             cu_q_ref, cu_k_ref = seq_refs[:2]
-            self.q_start, self.seqlen_q = _token_range(cu_q_ref, batch, total_q)
+            self.q_start, self.full_seqlen_q = _token_range(cu_q_ref, batch, total_q)
             if layout.page_size:
                 self.table_ref = seq_refs[2]
                 capacity = self.table_ref.shape[1] * layout.page_size
                 self.k_start = 0
-                self.seqlen_k = jnp.clip(cu_k_ref[batch + 1] - cu_k_ref[batch], 0, capacity)
+                self.full_seqlen_k = jnp.clip(cu_k_ref[batch + 1] - cu_k_ref[batch], 0, capacity)
             else:
-                self.k_start, self.seqlen_k = _token_range(cu_k_ref, batch, total_k)
+                self.k_start, self.full_seqlen_k = _token_range(cu_k_ref, batch, total_k)
+            # A sequence longer than max_seqlen is truncated to it (the grids cover no more);
+            # the rows past it get out 0, lse -inf and zero gradients (``fill_rows``).
+            self.seqlen_q = jnp.minimum(self.full_seqlen_q, layout.max_seqlen_q)
+            self.seqlen_k = jnp.minimum(self.full_seqlen_k, layout.max_seqlen_k)
         self._batch_offset = self._head_offset = 0
         self.q_pos = self.k_pos = 0
         self.diagonal = self.seqlen_k - self.seqlen_q
@@ -205,6 +212,33 @@ class Segment:
         page = self.table_ref[self.batch, jnp.minimum(idiv(lo, page_size), max_pages - 1)]
         return ref.at[jnp.clip(page, 0, num_pages - 1), pl.ds(irem(lo, page_size), size), :]
 
+    def fill_rows(self, refs, values, is_last_program, block, *, keys=False, col_mask=None):
+        """Where a varlen sequence is longer than max_seqlen, its rows past it (queries, or keys
+        with ``keys``) hold ``values`` in the token-major ``refs`` (2-D ones masked by
+        ``col_mask``): written by the grid's last block along that axis (no other program
+        reaches them). Nothing for dense layouts."""
+        if not self.layout.varlen:
+            return
+        full, kept = ((self.full_seqlen_k, self.seqlen_k) if keys
+                      else (self.full_seqlen_q, self.seqlen_q))
+        row_slice = self.k_slice if keys else self.q_slice
+
+        def chunk(c, carry):
+            lo = kept + c * block
+            ok = lo + jnp.arange(block, dtype=jnp.int32) < full
+            for ref, value in zip(refs, values):
+                view = ref.at[row_slice(lo, block)]
+                fill = jnp.full(view.shape, value, ref.dtype)
+                if view.ndim == 1:
+                    masked_store(view, fill, ok)
+                else:
+                    masked_store(view, fill, as_rows(ok), col_mask)
+            return carry
+
+        @pl.when(is_last_program)
+        def _():
+            fori_loop(0, pl.cdiv(full - kept, block), chunk, 0)
+
     def run_if_within(self, lo, length, fn):
         """Runs ``fn()`` when a block starting at ``lo`` overlaps ``[0, length)``; dense grids
         only hold such blocks."""
@@ -214,45 +248,48 @@ class Segment:
             pl.when(lo < length)(fn)
 
 
-# Tokens after the last sequence: tiles of _TAIL_TOKENS tokens x _TAIL_WIDTH other elements.
-_TAIL_TOKENS = 64
-_TAIL_WIDTH = 128
+# Tokens outside every sequence: tiles of _FILL_TOKENS tokens x _FILL_WIDTH other elements.
+_FILL_TOKENS = 64
+_FILL_WIDTH = 128
 
 
-def _fill_tail_kernel(cu_ref, x_ref, out_ref, *, value, token_axis):
+def _fill_outside_kernel(cu_ref, x_ref, out_ref, *, value, token_axis):
     del x_ref  # aliased to out_ref
     total, width = out_ref.shape[token_axis], out_ref.shape[1 - token_axis]
-    start = jnp.clip(cu_ref[cu_ref.shape[0] - 1], 0, total)
-    token_lo, _, token_ok = block_indices(pl.program_id(0), _TAIL_TOKENS, total)
-    tokens = token_lo + jnp.arange(_TAIL_TOKENS, dtype=jnp.int32)
-    in_tail = tokens >= start if token_ok is None else (tokens >= start) & token_ok
+    first = jnp.clip(cu_ref[0], 0, total)
+    last = jnp.clip(cu_ref[cu_ref.shape[0] - 1], first, total)
+    token_lo, _, token_ok = block_indices(pl.program_id(0), _FILL_TOKENS, total)
+    tokens = token_lo + jnp.arange(_FILL_TOKENS, dtype=jnp.int32)
+    outside = (tokens < first) | (tokens >= last)
+    outside = outside if token_ok is None else outside & token_ok
 
-    @pl.when(token_lo + _TAIL_TOKENS > start)
+    @pl.when((token_lo < first) | (token_lo + _FILL_TOKENS > last))
     def _():
-        def chunk(c, _):
-            col_lo, _, col_ok = block_indices(c, _TAIL_WIDTH, width)
-            tile = (_TAIL_TOKENS, _TAIL_WIDTH) if token_axis == 0 else (_TAIL_WIDTH, _TAIL_TOKENS)
+        def chunk(c, carry):
+            col_lo, _, col_ok = block_indices(c, _FILL_WIDTH, width)
+            tile = (_FILL_TOKENS, _FILL_WIDTH) if token_axis == 0 else (_FILL_WIDTH, _FILL_TOKENS)
             fill = jnp.full(tile, value, out_ref.dtype)
             if token_axis == 0:
-                masked_store(out_ref.at[pl.ds(token_lo, _TAIL_TOKENS), pl.ds(col_lo, _TAIL_WIDTH)],
-                             fill, as_rows(in_tail), as_cols(col_ok))
+                masked_store(out_ref.at[pl.ds(token_lo, _FILL_TOKENS), pl.ds(col_lo, _FILL_WIDTH)],
+                             fill, as_rows(outside), as_cols(col_ok))
             else:
-                masked_store(out_ref.at[pl.ds(col_lo, _TAIL_WIDTH), pl.ds(token_lo, _TAIL_TOKENS)],
-                             fill, as_rows(col_ok), as_cols(in_tail))
-            return 0
+                masked_store(out_ref.at[pl.ds(col_lo, _FILL_WIDTH), pl.ds(token_lo, _FILL_TOKENS)],
+                             fill, as_rows(col_ok), as_cols(outside))
+            return carry
 
-        fori_loop(0, pl.cdiv(width, _TAIL_WIDTH), chunk, 0)
+        fori_loop(0, pl.cdiv(width, _FILL_WIDTH), chunk, 0)
 
 
-def fill_tail(x, cu_seqlens, value, *, token_axis=0, interpret, debug=False):
-    """``x`` with the tokens at and after ``cu_seqlens[-1]`` (along ``token_axis``) set to
-    ``value``; written in place (aliased), so it costs a pass over the tail only."""
+def fill_outside(x, cu_seqlens, value, *, token_axis=0, interpret, debug=False):
+    """``x`` with the tokens before ``cu_seqlens[0]`` and at and after ``cu_seqlens[-1]`` (along
+    ``token_axis``; cu_seqlens non-decreasing) set to ``value``; written in place (aliased), so it
+    costs a pass over those tokens only."""
     shape = x.shape
     x2 = x.reshape(shape[0], -1) if token_axis == 0 else x.reshape(-1, shape[-1])
     total = x2.shape[token_axis]
     out = pallas_call(
-        functools.partial(_fill_tail_kernel, value=value, token_axis=token_axis),
-        grid=(pl.cdiv(total, _TAIL_TOKENS),),
+        functools.partial(_fill_outside_kernel, value=value, token_axis=token_axis),
+        grid=(pl.cdiv(total, _FILL_TOKENS),),
         in_specs=[whole_spec(cu_seqlens), pl.BlockSpec(x2.shape, lambda i: (0, 0))],
         out_specs=pl.BlockSpec(x2.shape, lambda i: (0, 0)),
         out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype),
@@ -260,6 +297,6 @@ def fill_tail(x, cu_seqlens, value, *, token_axis=0, interpret, debug=False):
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         debug=debug,
-        name="flash_attn_varlen_fill_tail",
+        name="flash_attn_varlen_fill_outside",
     )(cu_seqlens, x2)
     return out.reshape(shape)

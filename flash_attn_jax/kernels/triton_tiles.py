@@ -8,13 +8,14 @@ float32 accumulation and full-precision float32 dots, masked loads and stores at
 from __future__ import annotations
 
 import functools
+import struct
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.semantics import (LN2, LOG2E, ScoreSpec, column_tile, dropout_tile_words,
+from flash_attn_jax.semantics import (LOG2E, ScoreSpec, column_tile, dropout_tile_words,
                                       full_key_span, full_query_span, keep_tile, key_span,
                                       mul_wide_u32, query_span)
 
@@ -23,17 +24,23 @@ class Numerics:
     """How a kernel computes for its input dtype.
 
     Dots accumulate in float32; float32 inputs get full-precision dots (the default precision would
-    silently be TF32). The softmax exponentials: 16-bit inputs use base 2 (``exp2`` is one
-    instruction; scores then carry a factor log2(e)); float32 inputs use base e, because
-    converting large logits to base 2 and the logsumexp back costs float32 precision that a
-    float32 caller chose to keep.
+    silently be TF32). Logits are in natural units. The softmax exponentials take arguments of at
+    most 0 (scores minus their row maximum), so they never overflow: 16-bit inputs use
+    ``exp2(x * log2(e))`` (one instruction after the multiply), float32 inputs ``exp``.
+
+    ``mul_exact`` forms the logits' last product rounded on its own. Compilers contract a
+    multiply followed by a subtraction into a fused multiply-add; with ``s = qk * scale`` and the
+    row maximum ``m`` taken over the rounded ``s``, ``exp(fma(qk, scale, -m))`` of the maximum's
+    own element is then exp(rounding error of s), which at logits near 1e9 is e**30 and more: the
+    output overflows. Compiled, the product is one ``mul.rn.f32`` (which PTX never contracts);
+    interpreted, an optimization barrier keeps XLA from fusing it.
     """
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, *, interpret=False):
         full_f32 = jnp.dtype(dtype) == jnp.float32
         self.precision = lax.Precision.HIGHEST if full_f32 else None
         self.base2 = not full_f32
-        self.unit = LOG2E if self.base2 else 1.0  # multiplies natural-log scores
+        self.interpret = interpret
 
     def matmul(self, a, b, *, transpose_a=False, transpose_b=False):
         """2-D a @ b (a.T, b.T where asked) accumulated in float32."""
@@ -42,13 +49,22 @@ class Numerics:
                                preferred_element_type=jnp.float32, precision=self.precision)
 
     def exp(self, x):
-        return jnp.exp2(x) if self.base2 else jnp.exp(x)
+        """e**x for x <= 0 (a score minus its row's maximum or logsumexp)."""
+        return jnp.exp2(x * LOG2E) if self.base2 else jnp.exp(x)
 
     def lse(self, row_max, row_sum):
-        """Natural-log logsumexp from the running max (in units) and sum."""
-        if self.base2:
-            return (row_max + jnp.log2(row_sum)) * LN2
+        """Logsumexp from the running max and sum."""
         return row_max + jnp.log(row_sum)
+
+    def mul_exact(self, x, constant: float):
+        """float32 ``x * constant``, rounded before any later use (see the class docstring)."""
+        if self.interpret:
+            return lax.optimization_barrier(x * constant)
+        bits = struct.unpack("<I", struct.pack("<f", constant))[0]
+        [product] = plgpu.elementwise_inline_asm(
+            f"mul.rn.f32 $0, $1, 0f{bits:08X};", args=[x], constraints="=f,f", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+        return product
 
 
 def i32(x):
@@ -179,7 +195,7 @@ def masked_full_masked_loop(body, carry, first, inner_first, inner_end, end):
 
 def online_softmax_step(carry, s, v, *, numerics, masked, dropout=None):
     """One key block of the streaming softmax: ``carry`` = (acc, row_max, row_sum) updated with
-    scores ``s`` (in units, -inf where masked) and values ``v``. ``dropout``: the tile's
+    scores ``s`` (-inf where masked) and values ``v``. ``dropout``: the tile's
     ``DropoutTile``; the dropped probabilities still count in the sum (the softmax is taken
     before dropout)."""
     acc, row_max, row_sum = carry
