@@ -109,7 +109,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                     lse, delta = lse[None, :], delta[None, :]
                 s = bias_and_mask(x, row_ids, col_ids, spec, slope=slope, apply_mask=masked,
                                   **seg.mask_args())
-                p = numerics.exp(s - lse)
+                p = numerics.probs(s, lse)
                 if query_major:
                     dp = numerics.matmul(dout, v, transpose_b=True)
                 else:
@@ -171,7 +171,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
             x = logits(numerics.matmul(q, k, transpose_b=True), spec, mul=numerics.mul_exact)
             s = bias_and_mask(x, row_pos[:, None], seg.col_positions(cols)[None, :], spec,
                               slope=slope, apply_mask=masked, **seg.mask_args())
-            p = numerics.exp(s - lse[:, None])
+            p = numerics.probs(s, lse[:, None])
             dp = numerics.matmul(dout, v, transpose_b=True)
             dropout = (None if dropout_at is None
                        else dropout_at(row_pos, seg.col_positions(col_lo), block_k))

@@ -154,7 +154,7 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     row_pos = seg.row_positions(rows)
     s = scores(qk, row_pos[:, None], seg.col_positions(cols)[None, :], spec, slope=slope,
                mul=numerics.mul_exact, **seg.mask_args())
-    probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.exp(s - lse[:, None]))
+    probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.probs(s, lse[:, None]))
     if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
         dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
                                   interpret=interpret)

@@ -52,6 +52,12 @@ class Numerics:
         """e**x for x <= 0 (a score minus its row's maximum or logsumexp)."""
         return jnp.exp2(x * LOG2E) if self.base2 else jnp.exp(x)
 
+    def probs(self, s, lse):
+        """P = e**(s - lse) from recomputed scores: at most 1. The recomputation may round a
+        score differently from the forward (another summation order), which at logits near 1e9
+        puts it above the logsumexp by more than float32 exponentials take."""
+        return self.exp(jnp.minimum(s - lse, 0.0))
+
     def lse(self, row_max, row_sum):
         """Logsumexp from the running max and sum."""
         return row_max + jnp.log(row_sum)
