@@ -122,12 +122,16 @@ for _fn in (flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func
 
 
 _VARLEN_ARGS_DOC = """
-      cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative: sequence b holds the query tokens
-        [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and the key tokens [cu_seqlens_k[b],
-        cu_seqlens_k[b + 1]). Lengths may be 0. Tokens after cu_seqlens[-1] (padding at the end)
-        belong to no sequence: out 0, softmax_lse -inf, zero gradients.
+      cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) (any signed integer dtype), cumulative:
+        sequence b holds the query tokens [cu_seqlens_q[b], cu_seqlens_q[b + 1]) and the key
+        tokens [cu_seqlens_k[b], cu_seqlens_k[b + 1]). Lengths may be 0. Tokens after
+        cu_seqlens[-1] (padding at the end) belong to no sequence: out 0, softmax_lse -inf, zero
+        gradients. Concrete values must start at 0, never decrease and end at most at the token
+        count; traced ones are read as their running maximum clipped to the tokens.
       max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length (overestimates are fine;
-        they size the launch grid and S_dmask, the work follows the real lengths).
+        they size the launch grid and S_dmask, the work follows the real lengths). Checked
+        against concrete cu_seqlens; with traced ones a longer sequence is truncated to its first
+        max_seqlen tokens, the rest getting out 0, softmax_lse -inf, zero gradients.
       dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
       dropout_key: as for flash_attn_func, per sequence: causal and the window are aligned to the
         bottom-right corner of each sequence's (seqlen_q_b, seqlen_k_b) score matrix.
@@ -183,7 +187,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
       block_table: optional int32 (batch, max_blocks_per_seq): sequence b's key j lies in page
         block_table[b, j // page_block_size] (paged prefill; forward only, no gradient). Its
         length is still cu_seqlens_k[b + 1] - cu_seqlens_k[b]. Entries must lie in
-        [0, num_blocks); others are clipped into range (never read out of bounds).
+        [0, num_blocks) and hold every sequence's keys (checked when concrete; traced, entries
+        are clipped into range and keys past the table's capacity are absent).
     """
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                    softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -254,9 +259,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         k): the first rotary_dim features of the new keys are rotated at their cache positions,
         those of q at cache_seqlens + i when causal or a window applies, else at cache_seqlens.
       cache_seqlens: int or int32 (batch,): the positions already in use in each row (None: the
-        whole capacity, only without k).
-      cache_batch_idx: optional int32 (batch,): the cache row of each batch row.
-      cache_leftpad: optional int32 (batch,): each row's keys start at this cache position.
+        whole capacity, only without k). Concrete values must be >= 0; traced negative ones drop
+        the new keys that would land before position 0.
+      cache_batch_idx: optional int32 (batch,): the cache row of each batch row (concrete: a row
+        of the cache; traced, an index outside marks a missing row). Where two batch rows (or
+        pages shared between rows) would write one cache slot, the first row writes it.
+      cache_leftpad: optional int32 (batch,): each row's keys start at this cache position
+        (within [0, capacity]; traced values are clipped into it).
       block_table: optional int32 (batch, max_blocks_per_seq): the cache pages of each row; the
         capacity is max_blocks_per_seq * page_block_size. Entries outside [0, num_blocks) mark
         missing pages: nothing is read from or written to them.

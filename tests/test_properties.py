@@ -22,6 +22,7 @@ from test_varlen import run_varlen_case
 
 
 def _settings(examples):
+    # On a GPU, where an example costs little, four times as many.
     return settings(max_examples=examples * (4 if ON_GPU else 1), deadline=None,
                     derandomize=True, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -50,7 +51,7 @@ def dense_calls(draw):
                 dropout=draw(st.booleans()), options=options)
 
 
-@_settings(12)
+@_settings(6)
 @given(dense_calls())
 def test_random_dense_calls_match_the_reference(call):
     options = call.pop("options")
@@ -82,7 +83,7 @@ def varlen_calls(draw):
                 max_extra=draw(st.integers(0, 3)), options=options)
 
 
-@_settings(6)
+@_settings(4)
 @given(varlen_calls())
 def test_random_varlen_calls_match_the_reference(call):
     options = call.pop("options")
@@ -113,7 +114,7 @@ def cache_calls(draw):
     return dict(dtype=draw(st.sampled_from(DTYPES)), options=options, **shape)
 
 
-@_settings(8)
+@_settings(5)
 @given(cache_calls())
 def test_random_cache_calls_match_the_reference(call):
     run_kvcache_case(0, **call)

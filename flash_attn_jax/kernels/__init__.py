@@ -53,7 +53,8 @@ class Varlen:
     Batch row b holds query tokens ``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` and key tokens
     ``[cu_seqlens_k[b], cu_seqlens_k[b + 1])``, or, with ``block_table`` (B, max_pages) int32, its
     ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` keys in the pages the table lists. The static
-    ``max_seqlen_q``/``max_seqlen_k`` bound the lengths (they size the grids).
+    ``max_seqlen_q``/``max_seqlen_k`` size the grids; a longer row is truncated to them. The
+    cu_seqlens are the non-decreasing ``semantics.sequence_bounds``.
     """
 
     cu_seqlens_q: jax.Array

@@ -10,6 +10,10 @@ is typed without the shard_map), and the loop's type check fails. ``pallas_call`
 interpreted kernel as one opaque step instead: traced and lowered without the varying axes (each
 shard's computation is the unsharded kernel on its local arrays), typed outside with them. It
 uses two JAX internals, pinned by the JAX range of pyproject.toml and exercised by the mesh tests.
+
+The same step serves interpreted kernels under ``jax_enable_x64``: traced and lowered with 32-bit
+defaults, since the interpreter's own index constants would otherwise be int64 next to the
+kernels' int32 ones.
 """
 
 from __future__ import annotations

@@ -9,14 +9,17 @@ columns of one batch row, at an offset in the kernel's refs, with a length.
   ``[cu_q[b], cu_q[b + 1])`` and ``[cu_k[b], cu_k[b + 1])``; a program sees all tokens and offsets
   by its row's start. Lengths are traced, so every ragged edge is masked. The grid covers
   ``max_seqlen`` blocks per row and a program past its row's end does nothing, so the work follows
-  the real tokens, not ``batch x max_seqlen``. Bounds read from cu_seqlens are clipped to the
-  arrays, so no cu_seqlens makes a kernel touch memory outside them.
+  the real tokens, not ``batch x max_seqlen``; a row longer than max_seqlen is truncated to it and
+  the grid's last block fills the rest (``Segment.fill_rows``). Bounds read from cu_seqlens (made
+  non-decreasing by the caller) are clipped to the arrays, so no cu_seqlens makes a kernel touch
+  memory outside them.
 * paged keys (varlen forward): k/v (num_pages, page, Hk, D) through block_table (B, max_pages):
   key j of row b is at page ``block_table[b, j // page]``, row ``j % page``. Key blocks never
   cross a page (block_k <= page); page ids are clipped into range.
 
-Tokens after the last sequence (``cu[-1] < total``, padding at the end of a packed batch) belong
-to no batch row: ``fill_outside`` sets their outputs (out 0, lse -inf, zero gradients).
+Tokens before the first or after the last sequence (``cu[-1] < total``, padding at the end of a
+packed batch) belong to no batch row: ``fill_outside`` sets their outputs (out 0, lse -inf, zero
+gradients).
 """
 
 from __future__ import annotations
