@@ -86,17 +86,18 @@ class ScoreSpec:
         return self.window_left >= 0 or self.window_right >= 0
 
 
-def logits(qk, spec: ScoreSpec, *, mul=operator.mul):
-    """Steps 1-2: the raw dot products ``qk`` (float32) to logits. ``mul(x, constant)`` forms the
-    rounded product (a kernel's exactly rounded multiply; see the module docstring)."""
+def logits(qk, spec: ScoreSpec, *, mul=operator.mul, unit=1.0):
+    """Steps 1-2: the raw dot products ``qk`` (float32) to logits, times ``unit`` (a kernel's
+    backward works in base 2, ``unit = log2(e)``). ``mul(x, constant)`` forms the rounded
+    product (a kernel's exactly rounded multiply; see the module docstring)."""
     if spec.softcap > 0:
-        return mul(jnp.tanh(qk * (spec.softmax_scale / spec.softcap)), spec.softcap)
-    return mul(qk, spec.softmax_scale)
+        return mul(jnp.tanh(qk * (spec.softmax_scale / spec.softcap)), spec.softcap * unit)
+    return mul(qk, spec.softmax_scale * unit)
 
 
 def alibi_bias(slope, rows, cols, offset):
-    """Step 3: ``-slope * |row + offset - col|``, computed in the slope's precision (float32 at
-    least)."""
+    """Step 3: ``-slope * |row + offset - col|`` (``slope`` may carry a unit), computed in the
+    slope's precision (float32 at least)."""
     distance = jnp.abs(rows + offset - cols)
     return -slope * distance.astype(jnp.result_type(slope, jnp.float32))
 
@@ -111,28 +112,29 @@ def key_mask(rows, cols, spec: ScoreSpec, *, offset, seqlen_k):
     return keep
 
 
-def bias_and_mask(x, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=None,
+def bias_and_mask(x, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=None, unit=1.0,
                   apply_mask=True):
-    """Steps 3-4 on logits ``x``: ALiBi, then ``-inf`` where masked.
+    """Steps 3-4 on logits ``x`` (times ``unit``): ALiBi, then ``-inf`` where masked.
 
     ``apply_mask=False`` is for tiles known to lie inside the mask (see ``full_key_span``).
     """
     if spec.has_alibi:
-        x = x + alibi_bias(slope, rows, cols, offset)
+        x = x + alibi_bias(slope * unit, rows, cols, offset)
     if apply_mask:
         x = jnp.where(key_mask(rows, cols, spec, offset=offset, seqlen_k=seqlen_k), x, -jnp.inf)
     return x
 
 
-def scores(qk, rows, cols, spec: ScoreSpec, *, mul=operator.mul, **kwargs):
-    """Steps 1-4 in one: masked logits (``-inf`` where masked)."""
-    return bias_and_mask(logits(qk, spec, mul=mul), rows, cols, spec, **kwargs)
+def scores(qk, rows, cols, spec: ScoreSpec, *, mul=operator.mul, unit=1.0, **kwargs):
+    """Steps 1-4 in one: masked logits (``-inf`` where masked), times ``unit``."""
+    return bias_and_mask(logits(qk, spec, mul=mul, unit=unit), rows, cols, spec, unit=unit,
+                         **kwargs)
 
 
-def logits_derivative(x, spec: ScoreSpec):
-    """d logits / d qk given the logits ``x = logits(qk, spec)`` (tanh's derivative)."""
+def logits_derivative(x, spec: ScoreSpec, *, unit=1.0):
+    """d logits / d qk given ``x = logits(qk, spec, unit=unit)`` (tanh's derivative)."""
     if spec.softcap > 0:
-        tanh = x * (1.0 / spec.softcap)
+        tanh = x * (1.0 / (spec.softcap * unit))
         return spec.softmax_scale * (1.0 - tanh * tanh)
     return spec.softmax_scale
 

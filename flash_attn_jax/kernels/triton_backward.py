@@ -46,10 +46,11 @@ def _delta_kernel(out_ref, dout_ref, dlse_ref, delta_ref, *, head_dim, block_q):
     masked_store(delta_ref.at[pl.ds(row_lo, block_q)], delta, row_ok)
 
 
-def _row_stats(lse_ref, delta_ref, row_ok):
-    """lse (+inf for empty and out-of-range rows, so their P is 0) and delta."""
+def _row_stats(lse_ref, delta_ref, row_ok, numerics):
+    """lse (in the backward's units; +inf for empty and out-of-range rows, so their P is 0) and
+    delta."""
     lse = masked_load(lse_ref, row_ok, other=jnp.inf)
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    lse = numerics.lse_in_units(jnp.where(lse == -jnp.inf, jnp.inf, lse))
     return lse, masked_load(delta_ref, row_ok)
 
 
@@ -68,6 +69,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = k_ref.shape[-1]
     numerics = Numerics(k_ref.dtype, interpret=interpret)
+    unit = numerics.backward_unit
     d_mask = head_dim_mask(head_dim, head_dim_p)
     col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k)
     col_pos = seg.col_positions(cols)
@@ -98,17 +100,17 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                 q = masked_load(q_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
                 dout = masked_load(dout_ref.at[rows_at, member, :], as_rows(row_ok), d_mask)
                 lse, delta = _row_stats(lse_ref.at[member, rows_at], delta_ref.at[member, rows_at],
-                                        row_ok)
+                                        row_ok, numerics)
                 if query_major:
-                    x = logits(numerics.matmul(q, k, transpose_b=True), spec, mul=numerics.mul_exact)
+                    x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=unit)
                     row_ids, col_ids = row_pos[:, None], col_pos[None, :]
                     lse, delta = lse[:, None], delta[:, None]
                 else:  # keys x queries
-                    x = logits(numerics.matmul(k, q, transpose_b=True), spec, mul=numerics.mul_exact)
+                    x = logits(numerics.matmul(k, q, transpose_b=True), spec, unit=unit)
                     row_ids, col_ids = row_pos[None, :], col_pos[:, None]
                     lse, delta = lse[None, :], delta[None, :]
-                s = bias_and_mask(x, row_ids, col_ids, spec, slope=slope, apply_mask=masked,
-                                  **seg.mask_args())
+                s = bias_and_mask(x, row_ids, col_ids, spec, slope=slope, unit=unit,
+                                  apply_mask=masked, **seg.mask_args())
                 p = numerics.probs(s, lse)
                 if query_major:
                     dp = numerics.matmul(dout, v, transpose_b=True)
@@ -123,7 +125,7 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
                 dv = dv + numerics.matmul(dropped_p.astype(dout.dtype), dout,
                                           transpose_a=query_major)
                 ds = (p * _dp_minus_delta(dp, delta, dropout, spec)
-                      * logits_derivative(x, spec))
+                      * logits_derivative(x, spec, unit=unit))
                 dk = dk + numerics.matmul(ds.astype(q.dtype), q, transpose_a=query_major)
                 return dk, dv
 
@@ -149,6 +151,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
     seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
     head_dim_p = q_ref.shape[-1]
     numerics = Numerics(q_ref.dtype, interpret=interpret)
+    unit = numerics.backward_unit
     d_mask = head_dim_mask(head_dim, head_dim_p)
     row_lo, rows, row_ok = block_indices(query_block, block_q, seg.seqlen_q)
     row_pos = seg.row_positions(rows)
@@ -157,7 +160,7 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
     def accumulate():
         q = masked_load(q_ref.at[rows_at, :], as_rows(row_ok), d_mask)
         dout = masked_load(dout_ref.at[rows_at, :], as_rows(row_ok), d_mask)
-        lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok)
+        lse, delta = _row_stats(lse_ref.at[rows_at], delta_ref.at[rows_at], row_ok, numerics)
         slope = slopes_ref[batch, head] if spec.has_alibi else None
         dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
                                   interpret=interpret)
@@ -168,15 +171,15 @@ def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_
             kv_mask = as_rows(col_ok)
             k = masked_load(k_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
             v = masked_load(v_ref.at[seg.k_slice(col_lo, block_k), :], kv_mask, d_mask)
-            x = logits(numerics.matmul(q, k, transpose_b=True), spec, mul=numerics.mul_exact)
+            x = logits(numerics.matmul(q, k, transpose_b=True), spec, unit=unit)
             s = bias_and_mask(x, row_pos[:, None], seg.col_positions(cols)[None, :], spec,
-                              slope=slope, apply_mask=masked, **seg.mask_args())
+                              slope=slope, unit=unit, apply_mask=masked, **seg.mask_args())
             p = numerics.probs(s, lse[:, None])
             dp = numerics.matmul(dout, v, transpose_b=True)
             dropout = (None if dropout_at is None
                        else dropout_at(row_pos, seg.col_positions(col_lo), block_k))
             ds = (p * _dp_minus_delta(dp, delta[:, None], dropout, spec)
-                  * logits_derivative(x, spec))
+                  * logits_derivative(x, spec, unit=unit))
             return dq + numerics.matmul(ds.astype(k.dtype), k)
 
         blocks = seg.key_blocks(row_lo, block_q, block_k, spec)

@@ -154,7 +154,9 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     row_pos = seg.row_positions(rows)
     s = scores(qk, row_pos[:, None], seg.col_positions(cols)[None, :], spec, slope=slope,
                mul=numerics.mul_exact, **seg.mask_args())
-    probs = jnp.where((lse == -jnp.inf)[:, None], 0.0, numerics.probs(s, lse[:, None]))
+    # At most 1: the recomputed score may round above the forward's logsumexp (Numerics.probs).
+    probs = jnp.where((lse == -jnp.inf)[:, None], 0.0,
+                      numerics.exp(jnp.minimum(s - lse[:, None], 0.0)))
     if spec.has_dropout:  # S_dmask: the sign bit marks a dropped entry (-0.0 for a dropped 0)
         dropout_at = dropout_tile(spec, seed_ref, seg.global_batch, seg.global_head(head),
                                   interpret=interpret)

@@ -52,11 +52,27 @@ class Numerics:
         """e**x for x <= 0 (a score minus its row's maximum or logsumexp)."""
         return jnp.exp2(x * LOG2E) if self.base2 else jnp.exp(x)
 
+    @property
+    def backward_unit(self):
+        """The backward recomputes P = e**(s - lse) in base 2 for 16-bit inputs (logits times
+        log2(e)), one fused multiply-add and an exp2 an element; its logits are not rounded
+        apart (``mul_exact``): the fusion only rounds the difference."""
+        return LOG2E if self.base2 else 1.0
+
+    def lse_in_units(self, lse):
+        """The backward's lse (natural; +inf for rows without a key) times ``backward_unit``,
+        finite where it was (a logsumexp past float32 / log2(e) saturates instead)."""
+        if not self.base2:
+            return lse
+        scaled = jnp.clip(lse * LOG2E, -FLOAT32_MAX, FLOAT32_MAX)
+        return jnp.where(lse == jnp.inf, jnp.inf, scaled)
+
     def probs(self, s, lse):
-        """P = e**(s - lse) from recomputed scores: at most 1. The recomputation may round a
-        score differently from the forward (another summation order), which at logits near 1e9
-        puts it above the logsumexp by more than float32 exponentials take."""
-        return self.exp(jnp.minimum(s - lse, 0.0))
+        """P = e**(s - lse) from recomputed scores (both in ``backward_unit``): at most 1. The
+        recomputation may round a score differently from the forward (another summation order),
+        which at logits near 1e9 puts it above the logsumexp by more than float32 exponentials
+        take."""
+        return (jnp.exp2 if self.base2 else jnp.exp)(jnp.minimum(s - lse, 0.0))
 
     def lse(self, row_max, row_sum):
         """Logsumexp from the running max and sum."""
@@ -71,6 +87,9 @@ class Numerics:
             f"mul.rn.f32 $0, $1, 0f{bits:08X};", args=[x], constraints="=f,f", pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
         return product
+
+
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 def i32(x):
