@@ -313,3 +313,29 @@ def test_lowering_rejects_non_power_of_two_tiles():
     # A control: a 48-row tile must not lower, so a kernel change that creates one fails above.
     with pytest.raises(Exception, match="power"):
         lower_for_h100(_call(_tiny_dot_kernel, 48), _struct((48, 48), jnp.bfloat16))
+
+
+def test_kernels_lower_under_x64():
+    # Under jax_enable_x64 a Python int in the kernels' index arithmetic would be int64 next to
+    # the int32 program ids, which lax refuses (interpreted kernels run in 32-bit mode, so only
+    # this lowering sees it).
+    with jax.enable_x64(True):
+        config = forward_config(jnp.bfloat16, 64, 1 << 20, 1 << 20)
+        _check(_lower_forward(jnp.bfloat16, 64, config, "dropout-all-features-ragged"), 3)
+        _check(_lower_backward(jnp.bfloat16, 64, *backward_configs(jnp.bfloat16, 64, 1 << 20,
+                                                                   1 << 20),
+                               "all-features-ragged"), 7)
+        _check(_lower_varlen(jnp.bfloat16, 64), 10)
+        _check(_lower_varlen(jnp.float32, 32, page_size=32), 3)
+        from flash_attn_jax.kernels.config import decode_config
+        for paged in (False, True):
+            config = decode_config(jnp.bfloat16, 64, 3, 2, 64, 16 if paged else None)
+            _check(_lower_decode(jnp.bfloat16, 64, config, paged=paged, num_splits=3), 3)
+        cache = _struct((7, 32, 2, 61), jnp.bfloat16)
+        new = _struct((2, 3, 2, 61), jnp.bfloat16)
+        ints = lambda *shape: _struct(shape, jnp.int32)
+        ttir = lower_for_h100(
+            lambda kc, vc, k, v, n, t, keep: triton_decode.append(kc, vc, k, v, n, None, t, keep,
+                                                                   interpret=False, debug=True),
+            cache, cache, new, new, ints(2), ints(2, 3), ints(2, 3))
+        assert "tt.store" in ttir and lint_ttir(ttir) == []

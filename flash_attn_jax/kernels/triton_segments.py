@@ -240,7 +240,7 @@ class Segment:
 
         @pl.when(is_last_program)
         def _():
-            fori_loop(0, pl.cdiv(full - kept, block), chunk, 0)
+            fori_loop(0, idiv(full - kept + block - 1, block), chunk, 0)
 
     def run_if_within(self, lo, length, fn):
         """Runs ``fn()`` when a block starting at ``lo`` overlaps ``[0, length)``; dense grids
