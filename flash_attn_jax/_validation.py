@@ -303,19 +303,21 @@ def heads(num_heads, num_heads_k, k_name="k"):
 
 
 def alibi_slopes(x, batch, num_heads):
-    """None, or the slopes broadcast to float32 (batch, num_heads)."""
+    """None, or the slopes broadcast to float32 (batch, num_heads). float64 slopes (the default
+    under jax_enable_x64) are taken as float32."""
     if x is None:
         return None
     array("alibi_slopes", x)
-    if jnp.dtype(x.dtype) != jnp.dtype(jnp.float32):
-        raise DtypeError(f"alibi_slopes must have dtype float32, got {jnp.dtype(x.dtype)}")
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(np.float64)):
+        raise DtypeError(f"alibi_slopes must have dtype float32 (or float64), got "
+                         f"{jnp.dtype(x.dtype)}")
     if tuple(x.shape) not in ((num_heads,), (batch, num_heads)):
         raise ValueError(f"alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}), "
                          f"got {tuple(x.shape)}")
     values = concrete(x)
     if values is not None and not np.all(np.isfinite(values)):
         raise ValueError("alibi_slopes must be finite")
-    return jnp.broadcast_to(jnp.asarray(x), (batch, num_heads))
+    return jnp.broadcast_to(jnp.asarray(x).astype(jnp.float32), (batch, num_heads))
 
 
 def score_spec(*, head_dim, softmax_scale, causal, window, softcap, has_alibi, dropout_p=0.0,

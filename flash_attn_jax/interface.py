@@ -6,6 +6,8 @@ Each function validates its arguments (at trace time), reshapes packed inputs in
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from flash_attn_jax import _core
 from flash_attn_jax import _validation as check
 from flash_attn_jax.kernels import Varlen
@@ -158,19 +160,23 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
         check.varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          block_table, **names))
     # Each sequence's lengths are at most the tokens (or a paged key's capacity).
-    longest = max(q.shape[0], k.shape[0] if block_table is None else
-                  block_table.shape[1] * k.shape[1])
+    key_room = k.shape[0] if block_table is None else block_table.shape[1] * k.shape[1]
     slopes, spec, seed, return_attn_probs = _options(
         batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
-        alibi_slopes, deterministic, return_attn_probs, dropout_key, longest)
+        alibi_slopes, deterministic, return_attn_probs, dropout_key, max(q.shape[0], key_room))
     total_k = check.INT32_MAX if block_table is not None else k.shape[0]
+    # No sequence is longer than the tokens (or a paged key's capacity): the grids need no more.
     varlen = Varlen(cu_seqlens_q=sequence_bounds(cu_seqlens_q, q.shape[0]),
                     cu_seqlens_k=sequence_bounds(cu_seqlens_k, total_k), block_table=block_table,
-                    max_seqlen_q=max_q, max_seqlen_k=max_k)
+                    max_seqlen_q=min(max_q, q.shape[0]), max_seqlen_k=min(max_k, key_room))
+    probs_shape = (batch, num_heads, max_q, max_k)
     out, lse = _core.varlen_attention(q, k, v, slopes, varlen, spec, seed)
     if not return_attn_probs:
         return out
-    return out, lse, _core.attention_probs(q, k, lse, slopes, spec, varlen, seed)
+    probs = _core.attention_probs(q, k, lse, slopes, spec, varlen, seed)
+    if probs.shape != probs_shape:  # S_dmask keeps the max_seqlen asked for (zeros past them)
+        probs = jnp.pad(probs, [(0, want - have) for want, have in zip(probs_shape, probs.shape)])
+    return out, lse, probs
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

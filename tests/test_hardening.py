@@ -330,3 +330,20 @@ def test_large_logits_stay_finite_and_accurate(dtype, q_scale):
     np.testing.assert_allclose(np.asarray(cache_out, np.float64), want[:, -1:], atol=atol, rtol=0)
     np.testing.assert_allclose(np.asarray(lse, np.float64), want_lse, rtol=2e-6,
                                atol=1e-5)
+
+
+def test_float64_slopes_and_huge_max_seqlen():
+    # float64 slopes (jnp's default under x64) are taken as float32; a max_seqlen far past the
+    # tokens launches no more than the tokens need and changes nothing.
+    rng = np.random.default_rng(5)
+    q, k = _normal(rng, 20, 4, 16), _normal(rng, 24, 2, 16)
+    slopes = np.array([0.1, 0.2, 0.3, 0.4])
+    want = fa.flash_attn_varlen_func(q, k, k, CU, CU_K, 12, 12, causal=True,
+                                     alibi_slopes=slopes.astype(np.float32))
+    got = fa.flash_attn_varlen_func(q, k, k, CU, CU_K, 12, 12, causal=True, alibi_slopes=slopes)
+    np.testing.assert_array_equal(got, want)
+    huge = fa.flash_attn_varlen_func(q, k, k, CU, CU_K, 2**31 - 1, 2**31 - 1, causal=True,
+                                     alibi_slopes=slopes)  # other blocks: other roundings
+    np.testing.assert_allclose(huge, want, atol=2e-6, rtol=0)
+    _, _, probs = fa.flash_attn_varlen_func(q, k, k, CU, CU_K, 30, 13, return_attn_probs=True)
+    assert probs.shape == (2, 4, 30, 13) and np.all(np.asarray(probs)[:, :, 20:] == 0)
