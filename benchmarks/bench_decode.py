@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import flash_attn_jax as fa
-from flash_attn_jax.kernels import triton_decode
-from flash_attn_jax.kernels.config import DecodeConfig
+from flash_attn_jax.kernels.triton import decode as triton_decode
+from flash_attn_jax.kernels.triton.config import DecodeConfig
 from flash_attn_jax.semantics import ScoreSpec
 from timing import report, seconds_per_call
 

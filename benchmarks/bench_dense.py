@@ -3,13 +3,16 @@
 Shapes follow the FlashAttention benchmark (../shared/notes/anchors.md): batch x seqlen = 16384
 tokens, nheads x headdim = 2048, bf16, causal and not. Forward FLOPs = 4 * B * H * S * S * D,
 halved when causal; forward + backward (timed as jax.vjp of the call, the forward included) counts
-3.5x that. Peers: jax.nn.dot_product_attention with the cuDNN and XLA implementations, and JAX's
-bundled Pallas Triton kernel (jax.experimental.pallas.ops.gpu.attention.mha).
+3.5x that. Peers: jax.nn.dot_product_attention with the cuDNN and XLA implementations, JAX's
+bundled Pallas Triton kernel (jax.experimental.pallas.ops.gpu.attention.mha), and, when torch is
+installed, torch's scaled_dot_product_attention with its FlashAttention-2 kernel (same GPU, same
+process; torch's own tensors, timed with CUDA events).
 
-    PYTHONPATH=. python benchmarks/bench_dense.py [--phase fwd|fwd_bwd] [--sweep] [--out results.md]
+    PYTHONPATH=. python benchmarks/bench_dense.py [--phase fwd|fwd_bwd] [--head-dims 64,128,256]
+        [--sweep] [--out results.md]
 
 --sweep also times alternative block configurations of this package's kernels (to tune
-flash_attn_jax/kernels/config.py): the forward kernel for --phase fwd, the dK/dV and dQ kernels
+flash_attn_jax/kernels/triton/config.py): the forward kernel for --phase fwd, the dK/dV and dQ kernels
 (one varied at a time, at S = 4096) for --phase fwd_bwd.
 """
 
@@ -25,13 +28,15 @@ import jax
 import jax.numpy as jnp
 
 import flash_attn_jax as fa
-from flash_attn_jax.kernels import triton_backward, triton_forward
-from flash_attn_jax.kernels.config import BlockConfig, backward_configs, forward_config, padded_head_dim
+from flash_attn_jax.kernels.triton import backward as triton_backward
+from flash_attn_jax.kernels.triton import forward as triton_forward
+from flash_attn_jax.kernels.triton.config import BlockConfig, backward_configs, forward_config, padded_head_dim
 from flash_attn_jax.semantics import ScoreSpec
 from timing import report, seconds_per_call
 
 TOKENS, WIDTH = 16384, 2048
 SHAPES = [(d, s, causal) for d in (128, 64) for s in (1024, 4096, 16384) for causal in (False, True)]
+SHAPES += [(256, s, causal) for s in (4096, 16384) for causal in (False, True)]
 DKDV_SWEEP = [BlockConfig(64, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(32, 64, 4, 2),
               BlockConfig(64, 128, 8, 2), BlockConfig(32, 128, 8, 2), BlockConfig(64, 64, 4, 3),
               BlockConfig(64, 128, 8, 1)]
@@ -40,6 +45,21 @@ DQ_SWEEP = [BlockConfig(64, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(12
 FORWARD_SWEEP = [BlockConfig(128, 64, 4, 3), BlockConfig(128, 64, 8, 3), BlockConfig(128, 128, 8, 3),
          BlockConfig(128, 128, 8, 2), BlockConfig(64, 64, 4, 3), BlockConfig(128, 32, 4, 3),
          BlockConfig(64, 128, 4, 3), BlockConfig(128, 64, 8, 4)]
+# Head dim 256: a (128, 256) tile takes 64 KiB of shared memory per 16-bit operand, so fewer
+# stages and smaller key blocks.
+SWEEPS_256 = {
+    "fwd": [BlockConfig(64, 64, 8, 2), BlockConfig(128, 64, 8, 2), BlockConfig(128, 32, 8, 2),
+            BlockConfig(128, 64, 8, 1), BlockConfig(64, 64, 4, 2), BlockConfig(64, 32, 4, 3),
+            BlockConfig(64, 128, 8, 1), BlockConfig(128, 64, 16, 2), BlockConfig(128, 32, 8, 3),
+            BlockConfig(64, 64, 4, 3)],
+    "dkdv": [BlockConfig(32, 64, 8, 1), BlockConfig(64, 64, 8, 1), BlockConfig(64, 64, 8, 2),
+             BlockConfig(32, 64, 4, 2), BlockConfig(64, 32, 8, 2), BlockConfig(32, 128, 8, 1),
+             BlockConfig(64, 128, 8, 1), BlockConfig(16, 64, 4, 2), BlockConfig(32, 64, 8, 2),
+             BlockConfig(64, 64, 4, 2)],
+    "dq": [BlockConfig(64, 32, 8, 1), BlockConfig(64, 64, 8, 1), BlockConfig(64, 64, 8, 2),
+           BlockConfig(128, 32, 8, 1), BlockConfig(64, 32, 4, 2), BlockConfig(128, 64, 8, 1),
+           BlockConfig(32, 64, 4, 2), BlockConfig(64, 32, 8, 2), BlockConfig(64, 64, 4, 2)],
+}
 
 
 def peers(head_dim, causal):
@@ -95,8 +115,10 @@ def sweep(shape, phase, q, k, v, dropout_p=0.0):
     fwd_config = forward_config(q.dtype, padded_head_dim(head_dim), seqlen, seqlen,
                                 dropout=spec.has_dropout)
     results = {}
+    sweeps = SWEEPS_256 if head_dim == 256 else dict(fwd=FORWARD_SWEEP, dkdv=DKDV_SWEEP,
+                                                     dq=DQ_SWEEP)
     if phase == "fwd":
-        for config in FORWARD_SWEEP:
+        for config in sweeps["fwd"]:
             fn = jax.jit(lambda q, k, v, config=config: triton_forward.forward(
                 q, k, v, None, spec, config, seed=seed, interpret=False)[0])
             results[f"fwd {config}"] = _rate(fn, shape, phase, q, k, v)
@@ -104,8 +126,8 @@ def sweep(shape, phase, q, k, v, dropout_p=0.0):
     if seqlen != 4096:
         return results
     dkdv_default, dq_default = backward_configs(q.dtype, padded_head_dim(head_dim), seqlen, seqlen)
-    candidates = [("dkdv", c, (c, dq_default)) for c in DKDV_SWEEP]
-    candidates += [("dq", c, (dkdv_default, c)) for c in DQ_SWEEP]
+    candidates = [("dkdv", c, (c, dq_default)) for c in sweeps["dkdv"]]
+    candidates += [("dq", c, (dkdv_default, c)) for c in sweeps["dq"]]
     for kernel, config, (dkdv, dq) in candidates:
         def step(q, k, v, dkdv=dkdv, dq=dq):
             out, lse = triton_forward.forward(q, k, v, None, spec, fwd_config, seed=seed,
@@ -114,6 +136,42 @@ def sweep(shape, phase, q, k, v, dropout_p=0.0):
                                             dkdv, dq, seed=seed, interpret=False)
         results[f"{kernel} {config}"] = _rate(jax.jit(step), shape, phase, q, k, v)
     return results
+
+
+def torch_flash_rate(shape, phase, repeats=20):
+    """TFLOP/s of torch's FlashAttention-2 (scaled_dot_product_attention restricted to its flash
+    kernel) at ``shape``, or None without torch or a CUDA device."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    head_dim, seqlen, causal = shape
+    batch, nheads = TOKENS // seqlen, WIDTH // head_dim
+    grad = phase != "fwd"
+    q, k, v = (torch.randn(batch, nheads, seqlen, head_dim, dtype=torch.bfloat16, device="cuda",
+                           requires_grad=grad) for _ in range(3))
+
+    def call():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            if grad:
+                torch.autograd.grad(out, (q, k, v), out)
+
+    for _ in range(3):
+        call()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(5):
+        start.record()
+        for _ in range(repeats):
+            call()
+        stop.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(stop) / 1e3 / repeats)
+    return flops(*shape, phase) / statistics.median(samples) / 1e12
 
 
 def print_sweep(shape, phase, q, k, v, dropout_p=0.0):
@@ -128,20 +186,23 @@ def print_sweep(shape, phase, q, k, v, dropout_p=0.0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd")
+    parser.add_argument("--head-dims", default="64,128,256",
+                        help="comma-separated head dims of SHAPES to run")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    head_dims = {int(d) for d in args.head_dims.split(",")}
     warnings.simplefilter("ignore", DeprecationWarning)
 
     device = jax.devices()[0].device_kind
     phase_name = "Forward" if args.phase == "fwd" else "Forward + backward"
     header = (f"{phase_name}, bf16, {device}, jax {jax.__version__}, "
               f"{datetime.date.today().isoformat()}; TFLOP/s (ratio to cuDNN)")
-    names = list(peers(64, False))
+    names = list(peers(64, False)) + ["torch FA2"]
     lines = [header, "", "| D | S | causal | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     ratios = {name: [] for name in names}
-    for shape in SHAPES:
+    for shape in [shape for shape in SHAPES if shape[0] in head_dims]:
         head_dim, seqlen, causal = shape
         q, k, v = inputs(head_dim, seqlen)
         rates = {}
@@ -153,6 +214,15 @@ def main():
                 print(f"{name} D={head_dim} S={seqlen} causal={causal}: {rate}")
             else:
                 rates[name] = rate
+        try:
+            rate = torch_flash_rate(shape, args.phase)
+            import torch
+            torch.cuda.empty_cache()  # hand torch's cached blocks back before JAX's next shape
+        except Exception as error:  # torch missing a kernel for the shape: report, go on
+            print(f"torch FA2 D={head_dim} S={seqlen} causal={causal}: {type(error).__name__}")
+            rate = None
+        if rate is not None:
+            rates["torch FA2"] = rate
         cells = []
         for name in names:
             if name not in rates:

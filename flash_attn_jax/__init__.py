@@ -14,7 +14,7 @@ from flash_attn_jax.interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from flash_attn_jax.kernels import backend_name
+from flash_attn_jax.kernels import backend_name, backends_used, set_backend, use_backend
 from flash_attn_jax.reference import attention_reference, dropout_mask, kvcache_reference
 from flash_attn_jax.ring import from_ring_layout, ring_flash_attn_func, to_ring_layout
 from flash_attn_jax.semantics import ScoreSpec
@@ -26,6 +26,7 @@ __all__ = [
     "ScoreSpec",
     "attention_reference",
     "backend_name",
+    "backends_used",
     "dropout_mask",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
@@ -37,5 +38,7 @@ __all__ = [
     "from_ring_layout",
     "kvcache_reference",
     "ring_flash_attn_func",
+    "set_backend",
     "to_ring_layout",
+    "use_backend",
 ]

@@ -6,6 +6,8 @@ Each function validates its arguments (at trace time), reshapes packed inputs in
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from flash_attn_jax import _core
@@ -45,23 +47,40 @@ _COMMON_ARGS_DOC = """
     """
 
 
-def _options(batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
-             alibi_slopes, deterministic, return_attn_probs, dropout_key, longest):
-    """(slopes (batch, nheads) or None, ScoreSpec, dropout key words or None, return_attn_probs)
-    of the shared flags; ``longest`` bounds the sequence lengths (``check.score_spec``)."""
-    slopes, spec, seed = check.attention_options(
-        batch, num_heads, head_dim, dropout_p=dropout_p, softmax_scale=softmax_scale,
-        causal=causal, window_size=window_size, softcap=softcap, alibi=alibi_slopes,
-        deterministic=deterministic, dropout_key=dropout_key, longest=longest)
-    return slopes, spec, seed, check.static_bool("return_attn_probs", return_attn_probs)
+@dataclasses.dataclass(frozen=True)
+class _Flags:
+    """The flags every attention function takes, as the caller gave them."""
+
+    dropout_p: object
+    softmax_scale: object
+    causal: object
+    window_size: object
+    softcap: object
+    alibi_slopes: object
+    deterministic: object
+    return_attn_probs: object
+    dropout_key: object
+
+    @classmethod
+    def of(cls, arguments):
+        """From a public function's ``locals()``."""
+        return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
+
+    def checked(self, batch, num_heads, head_dim, longest):
+        """(slopes (batch, nheads) or None, ScoreSpec, dropout key words or None,
+        return_attn_probs); ``longest`` bounds the sequence lengths (``check.score_spec``)."""
+        slopes, spec, seed = check.attention_options(
+            batch, num_heads, head_dim, dropout_p=self.dropout_p,
+            softmax_scale=self.softmax_scale, causal=self.causal, window_size=self.window_size,
+            softcap=self.softcap, alibi=self.alibi_slopes, deterministic=self.deterministic,
+            dropout_key=self.dropout_key, longest=longest)
+        return slopes, spec, seed, check.static_bool("return_attn_probs", self.return_attn_probs)
 
 
-def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-           deterministic, return_attn_probs, dropout_key, names):
+def _dense(q, k, v, flags: _Flags, names):
     batch, seqlen_q, seqlen_k, num_heads, _, head_dim = check.dense_qkv(q, k, v, **names)
-    slopes, spec, seed, return_attn_probs = _options(
-        batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
-        alibi_slopes, deterministic, return_attn_probs, dropout_key, max(seqlen_q, seqlen_k))
+    slopes, spec, seed, return_attn_probs = flags.checked(batch, num_heads, head_dim,
+                                                          max(seqlen_q, seqlen_k))
     out, lse = _core.attention(q, k, v, slopes, spec, seed)
     if not return_attn_probs:
         return out
@@ -86,8 +105,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
       k, v: (batch, seqlen_k, nheads_k, headdim) with q's dtype. nheads must be a multiple of
         nheads_k (GQA/MQA): query head h uses key/value head h // (nheads // nheads_k).
     """
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                  deterministic, return_attn_probs, dropout_key, {})
+    return _dense(q, k, v, _Flags.of(locals()), {})
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -100,9 +118,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
         values.
     """
     q, k, v = _packed("qkv", qkv, 3, "(batch, seqlen, 3, nheads, headdim)")
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                  deterministic, return_attn_probs, dropout_key,
-                  dict(q_name="qkv", k_name="qkv", v_name="qkv"))
+    return _dense(q, k, v, _Flags.of(locals()), dict(q_name="qkv", k_name="qkv", v_name="qkv"))
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -115,8 +131,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
       kv: (batch, seqlen_k, 2, nheads_k, headdim): kv[:, :, 0] are the keys, 1 the values.
     """
     k, v = _packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                  deterministic, return_attn_probs, dropout_key, dict(k_name="kv", v_name="kv"))
+    return _dense(q, k, v, _Flags.of(locals()), dict(k_name="kv", v_name="kv"))
 
 
 for _fn in (flash_attn_func, flash_attn_qkvpacked_func, flash_attn_kvpacked_func):
@@ -153,17 +168,15 @@ _VARLEN_ARGS_DOC = """
     """
 
 
-def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-            softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-            return_attn_probs, block_table, dropout_key, names):
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+            flags: _Flags, names):
     batch, num_heads, head_dim, max_q, max_k, cu_seqlens_q, cu_seqlens_k, block_table = (
         check.varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          block_table, **names))
     # Each sequence's lengths are at most the tokens (or a paged key's capacity).
     key_room = k.shape[0] if block_table is None else block_table.shape[1] * k.shape[1]
-    slopes, spec, seed, return_attn_probs = _options(
-        batch, num_heads, head_dim, dropout_p, softmax_scale, causal, window_size, softcap,
-        alibi_slopes, deterministic, return_attn_probs, dropout_key, max(q.shape[0], key_room))
+    slopes, spec, seed, return_attn_probs = flags.checked(batch, num_heads, head_dim,
+                                                          max(q.shape[0], key_room))
     total_k = check.INT32_MAX if block_table is not None else k.shape[0]
     # No sequence is longer than the tokens (or a paged key's capacity): the grids need no more.
     varlen = Varlen(cu_seqlens_q=sequence_bounds(cu_seqlens_q, q.shape[0]),
@@ -196,9 +209,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         [0, num_blocks) and hold every sequence's keys (checked when concrete; traced, entries
         are clipped into range and keys past the table's capacity are absent).
     """
-    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   return_attn_probs, block_table, dropout_key, {})
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                   _Flags.of(locals()), {})
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
@@ -215,9 +227,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     q, k, v = _packed("qkv", qkv, 3, "(total, 3, nheads, headdim)", axis=1)
     names = dict(q_name="qkv", k_name="qkv", v_name="qkv", cu_q_name="cu_seqlens",
                  cu_k_name="cu_seqlens", max_q_name="max_seqlen", max_k_name="max_seqlen")
-    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   return_attn_probs, None, dropout_key, names)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None,
+                   _Flags.of(locals()), names)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -232,9 +243,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
       kv: (total_k, 2, nheads_k, headdim): kv[:, 0] are the keys, 1 the values.
     """
     k, v = _packed("kv", kv, 2, "(total_k, 2, nheads_k, headdim)", axis=1)
-    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   return_attn_probs, None, dropout_key, dict(k_name="kv", v_name="kv"))
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None,
+                   _Flags.of(locals()), dict(k_name="kv", v_name="kv"))
 
 
 for _fn in (flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func,

@@ -23,7 +23,7 @@ import tempfile
 import jax.numpy as jnp
 from jax._src.pallas.triton import pallas_call_registration
 
-from flash_attn_jax.kernels.config import backward_configs, forward_config
+from flash_attn_jax.kernels.triton.config import backward_configs, forward_config
 
 COUNTED = ("BAR", "LDS", "STS", "LDL", "STL", "HGMMA", "MUFU", "IMAD", "LOP3")
 _captured = []

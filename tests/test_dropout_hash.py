@@ -125,7 +125,7 @@ def keep_tile_call(block_q, block_k, *, interpret, debug=False):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    from flash_attn_jax.kernels.triton_tiles import dropout_tile
+    from flash_attn_jax.kernels.triton.tiles import dropout_tile
 
     spec = semantics.ScoreSpec(softmax_scale=1.0, dropout_p=0.1)
 
@@ -160,7 +160,7 @@ def drop_tile_call(x, p, *, interpret):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    from flash_attn_jax.kernels.triton_tiles import dropout_tile
+    from flash_attn_jax.kernels.triton.tiles import dropout_tile
 
     spec = semantics.ScoreSpec(softmax_scale=1.0, dropout_p=p)
     block_q, block_k = x.shape

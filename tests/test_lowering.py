@@ -18,11 +18,15 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels import (Varlen, triton_backward, triton_decode, triton_forward,
-                                    triton_segments)
-from flash_attn_jax.kernels.config import (all_backward_configs, all_decode_configs,
+from flash_attn_jax.kernels import Varlen
+from flash_attn_jax.kernels.triton import backward as triton_backward
+from flash_attn_jax.kernels.triton import decode as triton_decode
+from flash_attn_jax.kernels.triton import forward as triton_forward
+from flash_attn_jax.kernels.triton import layout_args
+from flash_attn_jax.kernels.triton import segments as triton_segments
+from flash_attn_jax.kernels.triton.config import (all_backward_configs, all_decode_configs,
                                            all_forward_configs, backward_configs, forward_config)
-from flash_attn_jax.kernels.triton_tiles import Numerics
+from flash_attn_jax.kernels.triton.tiles import Numerics
 from flash_attn_jax.semantics import ScoreSpec
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
@@ -223,7 +227,7 @@ def test_every_decode_config_lowers(dtype, head_dim_p, config, paged, num_splits
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
 def test_decode_every_page_size_and_split_lowers(page_size, paged, num_splits):
-    from flash_attn_jax.kernels.config import decode_config
+    from flash_attn_jax.kernels.triton.config import decode_config
     config = decode_config(jnp.bfloat16, 128, 1, 4, page_size * 3, page_size if paged else None)
     spec = ScoreSpec(softmax_scale=0.1, window_left=5)
     _check(_lower_decode(jnp.bfloat16, 128, config, paged=paged, num_splits=num_splits, spec=spec), 3)
@@ -246,7 +250,7 @@ def _lower_varlen(dtype, head_dim_p, *, page_size=0, spec=DROPOUT):
 
     def options(cu_q, cu_k, table):
         varlen = Varlen(cu_q, cu_k, table, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
-        return dict(varlen.kernel_args(keys), interpret=False, debug=True)
+        return dict(layout_args(keys, varlen, None), interpret=False, debug=True)
 
     ttir = lower_for_h100(
         lambda q, k, v, s, cu_q, cu_k, t, seed: triton_forward.forward(
@@ -327,7 +331,7 @@ def test_kernels_lower_under_x64():
                                "all-features-ragged"), 7)
         _check(_lower_varlen(jnp.bfloat16, 64), 10)
         _check(_lower_varlen(jnp.float32, 32, page_size=32), 3)
-        from flash_attn_jax.kernels.config import decode_config
+        from flash_attn_jax.kernels.triton.config import decode_config
         for paged in (False, True):
             config = decode_config(jnp.bfloat16, 64, 3, 2, 64, 16 if paged else None)
             _check(_lower_decode(jnp.bfloat16, 64, config, paged=paged, num_splits=3), 3)

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from flash_attn_jax.kernels.blocks import fori_loop, idiv, irem, key_blocks, query_blocks
 from flash_attn_jax.kernels.manual_axes import pallas_call
-from flash_attn_jax.kernels.triton_tiles import (as_cols, as_rows, block_indices, fori_loop, idiv,
-                                                 irem, key_blocks, masked_store, query_blocks)
+from flash_attn_jax.kernels.triton.tiles import (Numerics, as_cols, as_rows, block_indices,
+                                                 head_dim_mask, masked_store, optional_refs)
 
 
 # The placement operand (int32 words) of a kernel whose arrays are a shard of a larger attention:
@@ -180,14 +181,14 @@ class Segment:
         return dict(offset=self.diagonal, seqlen_k=_plus(self.k_pos, self.seqlen_k))
 
     def key_blocks(self, row_lo, block_q, block_k, spec):
-        """The key blocks (``triton_tiles.key_blocks``) of local rows ``[row_lo, row_lo +
+        """The key blocks (``blocks.key_blocks``) of local rows ``[row_lo, row_lo +
         block_q)``, counted in local key blocks."""
         row_hi = jnp.minimum(row_lo + block_q, self.seqlen_q)
         return key_blocks(self.row_positions(row_lo), self.row_positions(row_hi), block_k, spec,
                           shift=-self.k_pos, **self.mask_args())
 
     def query_blocks(self, col_lo, block_k, block_q, spec):
-        """The query blocks (``triton_tiles.query_blocks``) that may attend local key columns
+        """The query blocks (``blocks.query_blocks``) that may attend local key columns
         ``[col_lo, col_lo + block_k)``; a key block cut by the end of the keys is never inner."""
         col_hi = jnp.minimum(col_lo + block_k, self.seqlen_k)
         first, inner_first, inner_end, end = query_blocks(
@@ -249,6 +250,24 @@ class Segment:
             fn()
         else:
             pl.when(lo < length)(fn)
+
+
+class KernelRefs:
+    """The prologue of the attention kernels: their refs split into the layout's int32 refs, the
+    ``num_inputs`` inputs (queries first, keys second), the optional ALiBi slopes and dropout key
+    (``slopes_ref``/``seed_ref``, None when unused) and the ``outputs``; and for the program's
+    ``batch`` row its ``seg``, the ``numerics`` of the inputs' dtype and the head-dim mask
+    ``d_mask`` (None without padding)."""
+
+    def __init__(self, refs, *, layout: Layout, spec, num_inputs, batch, head_dim, interpret):
+        seq_refs, rest = split_refs(layout, refs)
+        self.inputs = rest[:num_inputs]
+        self.slopes_ref, self.seed_ref, self.outputs = optional_refs(spec, rest[num_inputs:])
+        q_ref, k_ref = self.inputs[:2]
+        self.seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0],
+                           total_k=k_ref.shape[0])
+        self.numerics = Numerics(q_ref.dtype, interpret=interpret)
+        self.d_mask = head_dim_mask(head_dim, q_ref.shape[-1])
 
 
 # Tokens outside every sequence: tiles of _FILL_TOKENS tokens x _FILL_WIDTH other elements.

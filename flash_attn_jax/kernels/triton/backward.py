@@ -23,15 +23,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels.config import DELTA_BLOCK, BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.blocks import fori_loop, idiv
 from flash_attn_jax.kernels.manual_axes import pallas_call
-from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, split_refs, stats_spec,
+from flash_attn_jax.kernels.triton.config import DELTA_BLOCK, BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.triton.segments import (DENSE, KernelRefs, Layout, stats_spec,
                                                     token_spec, whole_spec)
-from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, dropout_tile,
-                                                 fori_loop, head_dim_mask, idiv,
-                                                 masked_full_masked_loop,
-                                                 masked_load, masked_store, optional_arrays,
-                                                 optional_refs)
+from flash_attn_jax.kernels.triton.tiles import (as_rows, block_indices, dropout_tile,
+                                                 head_dim_mask, masked_full_masked_loop,
+                                                 masked_load, masked_store, optional_arrays)
 from flash_attn_jax.semantics import ScoreSpec, bias_and_mask, logits, logits_derivative
 
 
@@ -63,14 +62,14 @@ def _dp_minus_delta(dp, delta, dropout, spec):
 
 def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_q, block_k,
                  interpret):
-    seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, seed_ref, (dk_ref, dv_ref) = optional_refs(spec, refs)
     key_block, batch, head_k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
+    io = KernelRefs(refs, layout=layout, spec=spec, num_inputs=6, batch=batch, head_dim=head_dim,
+                    interpret=interpret)
+    (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = io.inputs, io.outputs
+    seg, numerics, d_mask, slopes_ref, seed_ref = (io.seg, io.numerics, io.d_mask, io.slopes_ref,
+                                                   io.seed_ref)
     head_dim_p = k_ref.shape[-1]
-    numerics = Numerics(k_ref.dtype, interpret=interpret)
     unit = numerics.backward_unit
-    d_mask = head_dim_mask(head_dim, head_dim_p)
     col_lo, cols, col_ok = block_indices(key_block, block_k, seg.seqlen_k)
     col_pos = seg.col_positions(cols)
     kv_mask = as_rows(col_ok)
@@ -145,14 +144,14 @@ def _dkdv_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, group, block_
 
 
 def _dq_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k, interpret):
-    seq_refs, (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, seed_ref, (dq_ref,) = optional_refs(spec, refs)
     query_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
+    io = KernelRefs(refs, layout=layout, spec=spec, num_inputs=6, batch=batch, head_dim=head_dim,
+                    interpret=interpret)
+    (q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref), (dq_ref,) = io.inputs, io.outputs
+    seg, numerics, d_mask, slopes_ref, seed_ref = (io.seg, io.numerics, io.d_mask, io.slopes_ref,
+                                                   io.seed_ref)
     head_dim_p = q_ref.shape[-1]
-    numerics = Numerics(q_ref.dtype, interpret=interpret)
     unit = numerics.backward_unit
-    d_mask = head_dim_mask(head_dim, head_dim_p)
     row_lo, rows, row_ok = block_indices(query_block, block_q, seg.seqlen_q)
     row_pos = seg.row_positions(rows)
     rows_at = seg.q_slice(row_lo, block_q)

@@ -20,28 +20,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels.config import BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.blocks import idiv
 from flash_attn_jax.kernels.manual_axes import pallas_call
-from flash_attn_jax.kernels.triton_segments import (DENSE, Layout, Segment, key_spec, split_refs,
+from flash_attn_jax.kernels.triton.config import BlockConfig, padded_head_dim
+from flash_attn_jax.kernels.triton.segments import (DENSE, KernelRefs, Layout, key_spec,
                                                     stats_spec, token_spec, whole_spec)
-from flash_attn_jax.kernels.triton_tiles import (Numerics, as_cols, as_rows, block_indices,
-                                                 finish_softmax, head_dim_mask, idiv,
-                                                 initial_softmax_state, dropout_tile,
+from flash_attn_jax.kernels.triton.tiles import (as_cols, as_rows, block_indices, dropout_tile,
+                                                 finish_softmax, initial_softmax_state,
                                                  masked_full_masked_loop, masked_load,
                                                  masked_store, online_softmax_step,
-                                                 optional_arrays, optional_refs)
+                                                 optional_arrays)
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
 def _forward_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k,
                     interpret):
-    seq_refs, (q_ref, k_ref, v_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, seed_ref, (out_ref, lse_ref) = optional_refs(spec, refs)
     q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
+    io = KernelRefs(refs, layout=layout, spec=spec, num_inputs=3, batch=batch, head_dim=head_dim,
+                    interpret=interpret)
+    (q_ref, k_ref, v_ref), (out_ref, lse_ref) = io.inputs, io.outputs
+    seg, numerics, d_mask, slopes_ref, seed_ref = (io.seg, io.numerics, io.d_mask, io.slopes_ref,
+                                                   io.seed_ref)
     head_dim_p = q_ref.shape[-1]
-    numerics = Numerics(q_ref.dtype, interpret=interpret)
-    d_mask = head_dim_mask(head_dim, head_dim_p)
     row_lo, rows, row_ok = block_indices(q_block, block_q, seg.seqlen_q)
 
     def attend():
@@ -132,12 +132,13 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: BlockConfig, *, seed=None,
 
 
 def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, block_k, interpret):
-    seq_refs, (q_ref, k_ref, lse_ref, *refs) = split_refs(layout, refs)
-    slopes_ref, seed_ref, (probs_ref,) = optional_refs(spec, refs)
     q_block, k_block = pl.program_id(0), pl.program_id(1)
     batch, head = pl.program_id(2), pl.program_id(3)
-    seg = Segment(layout, seq_refs, batch, total_q=q_ref.shape[0], total_k=k_ref.shape[0])
-    d_mask = head_dim_mask(head_dim, q_ref.shape[-1])
+    io = KernelRefs(refs, layout=layout, spec=spec, num_inputs=3, batch=batch, head_dim=head_dim,
+                    interpret=interpret)
+    (q_ref, k_ref, lse_ref), (probs_ref,) = io.inputs, io.outputs
+    seg, numerics, d_mask, slopes_ref, seed_ref = (io.seg, io.numerics, io.d_mask, io.slopes_ref,
+                                                   io.seed_ref)
     # The output (S_dmask) is (max_seqlen_q, max_seqlen_k) per (batch row, head); entries past the
     # row's lengths are 0 (the lse of a missing row reads -inf, a missing key's score is -inf).
     max_q, max_k = probs_ref.shape
@@ -149,7 +150,6 @@ def _probs_kernel(*refs, layout: Layout, spec: ScoreSpec, head_dim, block_q, blo
     k = masked_load(seg.keys(k_ref, col_lo, block_k), as_rows(col_ok), d_mask)
     lse = masked_load(lse_ref.at[seg.q_slice(row_lo, block_q)], row_ok, other=-jnp.inf)
     slope = slopes_ref[batch, head] if spec.has_alibi else None
-    numerics = Numerics(q_ref.dtype, interpret=interpret)
     qk = numerics.matmul(q, k, transpose_b=True)
     row_pos = seg.row_positions(rows)
     s = scores(qk, row_pos[:, None], seg.col_positions(cols)[None, :], spec, slope=slope,

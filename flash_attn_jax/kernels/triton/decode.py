@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from flash_attn_jax.kernels.config import COMBINE_ROWS, DecodeConfig, next_power_of_2, padded_head_dim
+from flash_attn_jax.kernels.blocks import fori_loop, idiv, irem, key_blocks
 from flash_attn_jax.kernels.manual_axes import pallas_call
-from flash_attn_jax.kernels.triton_tiles import (Numerics, as_rows, block_indices, bounds_mask,
-                                                 fori_loop, idiv, irem,
+from flash_attn_jax.kernels.triton.config import (COMBINE_ROWS, DecodeConfig, next_power_of_2,
+                                                  padded_head_dim)
+from flash_attn_jax.kernels.triton.tiles import (Numerics, as_rows, block_indices, bounds_mask,
                                                  finish_softmax, head_dim_mask,
-                                                 initial_softmax_state, key_blocks,
-                                                 masked_full_masked_loop, masked_load,
-                                                 masked_store, online_softmax_step)
+                                                 initial_softmax_state, masked_full_masked_loop,
+                                                 masked_load, masked_store, online_softmax_step)
 from flash_attn_jax.semantics import ScoreSpec, scores
 
 
