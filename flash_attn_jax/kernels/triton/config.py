@@ -16,6 +16,8 @@ import math
 
 import jax.numpy as jnp
 
+from flash_attn_jax.kernels.tuning import HOPPER, TuningTable
+
 MIN_BLOCK = 16
 
 
@@ -48,8 +50,10 @@ PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # (itemsize, padded head dim) -> the largest blocks. float32 tiles take twice the registers and
 # shared memory of 16-bit ones, hence smaller blocks. The 16-bit d64/d128 entries are the best of a
-# sweep on an H100 (benchmarks/bench_dense.py --sweep, benchmarks/RESULTS.md).
-_FORWARD_TABLE = {
+# sweep on an H100 (benchmarks/bench_dense.py --sweep, benchmarks/RESULTS.md). Hopper entries need
+# its 227 KiB of shared memory per block: 16-bit d256 (128, 64, 8, 2) holds a 64 KiB query tile
+# and two stages of 32 KiB key and value tiles, 1.9-2.1x the default's speed on an H200.
+_FORWARD_DEFAULTS = {
     (2, 16): BlockConfig(128, 64, 4, 3),
     (2, 32): BlockConfig(128, 64, 4, 3),
     (2, 64): BlockConfig(128, 64, 8, 3),
@@ -61,13 +65,16 @@ _FORWARD_TABLE = {
     (4, 128): BlockConfig(64, 32, 8, 2),
     (4, 256): BlockConfig(32, 32, 8, 2),
 }
+_FORWARD_TABLE = TuningTable(_FORWARD_DEFAULTS, {HOPPER: {(2, 256): BlockConfig(128, 64, 8, 2)}})
 
 
 # The backward runs two kernels: dK/dV (a program per key block, looping over query blocks) and dQ
 # (a program per query block, looping over key blocks). Each holds two (block, head_dim) float32
 # accumulators or one plus the query tile, so blocks are smaller than the forward's. 16-bit d64 and
-# d128: the best of an H100 sweep (4 warps beat 8 on 64-row tiles by ~30 %; RESULTS.md).
-_DKDV_TABLE = {
+# d128: the best of an H100 sweep (4 warps beat 8 on 64-row tiles by ~30 %; RESULTS.md). Hopper
+# d256: the best pair of an H200 sweep (1.6x the defaults' forward + backward; 192 KiB of shared
+# memory each).
+_DKDV_TABLE = TuningTable({
     (2, 16): BlockConfig(64, 64, 4, 2),
     (2, 32): BlockConfig(64, 64, 4, 2),
     (2, 64): BlockConfig(64, 64, 4, 2),
@@ -78,8 +85,8 @@ _DKDV_TABLE = {
     (4, 64): BlockConfig(32, 64, 4, 2),
     (4, 128): BlockConfig(32, 32, 8, 1),
     (4, 256): BlockConfig(16, 32, 8, 1),
-}
-_DQ_TABLE = {
+}, {HOPPER: {(2, 256): BlockConfig(64, 64, 8, 2)}})
+_DQ_TABLE = TuningTable({
     (2, 16): BlockConfig(64, 64, 4, 2),
     (2, 32): BlockConfig(64, 64, 4, 2),
     (2, 64): BlockConfig(64, 64, 4, 2),
@@ -90,7 +97,7 @@ _DQ_TABLE = {
     (4, 64): BlockConfig(64, 32, 4, 2),
     (4, 128): BlockConfig(32, 32, 8, 1),
     (4, 256): BlockConfig(32, 16, 8, 1),
-}
+}, {HOPPER: {(2, 256): BlockConfig(64, 64, 4, 2)}})
 # The delta = rowsum(dO * O) preprocessing: memory bound, one block of rows per program.
 DELTA_BLOCK = 64
 
@@ -100,7 +107,7 @@ def _shrink(block: int, seqlen: int) -> int:
 
 
 def _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k):
-    base = table[(jnp.dtype(dtype).itemsize, head_dim_p)]
+    base = table.lookup((jnp.dtype(dtype).itemsize, head_dim_p))
     return dataclasses.replace(base, block_q=_shrink(base.block_q, seqlen_q),
                                block_k=_shrink(base.block_k, seqlen_k))
 
@@ -108,7 +115,8 @@ def _shrunk(table, dtype, head_dim_p, seqlen_q, seqlen_k):
 # With dropout the 16-bit d64 forward is bound by the keep mask's integer work, and one warp group
 # per program (more programs per SM) hides more of it: 260 and 199 TFLOP/s against 239 and 162
 # with the table's blocks (H200 sweep, S 4096 and causal S 1024; benchmarks/RESULTS.md).
-_FORWARD_DROPOUT_TABLE = {**_FORWARD_TABLE, (2, 64): BlockConfig(64, 64, 4, 3)}
+_FORWARD_DROPOUT_TABLE = TuningTable({**_FORWARD_DEFAULTS, (2, 64): BlockConfig(64, 64, 4, 3)},
+                                     _FORWARD_TABLE.by_generation)
 
 
 def forward_config(dtype, head_dim_p: int, seqlen_q: int, seqlen_k: int, *,
@@ -133,10 +141,14 @@ def _block_sizes(largest: int):
 def _all_configs(table):
     for dtype in (jnp.float16, jnp.bfloat16, jnp.float32):
         for head_dim_p in PADDED_HEAD_DIMS:
-            base = table[(jnp.dtype(dtype).itemsize, head_dim_p)]
-            for block_q in _block_sizes(base.block_q):
-                for block_k in _block_sizes(base.block_k):
-                    yield dtype, head_dim_p, dataclasses.replace(base, block_q=block_q, block_k=block_k)
+            seen = set()
+            for base in table.values((jnp.dtype(dtype).itemsize, head_dim_p)):  # each generation's
+                for block_q in _block_sizes(base.block_q):
+                    for block_k in _block_sizes(base.block_k):
+                        config = dataclasses.replace(base, block_q=block_q, block_k=block_k)
+                        if config not in seen:
+                            seen.add(config)
+                            yield dtype, head_dim_p, config
 
 
 def all_forward_configs():
