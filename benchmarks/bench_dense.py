@@ -6,7 +6,8 @@ halved when causal; forward + backward (timed as jax.vjp of the call, the forwar
 3.5x that. Peers: jax.nn.dot_product_attention with the cuDNN and XLA implementations, JAX's
 bundled Pallas Triton kernel (jax.experimental.pallas.ops.gpu.attention.mha), and, when torch is
 installed, torch's scaled_dot_product_attention with its FlashAttention-2 kernel (same GPU, same
-process; torch's own tensors, timed with CUDA events).
+process; torch's own tensors, timed with CUDA events). flash_attn_jax runs twice: with its
+automatic backend choice, and with the Mosaic GPU backend chosen (Hopper only).
 
     PYTHONPATH=. python benchmarks/bench_dense.py [--phase fwd|fwd_bwd] [--head-dims 64,128,256]
         [--sweep] [--out results.md]
@@ -35,6 +36,7 @@ from flash_attn_jax.semantics import ScoreSpec
 from timing import report, seconds_per_call
 
 TOKENS, WIDTH = 16384, 2048
+MOSAIC = "flash_attn_jax mosaic-gpu"
 SHAPES = [(d, s, causal) for d in (128, 64) for s in (1024, 4096, 16384) for causal in (False, True)]
 SHAPES += [(256, s, causal) for s in (4096, 16384) for causal in (False, True)]
 DKDV_SWEEP = [BlockConfig(64, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(32, 64, 4, 2),
@@ -67,6 +69,9 @@ def peers(head_dim, causal):
     scale = head_dim ** -0.5
     impls = {
         "flash_attn_jax": lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal),
+        # The same call with the Mosaic GPU backend chosen (its forward; the backward is
+        # Triton's): timed only where it runs (a Hopper GPU, shapes it takes).
+        MOSAIC: lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal),
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"),
         "xla": lambda q, k, v: jax.nn.dot_product_attention(
@@ -209,7 +214,13 @@ def main():
         for name, attend in peers(head_dim, causal).items():
             if name == "xla" and seqlen > 4096:
                 continue  # O(S^2) memory
-            rate = _rate(timed(attend, args.phase), shape, args.phase, q, k, v)
+            if name == MOSAIC:
+                with fa.use_backend("mosaic-gpu"):  # the choice is part of the jit cache key
+                    if fa.backends_used(attend, q, k, v) != {"forward": "mosaic-gpu"}:
+                        continue
+                    rate = _rate(timed(attend, args.phase), shape, args.phase, q, k, v)
+            else:
+                rate = _rate(timed(attend, args.phase), shape, args.phase, q, k, v)
             if isinstance(rate, str):
                 print(f"{name} D={head_dim} S={seqlen} causal={causal}: {rate}")
             else:

@@ -39,4 +39,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     import flash_attn_jax
-    return f"jax {jax.__version__}, backend {jax.default_backend()}, kernels {flash_attn_jax.backend_name()}"
+    from flash_attn_jax.kernels import registry
+    # FLASH_ATTN_JAX_BACKEND=<name> runs the suite with that backend wherever it applies.
+    return (f"jax {jax.__version__}, backend {jax.default_backend()}, kernels "
+            f"{flash_attn_jax.backend_name()}, chosen backend {registry.chosen()}")

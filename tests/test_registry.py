@@ -86,20 +86,34 @@ def test_fallback_runs_what_the_first_backend_declines(narrow):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def test_a_chosen_backend_refuses_what_it_cannot_run(narrow):
+def test_a_chosen_backend_hands_what_it_cannot_run_to_the_automatic_choice(narrow):
     q, k, v = _qkv(2, 1, 16, 2, 128, jnp.bfloat16)
     with flash_attn_jax.use_backend("narrow"):
-        with pytest.raises(NotImplementedError,
-                           match="'narrow' cannot run this forward: head dims"):
-            flash_attn_func(q, k, v)
-    assert flash_attn_jax.backends_used(flash_attn_func, q, k, v) != {"forward": "narrow"}
+        assert flash_attn_jax.backends_used(flash_attn_func, q, k, v) == {"forward": _default()}
+        small = q[..., :64], k[..., :64], v[..., :64]
+        assert flash_attn_jax.backends_used(flash_attn_func, *small) == {"forward": "narrow"}
+
+
+def test_a_backend_left_out_of_the_automatic_choice_runs_only_when_chosen(monkeypatch):
+    """``automatic = False`` (a backend not yet validated on its hardware): never picked by
+    itself, even first in the order and supporting the call."""
+
+    class Manual(_Narrow):
+        automatic = False
+
+    manual = Manual()
+    monkeypatch.setattr(registry, "_registry", [manual] + list(registry._registry))
+    q, k, v = _qkv(6, 1, 16, 1, 32, jnp.float32)
+    assert flash_attn_jax.backends_used(flash_attn_func, q, k, v) == {"forward": _default()}
+    with flash_attn_jax.use_backend("narrow"):
+        assert flash_attn_jax.backends_used(flash_attn_func, q, k, v) == {"forward": "narrow"}
 
 
 def test_no_backend_left(monkeypatch):
     monkeypatch.setattr(registry, "_registry", [_Narrow()])
     q, k, v = _qkv(3, 1, 16, 1, 128, jnp.float32)
-    with registry.fresh_traces(), pytest.raises(NotImplementedError,
-                                                match="no backend can run this forward"):
+    with registry.fresh_traces(), pytest.raises(
+            NotImplementedError, match=r"no backend can run this forward \(narrow: head dims"):
         flash_attn_func(q, k, v)
 
 

@@ -3,7 +3,8 @@
 Everything above this module (the public API, custom_vjp, partitioning, ring attention, the
 reference, the tests) calls only the functions defined here; each asks the registry
 (``registry.select``) for the backend that runs it and nothing above knows which one did.
-Backends: ``triton/`` (the Pallas kernels compiled by Triton on a GPU, or interpreted anywhere).
+Backends: ``mosaic_gpu/`` (Pallas Mosaic GPU kernels for Hopper), ``triton/`` (the Pallas kernels
+compiled by Triton on a GPU, or interpreted anywhere).
 Backend-neutral pieces: ``blocks`` (block ranges, int32 index helpers), ``manual_axes`` (Pallas
 calls inside a checked shard_map or under x64), and the data below (``Varlen``, ``Placement``).
 
@@ -20,13 +21,16 @@ import jax.numpy as jnp
 from flash_attn_jax.kernels import registry
 from flash_attn_jax.kernels.registry import (BACKEND_ENV, INTERPRET_ENV, Request, backends_used,
                                              set_backend, use_backend)
+from flash_attn_jax.kernels.mosaic_gpu import MosaicGPU
 from flash_attn_jax.kernels.triton import PallasTriton
 
 __all__ = ["BACKEND_ENV", "INTERPRET_ENV", "Placement", "Request", "Varlen", "backend_name",
            "backends_used", "backward", "backward_delta", "forward", "kvcache_append",
            "kvcache_attention", "probabilities", "set_backend", "use_backend", "use_interpret"]
 
-# In order of preference: compiled where the platform allows it, interpreted anywhere.
+# In order of preference: Hopper's own kernels, then compiled where the platform allows it,
+# interpreted anywhere.
+registry.register(MosaicGPU())
 registry.register(PallasTriton(interpret=False))
 registry.register(PallasTriton(interpret=True))
 
@@ -87,11 +91,15 @@ class Placement:
         return jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in parts])
 
 
-def _request(op, q, spec=None, *, varlen=None, paged=False, placement=None):
+def _request(op, q, spec=None, *, k=None, varlen=None, paged=False, placement=None,
+             out_dtype=None):
     return Request(op=op, platform=jax.default_backend(), dtype=jnp.dtype(q.dtype),
                    head_dim=q.shape[-1], varlen=varlen is not None,
                    paged=paged or (varlen is not None and varlen.block_table is not None),
-                   spec=spec, placed=placement is not None)
+                   spec=spec, placed=placement is not None,
+                   positions=placement is not None and placement.has_positions,
+                   q_shape=tuple(q.shape), k_shape=() if k is None else tuple(k.shape),
+                   out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
 
 
 def backend_name() -> str:
@@ -110,7 +118,8 @@ def forward(q, k, v, slopes, spec, varlen: Varlen | None = None, seed=None, *,
     """Attention: out (``out_dtype``, default q's), lse float32. Dense: q (B, Sq, H, D), lse
     (B, H, Sq). Varlen: q (T, H, D), lse (H, T); tokens outside every sequence get out 0 and lse
     -inf. ``seed``: the dropout key's two uint32 words when ``spec`` has dropout."""
-    backend = registry.select(_request("forward", q, spec, varlen=varlen, placement=placement))
+    backend = registry.select(_request("forward", q, spec, k=k, varlen=varlen,
+                                       placement=placement, out_dtype=out_dtype))
     return backend.forward(q, k, v, slopes, spec, varlen, seed, placement=placement,
                            out_dtype=out_dtype)
 
@@ -119,7 +128,7 @@ def probabilities(q, k, lse, slopes, spec, varlen: Varlen | None = None, seed=No
                   placement: Placement | None = None):
     """Softmax probabilities (B, H, Sq, Sk) float32 given the forward's lse (varlen:
     (B, H, max_seqlen_q, max_seqlen_k), zero outside each row's lengths)."""
-    backend = registry.select(_request("probabilities", q, spec, varlen=varlen,
+    backend = registry.select(_request("probabilities", q, spec, k=k, varlen=varlen,
                                        placement=placement))
     return backend.probabilities(q, k, lse, slopes, spec, varlen, seed, placement=placement)
 
@@ -136,7 +145,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None 
     of (out, lse); layouts as ``forward`` (contiguous keys only), tokens outside every sequence
     get zero gradients. ``delta``: ``backward_delta(out, dout, dlse)`` if the caller has it (then
     out and dlse are not read)."""
-    backend = registry.select(_request("backward", q, spec, varlen=varlen, placement=placement))
+    backend = registry.select(_request("backward", q, spec, k=k, varlen=varlen,
+                                       placement=placement, out_dtype=grad_dtype))
     return backend.backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen, seed,
                             placement=placement, grad_dtype=grad_dtype, delta=delta)
 
@@ -144,7 +154,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen: Varlen | None 
 def kvcache_append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, keep=None):
     """The caches with k, v written at cache_seqlens (in place when the caches are donated);
     ``keep`` (B, seqlen_new): write only where nonzero (each slot's first writer)."""
-    backend = registry.select(_request("kvcache_append", k, paged=table is not None))
+    backend = registry.select(_request("kvcache_append", k, k=k_cache, paged=table is not None))
     return backend.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, keep)
 
 
@@ -154,6 +164,7 @@ def kvcache_attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, s
 
     ``num_splits`` 0 picks the split of the key range by a heuristic that fills the GPU.
     """
-    backend = registry.select(_request("kvcache_attention", q, spec, paged=table is not None))
+    backend = registry.select(_request("kvcache_attention", q, spec, k=k_cache,
+                                       paged=table is not None))
     return backend.kvcache_attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table,
                                      slopes, spec, num_splits)

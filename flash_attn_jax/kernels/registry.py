@@ -6,10 +6,13 @@ it (``Backend.supports``: None, or the reason it cannot). The registry holds the
 order of preference; a call runs on the first that supports it, so a backend that covers only
 part of the features hands the rest to the next one.
 
+A backend may be left out of the automatic choice (``automatic = False``: one not yet validated
+on its hardware); it runs only when chosen.
+
 Choosing by hand: the environment variable ``FLASH_ATTN_JAX_BACKEND`` (a backend's name), or in
 Python ``flash_attn_jax.set_backend(name)`` / ``with flash_attn_jax.use_backend(name):``. A chosen
 backend runs every call whose features it supports, on any platform (e.g. the Triton lowering for
-an abstract GPU on a CPU), and refuses the others (NotImplementedError, with the reason).
+an abstract GPU on a CPU); the calls it declines go to the automatic choice.
 The Python-level choice is part of JAX's cache keys (a ``jax.make_user_context``): a jitted
 function traced under one choice is traced again when called under another. The environment
 variables are read when a function is traced; set them before the program starts.
@@ -50,12 +53,17 @@ class Request:
     paged: bool = False  # keys through a block table
     spec: ScoreSpec | None = None
     placed: bool = False  # a shard of a larger attention (kernels.Placement)
+    positions: bool = False  # ... of the sequence too (the placement carries score positions)
+    q_shape: tuple[int, ...] = ()
+    k_shape: tuple[int, ...] = ()  # keys (or the cache's pages)
+    out_dtype: np.dtype | None = None  # None: the inputs' dtype
 
 
 class Backend:
     """A kernel backend: a name, a capability check and the seam's operations."""
 
     name = "backend"
+    automatic = True  # False: runs only when chosen by hand
 
     def supports(self, request: Request) -> str | None:
         """None when this backend can run ``request``, else why not (a short phrase)."""
@@ -141,17 +149,19 @@ def fresh_traces():
 def select(request: Request) -> Backend:
     """The backend that runs ``request``."""
     name = chosen()
+    backend = None
     if name is not None:
         # Chosen by hand, a backend may target another platform (lowering for a GPU on a CPU).
         backend = _by_name(name, "the chosen backend")
-        reason = backend.supports(dataclasses.replace(request, platform=None))
-        if reason is not None:
-            raise NotImplementedError(f"flash_attn_jax: the chosen backend {name!r} cannot run "
-                                      f"this {request.op}: {reason}")
-    else:
-        backend = next((b for b in _registry if b.supports(request) is None), None)
-        if backend is None:
-            raise NotImplementedError(f"flash_attn_jax: no backend can run this {request.op}")
+        if backend.supports(dataclasses.replace(request, platform=None)) is not None:
+            backend = None
+    if backend is None:
+        backend = next((b for b in _registry if b.automatic and b.supports(request) is None),
+                       None)
+    if backend is None:
+        reasons = "; ".join(f"{b.name}: {b.supports(request)}" for b in _registry)
+        raise NotImplementedError(f"flash_attn_jax: no backend can run this {request.op} "
+                                  f"({reasons})")
     log = _log.get()
     if log is not None:
         log.append((request.op, backend.name))

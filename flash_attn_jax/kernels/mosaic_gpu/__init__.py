@@ -1,0 +1,107 @@
+"""The Pallas Mosaic GPU kernels for Hopper (sm90): TMA loads, asynchronous wgmma,
+warp-specialized producer and compute warpgroups.
+
+Backend ``mosaic-gpu``. Covers today: the dense forward in float16 and bfloat16, head dims 64, 128
+and 256, and the dense backward at head dims 64 and 128 (deterministic: no atomics), with every
+mask (causal, windows), softcap, ALiBi, GQA/MQA and the lse and its cotangent, for query lengths
+a multiple of 128 and key lengths a multiple of 128 (the forward at head dim 256: of 64); every
+other call (dropout, varlen, ragged lengths, sequence shards, the KV cache, S_dmask) goes to the
+next backend. Until
+its tests have passed on a Hopper GPU it is left out of the automatic choice and runs only when
+chosen (``FLASH_ATTN_JAX_BACKEND=mosaic-gpu``). Its kernels lower on a machine without a GPU when
+the CUDA plugin's Python extensions are installed (``jax-cuda13-plugin``), which the lowering
+tests use.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from flash_attn_jax.kernels.mosaic_gpu import backward as _backward
+from flash_attn_jax.kernels.mosaic_gpu import forward as _forward
+from flash_attn_jax.kernels.registry import Backend, Request
+from flash_attn_jax.kernels.tuning import HOPPER, TuningTable, gpu_generation
+
+_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+HEAD_DIMS = (64, 128, 256)
+
+# head dim -> blocks. Shared memory per program: 2 x block_q query rows plus ``stages`` key and
+# value blocks, within Hopper's 227 KiB (d256: 64 + 128 KiB).
+FORWARD_TABLE = TuningTable({
+    64: _forward.ForwardConfig(block_q=64, block_k=128, stages=3),
+    128: _forward.ForwardConfig(block_q=64, block_k=128, stages=2),
+    256: _forward.ForwardConfig(block_q=64, block_k=64, stages=2),
+})
+
+
+# The backward keeps dK and dV (or dQ) of 64 rows per warpgroup in registers: head dim 256 would
+# need 256 registers a thread for dK and dV alone.
+BACKWARD_HEAD_DIMS = (64, 128)
+BACKWARD_TABLE = TuningTable({
+    64: _backward.BackwardConfig(block_q=64, block_k=64, stages=2),
+    128: _backward.BackwardConfig(block_q=64, block_k=64, stages=2),
+})
+
+
+def forward_config(head_dim: int) -> _forward.ForwardConfig:
+    return FORWARD_TABLE.lookup(head_dim, HOPPER)
+
+
+def backward_config(head_dim: int) -> _backward.BackwardConfig:
+    return BACKWARD_TABLE.lookup(head_dim, HOPPER)
+
+
+def _unsupported(request: Request) -> str | None:
+    """Why the forward kernel cannot run ``request`` (None if it can)."""
+    if request.dtype not in _DTYPES:
+        return "float16 and bfloat16 only"
+    if request.head_dim not in HEAD_DIMS:
+        return f"head dims {HEAD_DIMS} only"
+    if request.varlen or request.paged:
+        return "the dense layout only"
+    if request.spec is not None and request.spec.has_dropout:
+        return "no dropout yet"
+    if request.positions:
+        return "no sequence shards yet"
+    if request.out_dtype not in (None, request.dtype):
+        return "output in the inputs' dtype only"
+    if len(request.q_shape) != 4 or len(request.k_shape) != 4:
+        return "the dense layout only"
+    seqlen_q, seqlen_k = request.q_shape[1], request.k_shape[1]
+    if request.op == "backward":
+        if request.head_dim not in BACKWARD_HEAD_DIMS:
+            return f"backward at head dims {BACKWARD_HEAD_DIMS} only"
+        config = backward_config(request.head_dim)
+        rows, keys = config.rows_per_program, config.keys_per_program
+    else:
+        config = forward_config(request.head_dim)
+        rows, keys = config.rows_per_program, config.block_k
+    if seqlen_q % rows or seqlen_k % keys or not seqlen_k:
+        return f"query lengths a multiple of {rows} and key lengths of {keys} only"
+    return None
+
+
+class MosaicGPU(Backend):
+    """The Mosaic GPU kernels (see the module docstring for what they cover)."""
+
+    name = "mosaic-gpu"
+    automatic = False  # until the suite has passed on a Hopper GPU with it
+
+    def supports(self, request: Request) -> str | None:
+        if request.op not in ("forward", "backward"):
+            return f"no {request.op} kernel yet"
+        if request.platform is not None:
+            if request.platform != "gpu":
+                return "it compiles for GPUs only"
+            if gpu_generation() != HOPPER:
+                return "it needs a Hopper GPU (sm90)"
+        return _unsupported(request)
+
+    def forward(self, q, k, v, slopes, spec, varlen=None, seed=None, *, placement=None,
+                out_dtype=None):
+        return _forward.forward(q, k, v, slopes, spec, forward_config(q.shape[-1]))
+
+    def backward(self, q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None, *,
+                 placement=None, grad_dtype=None, delta=None):
+        return _backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec,
+                                  backward_config(q.shape[-1]), delta=delta)

@@ -1,0 +1,292 @@
+"""Attention backward for Hopper GPUs in Pallas Mosaic GPU: two kernels without atomics, so the
+gradients are bitwise reproducible.
+
+- dK/dV: one program per (kv head, 2 * block_k keys, batch row). Two compute warpgroups own
+  block_k keys each and keep dK and dV in registers; a producer warpgroup streams the query
+  blocks (q, dO, lse, delta) of every query head of the kv head's group through ``stages``
+  shared-memory slots. Tiles are keys x queries: S^T = K Q^T, P^T, dV += P^T dO,
+  dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+- dQ: one program per (query head, 2 * block_q rows, batch row), the forward's shape: two compute
+  warpgroups own block_q rows each with dQ in registers, the producer streams key and value
+  blocks. S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+
+Scores follow ``semantics.py`` (scale, softcap and its derivative, ALiBi, masks) in base-2 units,
+P = 2^(s - lse) from the forward's lse; both kernels walk only the blocks some row or key of the
+program may attend (``blocks.key_blocks`` / ``query_blocks``) and skip the mask on the blocks a
+warpgroup attends in full. ``delta`` = rowsum(dO * O) - dlse (the lse cotangent).
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_attn_jax import semantics
+from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks, query_blocks
+from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
+                                                      BlockConfig, matmul_transposed,
+                                                      PRODUCER_REGISTERS, broadcast,
+                                                      masked_full_masked, produce,
+                                                      produce_keys, swizzled_smem, wgmma_iota,
+                                                      zeros_tile)
+from flash_attn_jax.semantics import LOG2E, ScoreSpec
+
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+BackwardConfig = BlockConfig  # the dK/dV program takes 2 x block_k keys, dQ 2 x block_q rows
+
+
+def _lse_in_base2(lse):
+    """The forward's lse (natural) in base-2 units, +inf for rows without keys (P = 0 there)."""
+    scaled = jnp.minimum(jnp.maximum(lse * LOG2E, -_FLOAT32_MAX), _FLOAT32_MAX)
+    return jnp.where(lse == -jnp.inf, jnp.inf, scaled)
+
+
+def _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope, masked, lse_dim):
+    """P = 2^(s - lse) and d logits / d qk for a tile of raw dot products; ``lse2`` lies along
+    ``lse_dim`` (0: the tile's rows are queries)."""
+    x = semantics.logits(qk, spec, unit=LOG2E)
+    s = semantics.bias_and_mask(x, rows, cols, spec, slope=slope, unit=LOG2E, apply_mask=masked,
+                                **span)
+    p = jnp.exp2(jnp.minimum(s - broadcast(lse2, s.shape, lse_dim), 0.0))
+    return p, semantics.logits_derivative(x, spec, unit=LOG2E)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dk_ref, dv_ref,
+                 scoped, *, spec: ScoreSpec, config: BackwardConfig, group: int, seqlen_q: int,
+                 seqlen_k: int):
+    ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem),
+     (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free) = scoped
+    block_q, block_k, stages = config.block_q, config.block_k, config.stages
+    dtype = k_smem.dtype
+    head_dim = k_smem.shape[-1]
+    head_k, tile = lax.axis_index("heads"), lax.axis_index("k_tiles")
+    batch = lax.axis_index("batch")
+    warpgroup = lax.axis_index("wg")
+    offset = seqlen_k - seqlen_q
+    span = dict(offset=offset, seqlen_k=seqlen_k)
+    program_lo = tile * config.keys_per_program
+    first, _, _, end = query_blocks(program_lo, program_lo + config.keys_per_program,
+                                    block_q, spec, offset=offset, seqlen_q=seqlen_q)
+    blocks_per_head = end - first
+    # Step t: query block first + t % blocks_per_head of the group's query head t // that.
+    num_steps = group * blocks_per_head
+
+    @pl.when(warpgroup < COMPUTE_WARPGROUPS)
+    def _compute():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        col_lo = program_lo + warpgroup * block_k
+        keys = (batch, pl.ds(col_lo, block_k), head_k)
+        own_k, own_v = k_smem.at[warpgroup], v_smem.at[warpgroup]
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], own_k, k_ready.at[warpgroup])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], own_v, v_ready.at[warpgroup])
+        _, inner_first, inner_end, _ = query_blocks(col_lo, col_lo + block_k, block_q, spec,
+                                                    offset=offset, seqlen_q=seqlen_q)
+        plgpu.barrier_wait(k_ready.at[warpgroup])
+        plgpu.barrier_wait(v_ready.at[warpgroup])
+
+        def head_body(member, carry):
+            head = head_k * group + member
+            slope = slopes_ref[batch, head] if spec.has_alibi else None
+
+            def step_body(query_block, carry, *, masked):
+                dk, dv = carry
+                slot = irem(member * blocks_per_head + query_block - first, stages)
+                for ready in (q_ready, lse_ready):
+                    plgpu.barrier_wait(ready.at[slot])
+                q = q_smem.at[slot]
+
+                qk_t = matmul_transposed(own_k, q, (block_k, block_q))
+                lse2 = _lse_in_base2(plgpu.load(lse_smem.at[slot],
+                                                layout=plgpu.Layout.WGMMA.reduce(0)))
+                rows = wgmma_iota(qk_t.shape, 1, query_block * block_q)  # queries along dim 1
+                cols = wgmma_iota(qk_t.shape, 0, col_lo)
+                p_t, dlogits = _probs_and_dlogits_factor(qk_t, rows, cols, lse2, spec, span,
+                                                         slope, masked, lse_dim=1)
+                for ready in (dout_ready, delta_ready):
+                    plgpu.barrier_wait(ready.at[slot])
+                dout = dout_smem.at[slot]
+
+                def dv_and_dp(refs):  # both wgmmas issued before one wait
+                    dv_ref, dp_ref = refs
+                    plgpu.wgmma(dv_ref, p_t.astype(dtype), dout)
+                    plgpu.wgmma(dp_ref, own_v, dout.T)
+
+                dv, dp_t = pl.run_state(dv_and_dp)(
+                    (plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile((block_k, block_q)))))
+                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                ds_t = p_t * (dp_t - broadcast(delta, dp_t.shape, 1)) * dlogits
+
+                def dk_matmul(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q)
+
+                dk = pl.run_state(dk_matmul)(plgpu.ACC.init(dk))
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            return masked_full_masked(step_body, first, inner_first, inner_end, end, carry)
+
+        zeros = zeros_tile((block_k, head_dim))
+        dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+        own_k[...] = dk.astype(dtype)
+        own_v[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(own_k, dk_ref.at[keys])
+        plgpu.copy_smem_to_gmem(own_v, dv_ref.at[keys])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(warpgroup == COMPUTE_WARPGROUPS)
+    def _produce():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+        def load(step, slot):
+            blocks = jnp.maximum(blocks_per_head, 1)
+            head = head_k * group + idiv(step, blocks)
+            row_lo = (first + irem(step, blocks)) * block_q
+            rows = (batch, pl.ds(row_lo, block_q), head)
+            stats = (batch, head, pl.ds(row_lo, block_q))
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse_smem.at[slot], lse_ready.at[slot])
+            plgpu.copy_gmem_to_smem(dout_ref.at[rows], dout_smem.at[slot], dout_ready.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[stats], delta_smem.at[slot],
+                                    delta_ready.at[slot])
+
+        produce(0, num_steps, stages, load, (free,))
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq_ref, scoped, *,
+               spec: ScoreSpec, config: BackwardConfig, group: int, seqlen_q: int,
+               seqlen_k: int):
+    ((q_smem, dout_smem, lse_smem, delta_smem, k_smem, v_smem),
+     (q_ready, dout_ready, lse_ready, delta_ready), (k_ready, v_ready), (k_free, v_free)) = scoped
+    block_q, block_k, stages = config.block_q, config.block_k, config.stages
+    dtype = q_smem.dtype
+    head_dim = q_smem.shape[-1]
+    head, tile, batch = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
+    warpgroup = lax.axis_index("wg")
+    span = dict(offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k)
+    program_lo = tile * config.rows_per_program
+    first, _, _, end = key_blocks(program_lo, program_lo + config.rows_per_program, block_k,
+                                  spec, **span)
+
+    @pl.when(warpgroup < COMPUTE_WARPGROUPS)
+    def _compute():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        row_lo = program_lo + warpgroup * block_q
+        rows_at = (batch, pl.ds(row_lo, block_q), head)
+        stats_at = (batch, head, pl.ds(row_lo, block_q))
+        own = [buffer.at[warpgroup] for buffer in (q_smem, dout_smem, lse_smem, delta_smem)]
+        sources = (q_ref.at[rows_at], dout_ref.at[rows_at], lse_ref.at[stats_at],
+                   delta_ref.at[stats_at])
+        barriers = (q_ready, dout_ready, lse_ready, delta_ready)
+        for source, buffer, ready in zip(sources, own, barriers):
+            plgpu.copy_gmem_to_smem(source, buffer, ready.at[warpgroup])
+        for ready in barriers:
+            plgpu.barrier_wait(ready.at[warpgroup])
+        q, dout, lse_buffer, delta_buffer = own
+        lse2 = _lse_in_base2(plgpu.load(lse_buffer, layout=plgpu.Layout.WGMMA.reduce(1)))
+        delta = plgpu.load(delta_buffer, layout=plgpu.Layout.WGMMA.reduce(1))
+        _, inner_first, inner_end, _ = key_blocks(row_lo, row_lo + block_q, block_k, spec, **span)
+        slope = slopes_ref[batch, head] if spec.has_alibi else None
+
+        def step_body(step, dq, *, masked):
+            slot = irem(step - first, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            keys = k_smem.at[slot]
+
+            qk = matmul_transposed(q, keys, (block_q, block_k))
+            rows = wgmma_iota(qk.shape, 0, row_lo)
+            cols = wgmma_iota(qk.shape, 1, step * block_k)
+            p, dlogits = _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope,
+                                                   masked, lse_dim=0)
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            dp = matmul_transposed(dout, v_smem.at[slot], (block_q, block_k))
+            plgpu.barrier_arrive(v_free.at[slot])
+            ds = p * (dp - broadcast(delta, dp.shape, 0)) * dlogits
+
+            def dq_matmul(acc_ref):
+                plgpu.wgmma(acc_ref, ds.astype(dtype), keys)
+
+            dq = pl.run_state(dq_matmul)(plgpu.ACC.init(dq))
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq
+
+        dq = masked_full_masked(step_body, first, inner_first, inner_end, end,
+                                zeros_tile((block_q, head_dim)))
+        q[...] = dq.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q, dq_ref.at[rows_at])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(warpgroup == COMPUTE_WARPGROUPS)
+    def _produce():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        produce_keys(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready), (k_free, v_free),
+                     batch=batch, head_k=idiv(head, group), first=first, end=end,
+                     block_k=block_k, stages=stages)
+
+
+def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: BackwardConfig, *,
+             delta=None):
+    """(dq, dk, dv) in the inputs' dtype. q, out, dout (B, Sq, H, D), k, v (B, Sk, H_k, D),
+    16-bit; lse and dlse (B, H, Sq) float32; Sq and Sk multiples of 2 x 64 (the backend checks).
+    ``delta``: rowsum(dout * out) - dlse when the caller has it."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    if delta is None:
+        delta = (jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+                 - dlse)
+    if slopes is None:
+        slopes = jnp.zeros((batch, num_heads), jnp.float32)  # unread: keeps one signature
+    slopes = slopes.astype(jnp.float32)
+    statics = dict(spec=spec, config=config, group=num_heads // num_heads_k, seqlen_q=seqlen_q,
+                   seqlen_k=seqlen_k)
+    block_q, block_k, stages = config.block_q, config.block_k, config.stages
+    params = plgpu.CompilerParams(approx_math=True)
+    mesh = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
+
+    def dkdv_entry(*refs):
+        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), k.dtype),
+                   swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), v.dtype),
+                   swizzled_smem((stages, block_q, head_dim), q.dtype),
+                   swizzled_smem((stages, block_q, head_dim), dout.dtype),
+                   plgpu.SMEM((stages, block_q), jnp.float32),
+                   plgpu.SMEM((stages, block_q), jnp.float32))
+        own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),) * 2
+        ready = (plgpu.Barrier(num_barriers=stages),) * 4
+        free = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)
+        pl.run_scoped(lambda *scoped: _dkdv_kernel(*refs, scoped, **statics),
+                      buffers, own, ready, free, collective_axes="wg")
+
+    dk, dv = plgpu.kernel(
+        dkdv_entry, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),
+                              jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(num_heads_k, seqlen_k // config.keys_per_program, batch),
+        grid_names=("heads", "k_tiles", "batch"), compiler_params=params, **mesh,
+    )(q, k, v, dout, lse, delta, slopes)
+
+    def dq_entry(*refs):
+        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_q, head_dim), q.dtype),
+                   swizzled_smem((COMPUTE_WARPGROUPS, block_q, head_dim), dout.dtype),
+                   plgpu.SMEM((COMPUTE_WARPGROUPS, block_q), jnp.float32),
+                   plgpu.SMEM((COMPUTE_WARPGROUPS, block_q), jnp.float32),
+                   swizzled_smem((stages, block_k, head_dim), k.dtype),
+                   swizzled_smem((stages, block_k, head_dim), v.dtype))
+        own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),) * 4
+        ready = (plgpu.Barrier(num_barriers=stages),) * 2
+        free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
+        pl.run_scoped(lambda *scoped: _dq_kernel(*refs, scoped, **statics),
+                      buffers, own, ready, free, collective_axes="wg")
+
+    dq = plgpu.kernel(
+        dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(num_heads, seqlen_q // config.rows_per_program, batch),
+        grid_names=("heads", "q_tiles", "batch"), compiler_params=params, **mesh,
+    )(q, k, v, dout, lse, delta, slopes)
+    return dq, dk, dv

@@ -1,0 +1,127 @@
+"""Pieces shared by the Mosaic GPU kernels: shared-memory buffers, broadcasts in the wgmma
+register layout, and the producer warpgroup's streaming loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_attn_jax.kernels.blocks import irem
+
+COMPUTE_WARPGROUPS = 2
+# Registers per thread: 2 compute warpgroups x 128 threads x 232 + 128 producer threads x 40
+# stay within an SM's 64 Ki.
+COMPUTE_REGISTERS, PRODUCER_REGISTERS = 232, 40
+_SWIZZLE_BYTES = 128
+
+
+def swizzled_smem(shape, dtype):
+    """A shared-memory buffer tiled and swizzled for TMA and wgmma (16-bit, minor dim >= 64)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    tiling = plgpu.TilingTransform((8, _SWIZZLE_BYTES // itemsize))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(_SWIZZLE_BYTES)))
+
+
+def broadcast(vector, shape, dim):
+    """A vector laid along ``dim`` of a wgmma tile (0: one value per row) broadcast to ``shape``."""
+    return lax.broadcast_in_dim(vector, shape, [dim])
+
+
+def wgmma_iota(shape, dim, start):
+    """``start`` + the index along ``dim`` of each element of a wgmma-layout tile (int32)."""
+    return start + plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def zeros_tile(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def row_vector(value, size, dim):
+    """A (size,) float32 vector filled with ``value``, laid out along ``dim`` of a wgmma tile."""
+    return plgpu.layout_cast(jnp.full((size,), value, jnp.float32),
+                             plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def produce(first, end, stages, load, free_barriers):
+    """The producer warpgroup's loop: ``load(step, slot)`` for the steps ``[first, end)``, step
+    ``s`` into slot ``(s - first) % stages``, refilling a slot once every consumer has arrived
+    at its ``free_barriers``."""
+    for i in range(stages):  # fill the slots
+        pl.when(first + i < end)(functools.partial(load, first + i, i))
+
+    @pl.loop(first + stages, jnp.maximum(end, first + stages))
+    def _refill(step):
+        slot = irem(step - first, stages)
+        for barrier in free_barriers:
+            plgpu.barrier_wait(barrier.at[slot])
+        load(step, slot)
+
+
+def produce_keys(k_ref, v_ref, k_smem, v_smem, ready, free, *, batch, head_k, first, end,
+                 block_k, stages):
+    """The producer of a kernel that walks key blocks ``[first, end)`` (the forward, dQ): each
+    block's keys and values by TMA into their slots, ``ready`` and ``free`` each a (keys, values)
+    pair of barriers."""
+    (k_ready, v_ready), (k_free, v_free) = ready, free
+
+    def load(step, slot):
+        keys = (batch, pl.ds(step * block_k, block_k), head_k)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+    produce(first, end, stages, load, (k_free, v_free))
+
+
+def masked_full_masked(step_body, first, inner_first, inner_end, end, carry):
+    """``step_body(step, carry, masked=...)`` over the blocks ``[first, end)``: masked outside
+    ``[inner_first, inner_end)`` (clipped into the range), unmasked inside."""
+    inner_first = jnp.clip(inner_first, first, end)
+    inner_end = jnp.clip(inner_end, inner_first, end)
+    masked_step = functools.partial(step_body, masked=True)
+    carry = lax.fori_loop(first, inner_first, masked_step, carry)
+    carry = lax.fori_loop(inner_first, inner_end, functools.partial(step_body, masked=False),
+                          carry)
+    return lax.fori_loop(inner_end, end, masked_step, carry)
+
+
+def matmul_transposed(a, b, shape):
+    """``a @ b.T`` in float32 (one wgmma) of shared-memory tiles, as a wgmma-layout array."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b.T)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """block_q: query rows per tile (a compute warpgroup's rows in the forward and dQ kernels),
+    block_k: keys per tile (a compute warpgroup's keys in the dK/dV kernel), both multiples of 64
+    (wgmma's M); stages: blocks in flight through shared memory."""
+
+    block_q: int
+    block_k: int
+    stages: int
+
+    def __post_init__(self):
+        if self.block_q % 64 or self.block_k % 64:
+            raise ValueError(f"block_q and block_k must be multiples of 64 (wgmma tiles), got "
+                             f"{self.block_q}, {self.block_k}")
+        if self.stages < 2:
+            raise ValueError(f"stages must be at least 2, got {self.stages}")
+
+    @property
+    def rows_per_program(self) -> int:
+        """Query rows of a forward or dQ program (one block per compute warpgroup)."""
+        return COMPUTE_WARPGROUPS * self.block_q
+
+    @property
+    def keys_per_program(self) -> int:
+        """Keys of a dK/dV program."""
+        return COMPUTE_WARPGROUPS * self.block_k

@@ -1,0 +1,169 @@
+"""Attention forward for Hopper GPUs in Pallas Mosaic GPU.
+
+One program (CTA) per (query head, 2 * block_q query rows, batch row) runs three warpgroups:
+two compute warpgroups, each owning block_q of the rows, and a producer warpgroup that streams
+the key and value blocks into ``stages`` shared-memory slots with TMA, as far ahead as the slots
+allow. Each compute step is a wgmma for S = Q K^T, the score semantics of ``semantics.py``
+(scale, softcap, ALiBi, masks, in base-2 units), the online softmax, and a wgmma for P V. The two
+compute warpgroups take turns on the tensor cores (a shared "turn" barrier): while one runs its
+softmax the other's matmuls run (FlashAttention-3's ping-pong schedule).
+
+Both compute warpgroups walk the same key blocks (those any of the program's rows may attend,
+``blocks.key_blocks``), so the producer and the turn barrier stay in step; a block that lies
+outside a warpgroup's own rows' span is masked for it. Blocks every row of a warpgroup attends in
+full skip the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_attn_jax import semantics
+from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
+from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
+                                                      BlockConfig,
+                                                      PRODUCER_REGISTERS, broadcast,
+                                                      masked_full_masked, produce_keys,
+                                                      row_vector, swizzled_smem, wgmma_iota,
+                                                      zeros_tile)
+from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec
+
+
+ForwardConfig = BlockConfig  # block_q: rows per compute warpgroup; block_k: keys per step
+
+
+def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: ScoreSpec,
+            config: ForwardConfig, group: int, seqlen_q: int, seqlen_k: int):
+    (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    block_q, block_k, stages = config.block_q, config.block_k, config.stages
+    dtype = q_smem.dtype
+    head_dim = q_smem.shape[-1]
+    head, tile, batch = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
+    warpgroup = lax.axis_index("wg")
+    offset = seqlen_k - seqlen_q
+    span = dict(offset=offset, seqlen_k=seqlen_k)
+    program_lo = tile * config.rows_per_program
+    first, _, _, end = key_blocks(program_lo, program_lo + config.rows_per_program, block_k, spec,
+                                  **span)
+
+    def slot_of(step):
+        return irem(step - first, stages)
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(warpgroup < COMPUTE_WARPGROUPS)
+    def _compute():
+        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        row_lo = program_lo + warpgroup * block_q
+        rows_q = q_smem.at[warpgroup]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row_lo, block_q), head], rows_q,
+                                q_ready.at[warpgroup])
+        _, inner_first, inner_end, _ = key_blocks(row_lo, row_lo + block_q, block_k, spec, **span)
+        slope = slopes_ref[batch, head] if spec.has_alibi else None
+        plgpu.barrier_wait(q_ready.at[warpgroup])
+
+        def step_body(step, carry, *, masked):
+            acc, row_max, row_sum = carry
+            slot = slot_of(step)
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def qk_matmul(acc_ref):
+                plgpu.wgmma(acc_ref, rows_q, k_smem.at[slot].T)
+                take_turn()  # the other warpgroup's matmuls start while this one's softmax runs
+                return acc_ref[...]
+
+            qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_k), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            rows, cols = wgmma_iota(qk.shape, 0, row_lo), wgmma_iota(qk.shape, 1, step * block_k)
+            s = semantics.scores(qk, rows, cols, spec, unit=LOG2E, slope=slope,
+                                 apply_mask=masked, **span)
+            new_max = jnp.maximum(row_max, s.max(axis=1))
+            # A row with no key so far keeps max -inf; its exponentials are taken from 0.
+            base = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+            alpha = jnp.exp2(row_max - base)
+            p = jnp.exp2(s - broadcast(base, s.shape, 0))
+            row_sum = row_sum * alpha + p.sum(axis=1)
+            acc = acc * broadcast(alpha, acc.shape, 0)
+            p16 = p.astype(dtype)
+            plgpu.barrier_arrive(turn)  # softmax done
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)  # the tensor cores are this warpgroup's again
+
+            def pv_matmul(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+            acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, new_max, row_sum
+
+        carry = (zeros_tile((block_q, head_dim)), row_vector(-jnp.inf, block_q, 0),
+                 row_vector(0.0, block_q, 0))
+        pl.when(warpgroup == 1)(take_turn)  # warpgroup 1 starts half a step behind
+        acc, row_max, row_sum = masked_full_masked(step_body, first, inner_first, inner_end, end,
+                                                   carry)
+        pl.when(warpgroup == 0)(take_turn)
+
+        # Rows that attended no key: out 0 (acc is 0), lse -inf.
+        has_keys = row_sum > 0.0
+        inverse = jnp.where(has_keys, 1.0 / jnp.where(has_keys, row_sum, 1.0), 0.0)
+        rows_q[...] = (acc * broadcast(inverse, acc.shape, 0)).astype(dtype)
+        lse = jnp.where(has_keys, (row_max + jnp.log2(jnp.where(has_keys, row_sum, 1.0))) * LN2,
+                        -jnp.inf)
+        lse_smem.at[warpgroup][...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(rows_q, out_ref.at[batch, pl.ds(row_lo, block_q), head])
+        plgpu.copy_smem_to_gmem(lse_smem.at[warpgroup],
+                                lse_ref.at[batch, head, pl.ds(row_lo, block_q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(warpgroup == COMPUTE_WARPGROUPS)
+    def _produce():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        produce_keys(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready), (k_free, v_free),
+                     batch=batch, head_k=idiv(head, group), first=first, end=end,
+                     block_k=block_k, stages=stages)
+
+
+def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
+    """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 (natural log; -inf for rows with
+    no key). q (B, Sq, H, D), k and v (B, Sk, H_k, D), 16-bit; Sq a multiple of
+    ``config.rows_per_program``, Sk of ``config.block_k`` (the backend checks). ``slopes``
+    (B, H) float32 when ``spec.has_alibi``."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    if slopes is None:
+        slopes = jnp.zeros((batch, num_heads), jnp.float32)  # unread: keeps one signature
+    kernel = functools.partial(_kernel, spec=spec, config=config, group=num_heads // num_heads_k,
+                               seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    stages = config.stages
+
+    def entry(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref):
+        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, config.block_q, head_dim), q.dtype),
+                   swizzled_smem((stages, config.block_k, head_dim), k.dtype),
+                   swizzled_smem((stages, config.block_k, head_dim), v.dtype),
+                   plgpu.SMEM((COMPUTE_WARPGROUPS, config.block_q), jnp.float32))
+        ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                 plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))
+        free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
+        turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)
+        pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref,
+                                             scoped),
+                      buffers, ready, free, turn, collective_axes="wg")
+
+    out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32))
+    return plgpu.kernel(
+        entry, out_type=out_type,
+        grid=(num_heads, seqlen_q // config.rows_per_program, batch),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, slopes.astype(jnp.float32))

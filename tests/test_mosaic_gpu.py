@@ -1,0 +1,167 @@
+"""The Mosaic GPU backend: which calls it takes, its kernels lowered for an H100 on any machine,
+and on a Hopper GPU its results against the reference (flash-attn's tolerance rule) and bitwise
+determinism. Elsewhere the GPU cases are skipped; the lowering runs everywhere."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_attn_jax as fa
+from conftest import ON_GPU
+from flash_attn_jax.kernels import mosaic_gpu, tuning
+from flash_attn_jax.kernels.registry import Request
+from flash_attn_jax.semantics import ScoreSpec
+from helpers import make_inputs, run_case
+
+ON_HOPPER = ON_GPU and tuning.gpu_generation() == tuning.HOPPER
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
+H100_MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                     abstract_device=H100)
+BF16, F16 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
+
+
+def _request(**changes):
+    base = dict(op="forward", platform=None, dtype=BF16, head_dim=128,
+                spec=ScoreSpec(softmax_scale=0.1), q_shape=(2, 256, 4, 128),
+                k_shape=(2, 384, 2, 128))
+    return Request(**{**base, **changes})
+
+
+@pytest.mark.parametrize("changes,reason", [
+    (dict(), None),
+    (dict(dtype=F16, head_dim=64, q_shape=(1, 128, 2, 64), k_shape=(1, 128, 2, 64)), None),
+    (dict(head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 64, 1, 256)), None),
+    (dict(spec=ScoreSpec(softmax_scale=0.1, softcap=5.0, has_alibi=True, window_left=3,
+                         window_right=0)), None),
+    (dict(op="backward"), None),
+    (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 128, 1, 256)),
+     "backward at head dims (64, 128)"),
+    (dict(op="backward", q_shape=(2, 256, 4, 128), k_shape=(2, 192, 2, 128)), "multiple of 128"),
+    (dict(op="backward", out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
+    (dict(op="probabilities"), "no probabilities kernel yet"),
+    (dict(op="kvcache_attention"), "no kvcache_attention kernel yet"),
+    (dict(dtype=jnp.dtype(jnp.float32)), "float16 and bfloat16 only"),
+    (dict(head_dim=96), "head dims"),
+    (dict(varlen=True), "dense layout only"),
+    (dict(spec=ScoreSpec(softmax_scale=0.1, dropout_p=0.1)), "no dropout"),
+    (dict(placed=True, positions=True), "no sequence shards"),
+    (dict(out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
+    (dict(q_shape=(2, 200, 4, 128)), "multiple of 128"),
+    (dict(k_shape=(2, 100, 2, 128)), "multiple of 128"),
+    (dict(platform="cpu"), "GPUs only"),
+])
+def test_what_it_takes(changes, reason):
+    got = mosaic_gpu.MosaicGPU().supports(_request(**changes))
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and reason in got
+
+
+def _grad_fn(**options):
+    def attend(q, k, v):
+        return fa.flash_attn_func(q, k, v, **options).astype(jnp.float32).sum()
+
+    return lambda q, k, v: jax.grad(attend, argnums=(0, 1, 2))(q, k, v)
+
+
+def test_chosen_only_and_the_rest_handed_on():
+    """Not in the automatic choice (until validated on a Hopper GPU); chosen, it runs the
+    calls it supports, and what it declines goes to the next backend."""
+    q, k, v = make_inputs(0, batch=1, seqlen_q=256, seqlen_k=384, nheads=4, nheads_k=2,
+                          head_dim=256, dtype=jnp.bfloat16)[:3]
+    automatic = fa.backends_used(_grad_fn(causal=True), q, k, v)
+    assert "mosaic-gpu" not in automatic.values()
+    with fa.use_backend("mosaic-gpu"):
+        narrow = (x[..., :128] for x in (q, k, v))
+        assert fa.backends_used(_grad_fn(causal=True), *narrow) == {
+            "forward": "mosaic-gpu", "backward": "mosaic-gpu"}
+        assert fa.backends_used(_grad_fn(causal=True), q, k, v) == {  # no d256 backward
+            "forward": "mosaic-gpu", "backward": automatic["backward"]}
+        ragged = fa.backends_used(fa.flash_attn_func, q[:, :100], k, v)
+        assert ragged == {"forward": automatic["forward"]}
+
+
+# Features that change the kernel's code, lowered at each dtype and head dim.
+FEATURES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(100, 30)),
+    "softcap": dict(softcap=5.0),
+    "alibi": dict(alibi=True),
+    "all": dict(causal=True, window_size=(70, 0), softcap=5.0, alibi=True),
+}
+
+
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_kernels_lower_for_an_h100(feature, dtype, head_dim):
+    options = dict(FEATURES[feature])
+    alibi = options.pop("alibi", False)
+    config = mosaic_gpu.forward_config(head_dim)
+    q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=3 * config.rows_per_program,
+                                  seqlen_k=5 * config.block_k, nheads=4, nheads_k=2,
+                                  head_dim=head_dim, dtype=dtype, alibi=alibi)
+
+    def attend(q, k, v, slopes):
+        return fa.flash_attn_func(q, k, v, alibi_slopes=slopes, **options)
+
+    with_backward = head_dim in mosaic_gpu.BACKWARD_HEAD_DIMS
+    if with_backward:  # forward, then the dK/dV and dQ kernels
+        loss = lambda q, k, v, slopes: attend(q, k, v, slopes).astype(jnp.float32).sum()
+        fn, expected = jax.grad(loss, argnums=(0, 1, 2)), {"forward", "backward"}
+    else:
+        fn, expected = attend, {"forward"}
+    with fa.use_backend("mosaic-gpu"):
+        assert fa.backends_used(fn, q, k, v, slopes) == dict.fromkeys(expected, "mosaic-gpu")
+        with jax.sharding.use_abstract_mesh(H100_MESH):
+            hlo = jax.jit(fn).trace(q, k, v, slopes).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", hlo) == ["mosaic_gpu_v2"] * (3 if with_backward
+                                                                          else 1)
+
+
+def test_kernels_lower_under_x64():
+    q, k, v = make_inputs(2, batch=1, seqlen_q=128, seqlen_k=128, nheads=2, head_dim=64,
+                          dtype=jnp.bfloat16)[:3]
+    with jax.enable_x64(True), fa.use_backend("mosaic-gpu"):
+        with jax.sharding.use_abstract_mesh(H100_MESH):
+            hlo = jax.jit(_grad_fn(causal=True)).trace(q, k, v).lower(
+                lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("custom_call @mosaic_gpu_v2") == 3
+
+
+hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
+
+# (seqlen_q, seqlen_k): the kernel's shapes (queries in 128s, keys in key blocks), cross
+# attention both ways, and Sq > Sk where causal leaves the first rows without keys.
+SEQLENS = [(128, 128), (256, 512), (512, 256), (384, 1024)]
+
+
+@hopper_only
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("seqlens", SEQLENS)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_against_the_reference(feature, dtype, head_dim, seqlens):
+    index = list(FEATURES).index(feature) + SEQLENS.index(seqlens)
+    with fa.use_backend("mosaic-gpu"):
+        run_case(index, seqlen_q=seqlens[0], seqlen_k=seqlens[1], head_dim=head_dim,
+                 dtype=dtype, nheads=4, nheads_k=(4, 2, 1)[index % 3],
+                 q_scale=5.0 if "softcap" in FEATURES[feature] else 1.0, **FEATURES[feature])
+
+
+@hopper_only
+def test_deterministic_and_the_backend_ran():
+    q, k, v = make_inputs(3, batch=2, seqlen_q=512, seqlen_k=512, nheads=8, nheads_k=2,
+                          head_dim=128, dtype=jnp.bfloat16)[:3]
+    with fa.use_backend("mosaic-gpu"):
+        assert fa.backends_used(fa.flash_attn_func, q, k, v) == {"forward": "mosaic-gpu"}
+        attend = jax.jit(lambda q, k, v: fa.flash_attn_func(q, k, v, causal=True,
+                                                            return_attn_probs=True)[:2])
+        first, second = attend(q, k, v), attend(q, k, v)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
