@@ -14,7 +14,8 @@ automatic backend choice, and with the Mosaic GPU backend chosen (Hopper only).
 
 --sweep also times alternative block configurations of this package's kernels (to tune
 flash_attn_jax/kernels/triton/config.py): the forward kernel for --phase fwd, the dK/dV and dQ kernels
-(one varied at a time, at S = 4096) for --phase fwd_bwd.
+(one varied at a time, at S = 4096) for --phase fwd_bwd; on a Hopper GPU the Mosaic GPU kernels'
+blocks too (flash_attn_jax/kernels/mosaic_gpu/__init__.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ import jax
 import jax.numpy as jnp
 
 import flash_attn_jax as fa
+from flash_attn_jax.kernels import mosaic_gpu, tuning
+from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
+from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
+from flash_attn_jax.kernels.mosaic_gpu.common import BlockConfig as MosaicBlocks
 from flash_attn_jax.kernels.triton import backward as triton_backward
 from flash_attn_jax.kernels.triton import forward as triton_forward
 from flash_attn_jax.kernels.triton.config import BlockConfig, backward_configs, forward_config, padded_head_dim
@@ -179,11 +184,47 @@ def torch_flash_rate(shape, phase, repeats=20):
     return flops(*shape, phase) / statistics.median(samples) / 1e12
 
 
+# Mosaic GPU blocks (block_q per compute warpgroup, block_k, stages), swept with --sweep on a
+# Hopper GPU; flash_attn_jax/kernels/mosaic_gpu/__init__.py holds the chosen ones.
+MOSAIC_FORWARD_SWEEP = [MosaicBlocks(64, 64, 2), MosaicBlocks(64, 128, 2), MosaicBlocks(64, 128, 3),
+                        MosaicBlocks(64, 64, 4), MosaicBlocks(64, 128, 4),
+                        MosaicBlocks(128, 64, 2), MosaicBlocks(128, 128, 2)]
+MOSAIC_BACKWARD_SWEEP = [MosaicBlocks(64, 64, 2), MosaicBlocks(64, 64, 3), MosaicBlocks(64, 128, 2),
+                         MosaicBlocks(128, 64, 2)]
+
+
+def mosaic_sweep(shape, phase, q, k, v):
+    """{label: TFLOP/s} of Mosaic GPU block configurations at one shape (forward; forward +
+    backward at S 4096, the forward at its chosen blocks)."""
+    head_dim, seqlen, causal = shape
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=causal)
+    results = {}
+    if phase == "fwd":
+        for config in MOSAIC_FORWARD_SWEEP:
+            fn = jax.jit(lambda q, k, v, config=config: mosaic_forward.forward(
+                q, k, v, None, spec, config)[0])
+            results[f"mosaic fwd {config}"] = _rate(fn, shape, phase, q, k, v)
+        return results
+    if seqlen != 4096 or head_dim not in mosaic_gpu.BACKWARD_HEAD_DIMS:
+        return results
+    for config in MOSAIC_BACKWARD_SWEEP:
+        def step(q, k, v, config=config):
+            out, lse = mosaic_forward.forward(q, k, v, None, spec,
+                                              mosaic_gpu.forward_config(head_dim))
+            return mosaic_backward.backward(q, k, v, None, out, lse, q, jnp.zeros_like(lse), spec,
+                                            config)
+        results[f"mosaic bwd {config}"] = _rate(jax.jit(step), shape, phase, q, k, v)
+    return results
+
+
 def print_sweep(shape, phase, q, k, v, dropout_p=0.0):
     """Prints ``sweep``'s rates, one configuration per line."""
     head_dim, seqlen, causal = shape
     tag = f"causal={causal}" + (f" dropout {dropout_p}" if dropout_p else "")
-    for label, rate in sweep(shape, phase, q, k, v, dropout_p).items():
+    results = sweep(shape, phase, q, k, v, dropout_p)
+    if not dropout_p and tuning.gpu_generation() == tuning.HOPPER:
+        results.update(mosaic_sweep(shape, phase, q, k, v))
+    for label, rate in results.items():
         shown = f"{rate:.0f}" if isinstance(rate, float) else rate
         print(f"    sweep D={head_dim} S={seqlen} {tag} {label}: {shown}", flush=True)
 
