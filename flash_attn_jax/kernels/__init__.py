@@ -4,7 +4,7 @@ Everything above this module (the public API, custom_vjp, partitioning, ring att
 reference, the tests) calls only the functions defined here; each asks the registry
 (``registry.select``) for the backend that runs it and nothing above knows which one did.
 Backends: ``mosaic_gpu/`` (Pallas Mosaic GPU kernels for Hopper), ``triton/`` (the Pallas kernels
-compiled by Triton on a GPU, or interpreted anywhere).
+compiled by Triton on a GPU, or interpreted anywhere), ``xla/`` (blockwise attention in plain JAX).
 Backend-neutral pieces: ``blocks`` (block ranges, int32 index helpers), ``manual_axes`` (Pallas
 calls inside a checked shard_map or under x64), and the data below (``Varlen``, ``Placement``).
 
@@ -23,15 +23,17 @@ from flash_attn_jax.kernels.registry import (BACKEND_ENV, INTERPRET_ENV, Request
                                              set_backend, use_backend)
 from flash_attn_jax.kernels.mosaic_gpu import MosaicGPU
 from flash_attn_jax.kernels.triton import PallasTriton
+from flash_attn_jax.kernels.xla import Xla
 
 __all__ = ["BACKEND_ENV", "INTERPRET_ENV", "Placement", "Request", "Varlen", "backend_name",
            "backends_used", "backward", "backward_delta", "forward", "kvcache_append",
            "kvcache_attention", "probabilities", "set_backend", "use_backend", "use_interpret"]
 
-# In order of preference: Hopper's own kernels, then compiled where the platform allows it,
-# interpreted anywhere.
+# In order of preference: Hopper's own kernels, then compiled where the platform allows it, plain
+# XLA, interpreted anywhere.
 registry.register(MosaicGPU())
 registry.register(PallasTriton(interpret=False))
+registry.register(Xla())
 registry.register(PallasTriton(interpret=True))
 
 

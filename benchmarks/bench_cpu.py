@@ -1,0 +1,104 @@
+"""Attention on a CPU: the ``xla`` backend against jax.nn.dot_product_attention (XLA) and the
+Pallas kernels in interpret mode, in one run.
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_cpu.py [--out results.md]
+
+float32, B 1, H 8, D 64, causal and not, S 1024-4096; forward, and forward + backward (jax.vjp of
+the call, forward included). Milliseconds per call and the ratio to jax.nn's time. Also the
+temporary memory XLA reserves for the compiled forward + backward at S 16k (no run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+
+import jax
+import jax.numpy as jnp
+
+import flash_attn_jax as fa
+from timing import report, seconds_per_call
+
+SEQLENS = (1024, 2048, 4096)
+BATCH, HEADS, HEAD_DIM = 1, 8, 64
+
+
+def implementations(causal):
+    def ours(backend):
+        def attend(q, k, v):
+            return fa.flash_attn_func(q, k, v, causal=causal)
+        attend.backend = backend
+        return attend
+
+    def jax_nn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+    return {"jax.nn (xla)": jax_nn, "flash_attn_jax xla": ours("xla"),
+            "flash_attn_jax pallas-interpret": ours("pallas-interpret")}
+
+
+def timed(attend, phase):
+    if phase == "fwd":
+        return jax.jit(attend)
+    return jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](q))
+
+
+def run(attend, phase, *args):
+    backend = getattr(attend, "backend", None)
+    if backend is None:
+        return seconds_per_call(timed(attend, phase), *args, min_time=1.0, repeats=3)
+    with fa.use_backend(backend):  # the choice is part of the jit cache key: call inside it
+        return seconds_per_call(timed(attend, phase), *args, min_time=1.0, repeats=3)
+
+
+def temp_memory(attend, seqlen):
+    shape = jax.ShapeDtypeStruct((BATCH, seqlen, HEADS, HEAD_DIM), jnp.float32)
+    loss = lambda q, k, v: attend(q, k, v).sum()
+    backend = getattr(attend, "backend", None)
+    lower = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower
+    if backend is None:
+        compiled = lower(shape, shape, shape).compile()
+    else:
+        with fa.use_backend(backend):
+            compiled = lower(shape, shape, shape).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--skip-interpret", action="store_true")
+    args = parser.parse_args()
+    names = list(implementations(False))
+    if args.skip_interpret:
+        names.remove("flash_attn_jax pallas-interpret")
+    lines = [f"CPU ({platform.processor() or platform.machine()}, {jax.device_count()} device, "
+             f"{jax.devices()[0].device_kind}), jax {jax.__version__}, "
+             f"{datetime.date.today().isoformat()}; float32, B {BATCH}, H {HEADS}, D {HEAD_DIM}; "
+             "ms per call (ratio to jax.nn)", "",
+             "| phase | S | causal | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for phase in ("fwd", "fwd_bwd"):
+        for seqlen in SEQLENS:
+            keys = jax.random.split(jax.random.PRNGKey(0), 3)
+            q, k, v = (jax.random.normal(key, (BATCH, seqlen, HEADS, HEAD_DIM), jnp.float32)
+                       for key in keys)
+            for causal in (False, True):
+                impls = implementations(causal)
+                times = {name: run(impls[name], phase, q, k, v) for name in names}
+                base = times["jax.nn (xla)"]
+                cells = [f"{times[n] * 1e3:.1f} ({times[n] / base:.2f})" for n in names]
+                lines.append(f"| {phase} | {seqlen} | {'y' if causal else 'n'} | "
+                             + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
+    impls = implementations(True)
+    memory = {name: temp_memory(impls[name], 16384) for name in ("jax.nn (xla)",
+                                                                 "flash_attn_jax xla")}
+    lines += ["", "Temporary memory of the compiled forward + backward, S 16384, causal: "
+              + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in memory.items())]
+    report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The ``xla`` backend (blockwise attention in plain JAX) against the reference with flash-attn's
+tolerance rule, its dropout keep mask against the kernels' definition, what it hands on, and its
+memory: O(S * block), not O(S^2)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_attn_jax as fa
+from flash_attn_jax import _validation
+from flash_attn_jax.kernels import Placement
+from flash_attn_jax.kernels.xla import dense
+from flash_attn_jax.semantics import ScoreSpec
+from helpers import DTYPE_IDS, DTYPES, make_inputs, run_case
+from test_dropout import run_dropout_case
+
+FEATURES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(37, 11)),
+    "window_left": dict(window_size=(29, -1)),
+    "softcap": dict(softcap=50.0, q_scale=50.0),
+    "alibi": dict(alibi=True),
+    "causal_window_softcap_alibi": dict(causal=True, window_size=(31, 5), softcap=50.0,
+                                        q_scale=50.0, alibi=True),
+}
+# (seqlen_q, seqlen_k): cross attention both ways (Sq > Sk leaves causal rows without keys),
+# lengths no multiple of the block, one longer than a block.
+SEQLENS = [(113, 203), (203, 113), (1, 239), (97, 700)]
+
+
+@pytest.fixture(autouse=True)
+def xla_backend():
+    with fa.use_backend("xla"):
+        yield
+
+
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=str)
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_against_the_reference(dtype, feature, seqlens):
+    index = list(FEATURES).index(feature) + SEQLENS.index(seqlens)
+    run_case(index, seqlen_q=seqlens[0], seqlen_k=seqlens[1], head_dim=(59, 64, 128, 40)[index % 4],
+             nheads=6, nheads_k=(6, 2, 1)[index % 3], dtype=dtype, d_lse=index % 2 == 0,
+             **FEATURES[feature])
+
+
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap_alibi"])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=DTYPE_IDS[:2])
+def test_dropout(dtype, feature):
+    options = dict(plain={}, causal=dict(causal=True), window=dict(window_size=(37, 11)),
+                   softcap_alibi=dict(softcap=20.0, q_scale=20.0, alibi=True))[feature]
+    run_dropout_case(3, dtype=dtype, seqlen_q=113, seqlen_k=600, head_dim=64, **options)
+
+
+def test_dropout_mask_of_a_shard():
+    """The keep mask hashes global batch rows (and heads): a placed call's S_dmask signs are the
+    whole call's rows from its first one."""
+    q, k = make_inputs(4, batch=2, seqlen_q=40, seqlen_k=70, nheads=3, head_dim=32,
+                       dtype=jnp.float32)[:2]
+    p, words = _validation.dropout(0.3, jax.random.key(7))
+    spec = ScoreSpec(softmax_scale=0.2, dropout_p=p)
+    lse = dense.forward(q, k, k, None, spec, words)[1]
+    placement = Placement(batch=jnp.int32(5), head=jnp.int32(0))
+    probs = dense.probabilities(q, k, lse, None, spec, words, placement=placement)
+    want = fa.dropout_mask(jax.random.key(7), 0.3, 2, 3, 40, 70, first_batch=5)
+    np.testing.assert_array_equal(np.signbit(np.asarray(probs)), ~np.asarray(want))
+
+
+def test_what_it_hands_on():
+    q = jnp.zeros((10, 2, 32), jnp.float32)
+    cu = jnp.array([0, 4, 10], jnp.int32)
+    assert fa.backends_used(lambda q: fa.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6), q) == {
+        "forward": "pallas-interpret" if jax.default_backend() != "gpu" else "pallas-triton"}
+    dense_q = jnp.zeros((1, 16, 2, 32), jnp.float32)
+    assert fa.backends_used(fa.flash_attn_func, dense_q, dense_q, dense_q) == {"forward": "xla"}
+
+
+def test_memory_is_linear_in_the_sequence():
+    """Temporary memory of the compiled forward + backward at S 16k against XLA's attention,
+    which materialises S x S scores: at most a tenth."""
+    shape = jax.ShapeDtypeStruct((1, 16384, 1, 64), jnp.float32)
+
+    def temp_bytes(attend):
+        loss = lambda q, k, v: attend(q, k, v).sum()
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    ours = temp_bytes(lambda q, k, v: fa.flash_attn_func(q, k, v, causal=True))
+    theirs = temp_bytes(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                       implementation="xla"))
+    assert ours * 10 <= theirs, (ours, theirs)
