@@ -9,9 +9,10 @@ import pytest
 
 import flash_attn_jax as fa
 from flash_attn_jax import _validation
-from flash_attn_jax.kernels import Placement
-from flash_attn_jax.kernels.xla import dense
+from flash_attn_jax.kernels import Placement, registry
+from flash_attn_jax.kernels.xla import Xla, dense
 from flash_attn_jax.semantics import ScoreSpec
+from conftest import ON_GPU
 from helpers import DTYPE_IDS, DTYPES, make_inputs, run_case
 from test_dropout import run_dropout_case
 
@@ -91,3 +92,24 @@ def test_memory_is_linear_in_the_sequence():
     theirs = temp_bytes(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                        implementation="xla"))
     assert ours * 10 <= theirs, (ours, theirs)
+
+
+def test_the_automatic_choice_without_a_kernel():
+    """Shipped in the automatic choice (the suite takes it out on a CPU): there dense calls run
+    on it and varlen ones in interpret mode; on a GPU the kernels come first."""
+    assert Xla.automatic is True  # as shipped; conftest takes the instance out on a CPU
+    q = jnp.zeros((1, 16, 2, 32), jnp.float32)
+    cu = jnp.array([0, 4, 10], jnp.int32)
+    tokens = jnp.zeros((10, 2, 32), jnp.float32)
+    was = next(b for b in registry._registry if b.name == "xla").automatic
+    try:
+        registry.set_automatic("xla", True)
+        with fa.use_backend(None), registry.fresh_traces():
+            dense_used = fa.backends_used(fa.flash_attn_func, q, q, q)
+            varlen_used = fa.backends_used(
+                lambda t: fa.flash_attn_varlen_func(t, t, t, cu, cu, 6, 6), tokens)
+    finally:
+        registry.set_automatic("xla", was)
+    kernel = "pallas-triton" if ON_GPU else None
+    assert dense_used == {"forward": kernel or "xla"}
+    assert varlen_used == {"forward": kernel or "pallas-interpret"}

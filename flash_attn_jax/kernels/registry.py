@@ -121,6 +121,12 @@ def chosen() -> str | None:
     return None
 
 
+def set_automatic(name: str, automatic: bool):
+    """Puts the backend ``name`` in or out of the automatic choice (the test suite takes ``xla``
+    out on a CPU, so that its cases run the Pallas kernels in interpret mode)."""
+    _by_name(name, "set_automatic's name").automatic = automatic
+
+
 def set_backend(name: str | None):
     """Runs every call that the backend ``name`` supports on it (None: choose automatically)."""
     if name is not None:

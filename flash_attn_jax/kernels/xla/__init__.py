@@ -2,10 +2,9 @@
 
 Backend ``xla``. Covers the dense forward, backward and S_dmask with every score feature (masks,
 softcap, ALiBi, dropout with the kernels' keep mask, GQA/MQA, any dtype and head dim) on any
-platform; varlen, the KV cache and sequence shards go to the next backend. Meant as the fast path
-where no kernel compiles (CPU, TPU); for now it runs only when chosen
-(``FLASH_ATTN_JAX_BACKEND=xla``), the automatic choice on those platforms staying Pallas
-interpret mode until the test suite pins that mode itself.
+platform; varlen, the KV cache and sequence shards go to the next backend. It is the automatic
+choice where no kernel compiles (CPU, TPU: after the GPU backends, before Pallas interpret mode,
+which stays available as ``FLASH_ATTN_JAX_BACKEND=pallas-interpret``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ class Xla(Backend):
     """The blockwise jnp/lax attention of ``dense``."""
 
     name = "xla"
-    automatic = False
 
     def supports(self, request: Request) -> str | None:
         if request.op not in ("forward", "backward", "probabilities"):
