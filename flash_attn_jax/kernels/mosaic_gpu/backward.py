@@ -28,11 +28,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks, query_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig, matmul_transposed,
-                                                      PRODUCER_REGISTERS, broadcast,
-                                                      masked_full_masked, produce,
-                                                      produce_keys, swizzled_smem, wgmma_iota,
-                                                      zeros_tile)
+                                                      BlockConfig, broadcast, masked_full_masked,
+                                                      matmul_transposed, produce, produce_keys,
+                                                      swizzled_smem, wgmma_iota, zeros_tile)
 from flash_attn_jax.semantics import LOG2E, ScoreSpec
 
 _FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
@@ -142,8 +140,6 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
 
     @pl.when(warpgroup == COMPUTE_WARPGROUPS)
     def _produce():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-
         def load(step, slot):
             blocks = jnp.maximum(blocks_per_head, 1)
             head = head_k * group + idiv(step, blocks)
@@ -226,7 +222,6 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
 
     @pl.when(warpgroup == COMPUTE_WARPGROUPS)
     def _produce():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
         produce_keys(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready), (k_free, v_free),
                      batch=batch, head_k=idiv(head, group), first=first, end=end,
                      block_k=block_k, stages=stages)

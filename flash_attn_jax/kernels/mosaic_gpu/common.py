@@ -48,9 +48,10 @@ def row_vector(value, size, dim):
 
 
 def produce(first, end, stages, load, free_barriers):
-    """The producer warpgroup's loop: ``load(step, slot)`` for the steps ``[first, end)``, step
+    """The producer warpgroup's body: ``load(step, slot)`` for the steps ``[first, end)``, step
     ``s`` into slot ``(s - first) % stages``, refilling a slot once every consumer has arrived
-    at its ``free_barriers``."""
+    at its ``free_barriers``. It hands its registers to the compute warpgroups first."""
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     for i in range(stages):  # fill the slots
         pl.when(first + i < end)(functools.partial(load, first + i, i))
 

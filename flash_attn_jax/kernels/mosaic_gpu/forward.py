@@ -27,11 +27,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig,
-                                                      PRODUCER_REGISTERS, broadcast,
-                                                      masked_full_masked, produce_keys,
-                                                      row_vector, swizzled_smem, wgmma_iota,
-                                                      zeros_tile)
+                                                      BlockConfig, broadcast, masked_full_masked,
+                                                      produce_keys, row_vector, swizzled_smem,
+                                                      wgmma_iota, zeros_tile)
 from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec
 
 
@@ -126,7 +124,6 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
 
     @pl.when(warpgroup == COMPUTE_WARPGROUPS)
     def _produce():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
         produce_keys(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready), (k_free, v_free),
                      batch=batch, head_k=idiv(head, group), first=first, end=end,
                      block_k=block_k, stages=stages)
