@@ -14,6 +14,8 @@ from flash_attn_jax.kernels.xla import Xla, dense
 from flash_attn_jax.semantics import ScoreSpec
 from conftest import ON_GPU
 from helpers import DTYPE_IDS, DTYPES, make_inputs, run_case
+import test_dropout as dropout_tests
+import test_varlen as varlen_tests
 from test_dropout import run_dropout_case
 
 FEATURES = {
@@ -69,11 +71,35 @@ def test_dropout_mask_of_a_shard():
     np.testing.assert_array_equal(np.signbit(np.asarray(probs)), ~np.asarray(want))
 
 
+@pytest.mark.parametrize("feature", list(varlen_tests.FEATURES))
+def test_varlen_against_the_reference(feature):
+    index = list(varlen_tests.FEATURES).index(feature)
+    lengths = list(varlen_tests.LENGTHS)[index % len(varlen_tests.LENGTHS)]
+    varlen_tests.run_varlen_case(index, *varlen_tests.LENGTHS[lengths], dtype=DTYPES[index % 3],
+                                head_dim=varlen_tests.HEAD_DIMS[index % 5],
+                                heads=varlen_tests.HEADS[index % 3], max_extra=index % 3,
+                                **varlen_tests.FEATURES[feature])
+
+
+def test_varlen_empty_sequences_and_padding_tokens():
+    varlen_tests.test_empty_sequences_and_padding_tokens()
+
+
+def test_varlen_dropout():
+    dropout_tests.test_varlen()
+
+
 def test_what_it_hands_on():
-    q = jnp.zeros((10, 2, 32), jnp.float32)
+    kernel = "pallas-interpret" if jax.default_backend() != "gpu" else "pallas-triton"
+    tokens = jnp.zeros((10, 2, 32), jnp.float32)
     cu = jnp.array([0, 4, 10], jnp.int32)
-    assert fa.backends_used(lambda q: fa.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6), q) == {
-        "forward": "pallas-interpret" if jax.default_backend() != "gpu" else "pallas-triton"}
+    assert fa.backends_used(lambda t: fa.flash_attn_varlen_func(t, t, t, cu, cu, 6, 6),
+                            tokens) == {"forward": "xla"}
+    pages = jnp.zeros((3, 16, 2, 32), jnp.float32)
+    table = jnp.array([[0, 1], [2, 0]], jnp.int32)
+    paged = fa.backends_used(lambda t: fa.flash_attn_varlen_func(
+        t, pages, pages, cu, jnp.array([0, 20, 30], jnp.int32), 6, 20, block_table=table), tokens)
+    assert paged == {"forward": kernel}
     dense_q = jnp.zeros((1, 16, 2, 32), jnp.float32)
     assert fa.backends_used(fa.flash_attn_func, dense_q, dense_q, dense_q) == {"forward": "xla"}
 
@@ -95,12 +121,14 @@ def test_memory_is_linear_in_the_sequence():
 
 
 def test_the_automatic_choice_without_a_kernel():
-    """Shipped in the automatic choice (the suite takes it out on a CPU): there dense calls run
-    on it and varlen ones in interpret mode; on a GPU the kernels come first."""
+    """Shipped in the automatic choice (the suite takes it out on a CPU): there dense and varlen
+    calls run on it and paged ones in interpret mode; on a GPU the kernels come first."""
     assert Xla.automatic is True  # as shipped; conftest takes the instance out on a CPU
     q = jnp.zeros((1, 16, 2, 32), jnp.float32)
     cu = jnp.array([0, 4, 10], jnp.int32)
     tokens = jnp.zeros((10, 2, 32), jnp.float32)
+    pages = jnp.zeros((3, 16, 2, 32), jnp.float32)
+    table = jnp.array([[0, 1], [2, 0]], jnp.int32)
     was = next(b for b in registry._registry if b.name == "xla").automatic
     try:
         registry.set_automatic("xla", True)
@@ -108,8 +136,12 @@ def test_the_automatic_choice_without_a_kernel():
             dense_used = fa.backends_used(fa.flash_attn_func, q, q, q)
             varlen_used = fa.backends_used(
                 lambda t: fa.flash_attn_varlen_func(t, t, t, cu, cu, 6, 6), tokens)
+            paged_used = fa.backends_used(lambda t: fa.flash_attn_varlen_func(
+                t, pages, pages, cu, jnp.array([0, 20, 30], jnp.int32), 6, 20,
+                block_table=table), tokens)
     finally:
         registry.set_automatic("xla", was)
     kernel = "pallas-triton" if ON_GPU else None
     assert dense_used == {"forward": kernel or "xla"}
-    assert varlen_used == {"forward": kernel or "pallas-interpret"}
+    assert varlen_used == {"forward": kernel or "xla"}
+    assert paged_used == {"forward": kernel or "pallas-interpret"}

@@ -46,9 +46,14 @@ def _precision(dtype):
 class _Blocks:
     """The call's shapes and its key blocks: q grouped (B, Hk, G, Sq, D), keys (n, B, Hk, bk, D)."""
 
-    def __init__(self, q, k, spec: ScoreSpec, placement, block_k, phase):
+    def __init__(self, q, k, spec: ScoreSpec, placement, block_k, phase, lengths=None):
         self.batch, self.seqlen_q, self.num_heads, self.head_dim = q.shape
         self.seqlen_k, self.num_heads_k = k.shape[1], k.shape[2]
+        if lengths is None:  # the bottom-right offset and the number of keys of every row
+            self.offset, self.key_limit = self.seqlen_k - self.seqlen_q, self.seqlen_k
+        else:  # padded varlen rows: their own lengths, (B,) int32 each
+            per_row = lambda x: x.reshape(self.batch, 1, 1, 1, 1)
+            self.offset, self.key_limit = per_row(lengths[1] - lengths[0]), per_row(lengths[1])
         if block_k is None:
             block_k = key_block(self.batch * self.num_heads * self.seqlen_q, phase)
         self.group = self.num_heads // self.num_heads_k
@@ -104,8 +109,7 @@ class _Blocks:
         slope = None if slopes is None else slopes.reshape(
             self.batch, self.num_heads_k, self.group, 1, 1).astype(jnp.float32)
         s = semantics.bias_and_mask(x, self.rows, self.cols(index), self.spec,
-                                    offset=self.seqlen_k - self.seqlen_q, seqlen_k=self.seqlen_k,
-                                    slope=slope)
+                                    offset=self.offset, seqlen_k=self.key_limit, slope=slope)
         return x, s
 
     def keep(self, seed, index):
@@ -115,10 +119,11 @@ class _Blocks:
 
 
 def forward(q, k, v, slopes, spec: ScoreSpec, seed=None, *, placement=None, out_dtype=None,
-            block_k=None):
+            block_k=None, lengths=None):
     """(out (B, Sq, H, D), lse (B, H, Sq) float32): rows without a key get out 0, lse -inf.
-    ``block_k``: keys per scan step (default ``key_block``)."""
-    blocks = _Blocks(q, k, spec, placement, block_k, "forward")
+    ``block_k``: keys per scan step (default ``key_block``); ``lengths``: (query lengths, key
+    lengths) (B,) of padded rows (varlen), whose rows past their length are not defined."""
+    blocks = _Blocks(q, k, spec, placement, block_k, "forward", lengths)
     qg = blocks.group_queries(q)
     shape = (blocks.batch, blocks.num_heads_k, blocks.group, blocks.seqlen_q)
 
@@ -157,9 +162,9 @@ def _probs(s, lse):
 
 
 def probabilities(q, k, lse, slopes, spec: ScoreSpec, seed=None, *, placement=None,
-                  block_k=None):
+                  block_k=None, lengths=None):
     """S_dmask (B, H, Sq, Sk) float32: the probabilities, a dropped one with its sign bit set."""
-    blocks = _Blocks(q, k, spec, placement, block_k, "forward")
+    blocks = _Blocks(q, k, spec, placement, block_k, "forward", lengths)
     qg, lse = blocks.group_queries(q), blocks.group_rows(lse)
 
     def step(_, block):
@@ -183,9 +188,9 @@ def row_delta(out, dout, dlse):
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, seed=None, *,
-             placement=None, grad_dtype=None, delta=None, block_k=None):
+             placement=None, grad_dtype=None, delta=None, block_k=None, lengths=None):
     """(dq, dk, dv) from the residuals and the cotangents of (out, lse)."""
-    blocks = _Blocks(q, k, spec, placement, block_k, "backward")
+    blocks = _Blocks(q, k, spec, placement, block_k, "backward", lengths)
     if delta is None:
         delta = row_delta(out, dout, dlse)
     qg, dog = blocks.group_queries(q), blocks.group_queries(dout)
