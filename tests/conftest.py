@@ -30,6 +30,15 @@ if not ON_GPU:
     registry.set_automatic("xla", False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's caches after each test module. A worker of the CPU suite otherwise keeps every
+    program it compiled (some thousands), and late in the run XLA's CPU compiler crashed in two
+    runs of 2026-11-30 (consistent with the process's memory-map limit, vm.max_map_count 65530)."""
+    yield
+    jax.clear_caches()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a GPU (large shapes); skipped elsewhere")
 
