@@ -161,27 +161,34 @@ def torch_flash_rate(shape, phase, repeats=20):
     head_dim, seqlen, causal = shape
     batch, nheads = TOKENS // seqlen, WIDTH // head_dim
     grad = phase != "fwd"
-    q, k, v = (torch.randn(batch, nheads, seqlen, head_dim, dtype=torch.bfloat16, device="cuda",
-                           requires_grad=grad) for _ in range(3))
 
-    def call():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            if grad:
-                torch.autograd.grad(out, (q, k, v), out)
+    def median_seconds():  # its tensors die on return, so empty_cache can hand them back
+        q, k, v = (torch.randn(batch, nheads, seqlen, head_dim, dtype=torch.bfloat16,
+                               device="cuda", requires_grad=grad) for _ in range(3))
 
-    for _ in range(3):
-        call()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(5):
-        start.record()
-        for _ in range(repeats):
+        def call():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                if grad:
+                    torch.autograd.grad(out, (q, k, v), out)
+
+        for _ in range(3):
             call()
-        stop.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(stop) / 1e3 / repeats)
-    return flops(*shape, phase) / statistics.median(samples) / 1e12
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(5):
+            start.record()
+            for _ in range(repeats):
+                call()
+            stop.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(stop) / 1e3 / repeats)
+        return statistics.median(samples)
+
+    try:
+        return flops(*shape, phase) / median_seconds() / 1e12
+    finally:
+        torch.cuda.empty_cache()  # torch's cached blocks back before JAX's next shape
 
 
 # Mosaic GPU blocks (block_q per compute warpgroup, block_k, stages), swept with --sweep on a
@@ -268,8 +275,6 @@ def main():
                 rates[name] = rate
         try:
             rate = torch_flash_rate(shape, args.phase)
-            import torch
-            torch.cuda.empty_cache()  # hand torch's cached blocks back before JAX's next shape
         except Exception as error:  # torch missing a kernel for the shape: report, go on
             print(f"torch FA2 D={head_dim} S={seqlen} causal={causal}: {type(error).__name__}")
             rate = None

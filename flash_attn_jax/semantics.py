@@ -139,6 +139,13 @@ def logits_derivative(x, spec: ScoreSpec, *, unit=1.0):
     return spec.softmax_scale
 
 
+def output_delta(out, dout, dlse):
+    """The backward's delta, rowsum(dO * O) - dlse: dense (B, Sq, H, D) -> (B, H, Sq) float32
+    (the lse cotangent ``dlse`` enters here, since d lse / d s = P)."""
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+    return delta - dlse
+
+
 def _max(a, b):
     return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
 

@@ -235,8 +235,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if delta is None:
-        delta = (jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
-                 - dlse)
+        delta = semantics.output_delta(out, dout, dlse)
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)  # unread: keeps one signature
     slopes = slopes.astype(jnp.float32)

@@ -10,6 +10,7 @@ which stays available as ``FLASH_ATTN_JAX_BACKEND=pallas-interpret``).
 
 from __future__ import annotations
 
+from flash_attn_jax import semantics
 from flash_attn_jax.kernels.registry import Backend, Request
 from flash_attn_jax.kernels.xla import dense, varlen as _varlen
 
@@ -43,7 +44,7 @@ class Xla(Backend):
         return dense.probabilities(q, k, lse, slopes, spec, seed, placement=placement)
 
     def backward_delta(self, out, dout, dlse):
-        return dense.row_delta(out, dout, dlse)
+        return semantics.output_delta(out, dout, dlse)
 
     def backward(self, q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None, *,
                  placement=None, grad_dtype=None, delta=None):

@@ -181,18 +181,12 @@ def probabilities(q, k, lse, slopes, spec: ScoreSpec, seed=None, *, placement=No
     return probs[..., :blocks.seqlen_k]
 
 
-def row_delta(out, dout, dlse):
-    """rowsum(dO * O) - dlse, (B, H, Sq) float32."""
-    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
-    return delta - dlse
-
-
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, seed=None, *,
              placement=None, grad_dtype=None, delta=None, block_k=None, lengths=None):
     """(dq, dk, dv) from the residuals and the cotangents of (out, lse)."""
     blocks = _Blocks(q, k, spec, placement, block_k, "backward", lengths)
     if delta is None:
-        delta = row_delta(out, dout, dlse)
+        delta = semantics.output_delta(out, dout, dlse)
     qg, dog = blocks.group_queries(q), blocks.group_queries(dout)
     lse, delta = blocks.group_rows(lse), blocks.group_rows(delta)
 
