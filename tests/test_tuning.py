@@ -68,14 +68,14 @@ def test_bad_tables():
 def test_triton_blocks_follow_the_generation():
     """Head dim 256's large blocks need Hopper's shared memory; elsewhere the default ones run,
     and the lowering test compiles both (they are among all_*_configs)."""
-    default_forward = config.forward_config(jnp.bfloat16, 256, 4096, 4096)
-    default_backward = config.backward_configs(jnp.bfloat16, 256, 4096, 4096)
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA A100-SXM4-80GB")):
+        default_forward = config.forward_config(jnp.bfloat16, 256, 4096, 4096)
+        default_backward = config.backward_configs(jnp.bfloat16, 256, 4096, 4096)
     with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100")):
         hopper_forward = config.forward_config(jnp.bfloat16, 256, 4096, 4096)
         hopper_backward = config.backward_configs(jnp.bfloat16, 256, 4096, 4096)
         assert config.forward_config(jnp.bfloat16, 256, 40, 40).block_q == 64  # still shrinks
-    if jax.default_backend() != "gpu":
-        assert (default_forward.block_q, default_forward.block_k) == (64, 64)
+    assert (default_forward.block_q, default_forward.block_k) == (64, 64)
     assert (hopper_forward.block_q, hopper_forward.block_k) == (128, 64)
     assert hopper_backward != default_backward
     lowered = {(jnp.dtype(d), h, c) for d, h, c in config.all_forward_configs()}
