@@ -6,11 +6,10 @@ and 256, and the dense backward at head dims 64 and 128 (deterministic: no atomi
 mask (causal, windows), softcap, ALiBi, GQA/MQA and the lse and its cotangent, for query lengths
 a multiple of 128 and key lengths a multiple of 128 (the forward at head dim 256: of 64); every
 other call (dropout, varlen, ragged lengths, sequence shards, the KV cache, S_dmask) goes to the
-next backend. Until
-its tests have passed on a Hopper GPU it is left out of the automatic choice and runs only when
-chosen (``FLASH_ATTN_JAX_BACKEND=mosaic-gpu``). Its kernels lower on a machine without a GPU when
-the CUDA plugin's Python extensions are installed (``jax-cuda13-plugin``), which the lowering
-tests use.
+next backend. It is the automatic choice on Hopper for what it covers (its tests, and the
+dense, backward, hardening and x64 files of the suite with it chosen, pass on an H200). Its
+kernels lower on a machine without a GPU when the CUDA plugin's Python extensions are installed
+(``jax-cuda13-plugin``), which the lowering tests use.
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ class MosaicGPU(Backend):
     """The Mosaic GPU kernels (see the module docstring for what they cover)."""
 
     name = "mosaic-gpu"
-    automatic = False  # until the suite has passed on a Hopper GPU with it
+    automatic = True  # on Hopper (supports() declines other platforms and generations)
 
     def supports(self, request: Request) -> str | None:
         if request.op not in ("forward", "backward"):
