@@ -5,6 +5,7 @@ see README.md for the differences (explicit ``dropout_key``, caches returned ins
 """
 
 from flash_attn_jax._validation import DtypeError
+from flash_attn_jax.adapters import dot_product_attention, flax_attention_fn
 from flash_attn_jax.interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -27,6 +28,7 @@ __all__ = [
     "attention_reference",
     "backend_name",
     "backends_used",
+    "dot_product_attention",
     "dropout_mask",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
@@ -35,6 +37,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "flax_attention_fn",
     "from_ring_layout",
     "kvcache_reference",
     "ring_flash_attn_func",
