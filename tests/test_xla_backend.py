@@ -15,6 +15,7 @@ from flash_attn_jax.semantics import ScoreSpec
 from conftest import ON_GPU
 from helpers import DTYPE_IDS, DTYPES, make_inputs, run_case
 import test_dropout as dropout_tests
+import test_kvcache as kvcache_tests
 import test_varlen as varlen_tests
 from test_dropout import run_dropout_case
 
@@ -89,6 +90,41 @@ def test_varlen_dropout():
     dropout_tests.test_varlen()
 
 
+@pytest.mark.parametrize("case", list(kvcache_tests.CASES))
+def test_kvcache_against_the_reference(case):
+    """Every KV-cache case of test_kvcache (append and attention, paged, left padding, batch
+    indices, rotary, every mask) on this backend; num_splits is accepted and has no effect."""
+    kvcache_tests.test_kvcache_case(case)
+
+
+@pytest.mark.parametrize("name", ["generation_loop", "missing_pages", "past_the_capacity"])
+def test_kvcache_edges(name):
+    {"generation_loop": lambda: kvcache_tests.test_generation_loop_equals_dense_attention(True),
+     "missing_pages": kvcache_tests.test_out_of_range_block_table_entries_touch_nothing,
+     "past_the_capacity": kvcache_tests.test_writes_past_the_capacity_are_dropped}[name]()
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_donated_caches_are_updated_in_place(paged):
+    """A jitted decode step with donated caches writes into the caches' own buffers: the
+    compiled program aliases them to its outputs and the returned arrays reuse the memory."""
+    args = kvcache_tests.make_cache_case(12, dtype=jnp.float32, capacity=256, seqlen_q=1,
+                                         seqlen_new=1, page_size=32 if paged else None)
+    names = ["q", "k_cache", "v_cache", "k", "v", "cache_seqlens"] + (
+        ["block_table"] if paged else [])
+    step = jax.jit(lambda *a: fa.flash_attn_with_kvcache(**dict(zip(names, a))),
+                   donate_argnums=(1, 2))
+    inputs = [args[name] for name in names]
+    compiled = step.lower(*inputs).compile()
+    assert "input_output_alias" in compiled.as_text() or compiled.as_text().count(
+        "may-alias") >= 2
+    buffers = [x.unsafe_buffer_pointer() for x in inputs[1:3]]
+    _, k_cache, v_cache = step(*inputs)
+    assert [k_cache.unsafe_buffer_pointer(), v_cache.unsafe_buffer_pointer()] == buffers
+    assert fa.backends_used(lambda *a: fa.flash_attn_with_kvcache(**dict(zip(names, a))),
+                            *inputs) == {"kvcache_append": "xla", "kvcache_attention": "xla"}
+
+
 def test_what_it_hands_on():
     kernel = "pallas-interpret" if jax.default_backend() != "gpu" else "pallas-triton"
     tokens = jnp.zeros((10, 2, 32), jnp.float32)
@@ -121,8 +157,9 @@ def test_memory_is_linear_in_the_sequence():
 
 
 def test_the_automatic_choice_without_a_kernel():
-    """Shipped in the automatic choice (the suite takes it out on a CPU): there dense and varlen
-    calls run on it and paged ones in interpret mode; on a GPU the kernels come first."""
+    """Shipped in the automatic choice (the suite takes it out on a CPU): there dense, varlen
+    and KV-cache calls run on it and paged varlen ones in interpret mode; on a GPU the kernels
+    come first."""
     assert Xla.automatic is True  # as shipped; conftest takes the instance out on a CPU
     q = jnp.zeros((1, 16, 2, 32), jnp.float32)
     cu = jnp.array([0, 4, 10], jnp.int32)
@@ -139,9 +176,13 @@ def test_the_automatic_choice_without_a_kernel():
             paged_used = fa.backends_used(lambda t: fa.flash_attn_varlen_func(
                 t, pages, pages, cu, jnp.array([0, 20, 30], jnp.int32), 6, 20,
                 block_table=table), tokens)
+            cache_used = fa.backends_used(lambda q, c: fa.flash_attn_with_kvcache(
+                q, c, c, q[:, :1], q[:, :1], cache_seqlens=3, block_table=table[:1]), q[:, :1],
+                pages)
     finally:
         registry.set_automatic("xla", was)
     kernel = "pallas-triton" if ON_GPU else None
     assert dense_used == {"forward": kernel or "xla"}
     assert varlen_used == {"forward": kernel or "xla"}
     assert paged_used == {"forward": kernel or "pallas-interpret"}
+    assert cache_used == {"kvcache_append": kernel or "xla", "kvcache_attention": kernel or "xla"}

@@ -2,8 +2,9 @@
 
 Backend ``xla``. Covers the forward, backward and S_dmask of the dense and varlen layouts
 (``varlen``: sequences gathered into padded rows) with every score feature (masks, softcap, ALiBi,
-dropout with the kernels' keep mask, GQA/MQA, any dtype and head dim) on any platform; paged
-keys, the KV cache and sequence shards go to the next backend. It is the automatic
+dropout with the kernels' keep mask, GQA/MQA, any dtype and head dim), and the KV cache (append in
+place under donation, attention over cache rows or pages: ``kvcache``) on any platform; paged
+varlen keys and sequence shards go to the next backend. It is the automatic
 choice where no kernel compiles (CPU, TPU: after the GPU backends, before Pallas interpret mode,
 which stays available as ``FLASH_ATTN_JAX_BACKEND=pallas-interpret``).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.registry import Backend, Request
-from flash_attn_jax.kernels.xla import dense, varlen as _varlen
+from flash_attn_jax.kernels.xla import dense, kvcache, varlen as _varlen
 
 
 class Xla(Backend):
@@ -21,10 +22,8 @@ class Xla(Backend):
     name = "xla"
 
     def supports(self, request: Request) -> str | None:
-        if request.op not in ("forward", "backward", "probabilities"):
-            return f"no {request.op} yet"
-        if request.paged:
-            return "no paged keys yet"
+        if request.paged and request.op not in ("kvcache_append", "kvcache_attention"):
+            return "no paged varlen keys yet"
         if request.positions:
             return "no sequence shards yet"
         return None
@@ -53,3 +52,12 @@ class Xla(Backend):
                                     placement=placement, grad_dtype=grad_dtype, delta=delta)
         return dense.backward(q, k, v, slopes, out, lse, dout, dlse, spec, seed,
                               placement=placement, grad_dtype=grad_dtype, delta=delta)
+
+    def kvcache_append(self, k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, keep=None):
+        return kvcache.append(k_cache, v_cache, k, v, cache_seqlens, batch_idx, table, keep)
+
+    def kvcache_attention(self, q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes,
+                          spec, num_splits):
+        del num_splits  # one pass over the keys: nothing to split
+        return kvcache.attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes,
+                                 spec)

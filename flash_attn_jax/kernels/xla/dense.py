@@ -119,18 +119,25 @@ class _Blocks:
 
 
 def forward(q, k, v, slopes, spec: ScoreSpec, seed=None, *, placement=None, out_dtype=None,
-            block_k=None, lengths=None):
+            block_k=None, lengths=None, key_valid=None):
     """(out (B, Sq, H, D), lse (B, H, Sq) float32): rows without a key get out 0, lse -inf.
     ``block_k``: keys per scan step (default ``key_block``); ``lengths``: (query lengths, key
-    lengths) (B,) of padded rows (varlen), whose rows past their length are not defined."""
+    lengths) (B,) of padded rows (varlen), whose rows past their length are not defined;
+    ``key_valid``: (B, Sk) bool, False for keys that do not exist (a KV cache's missing pages)."""
     blocks = _Blocks(q, k, spec, placement, block_k, "forward", lengths)
     qg = blocks.group_queries(q)
     shape = (blocks.batch, blocks.num_heads_k, blocks.group, blocks.seqlen_q)
+    if key_valid is None:
+        key_valid = jnp.ones((blocks.batch, blocks.seqlen_k), bool)
+    pad = blocks.num_blocks * blocks.block_k - blocks.seqlen_k
+    valid_blocks = jnp.pad(key_valid, ((0, 0), (0, pad))).reshape(
+        blocks.batch, blocks.num_blocks, blocks.block_k).transpose(1, 0, 2)  # (n, B, bk)
 
     def step(carry, block):
         acc, row_max, row_sum = carry
-        index, k_block, v_block = block
+        index, k_block, v_block, valid = block
         _, s = blocks.logits(qg, k_block, index, slopes)
+        s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
         new_max = jnp.maximum(row_max, s.max(axis=-1))
         base = jnp.where(new_max == -jnp.inf, 0.0, new_max)
         alpha = jnp.exp(row_max - base)
@@ -146,7 +153,7 @@ def forward(q, k, v, slopes, spec: ScoreSpec, seed=None, *, placement=None, out_
             jnp.zeros(shape, jnp.float32))
     indices = jnp.arange(blocks.num_blocks, dtype=jnp.int32)
     (acc, row_max, row_sum), _ = lax.scan(step, init, (indices, blocks.key_blocks(k),
-                                                       blocks.key_blocks(v)))
+                                                       blocks.key_blocks(v), valid_blocks))
     has_keys = row_sum > 0.0
     safe_sum = jnp.where(has_keys, row_sum, 1.0)
     out = acc / safe_sum[..., None]

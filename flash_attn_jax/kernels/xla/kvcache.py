@@ -1,0 +1,60 @@
+"""flash_attn_with_kvcache on the blockwise attention of ``dense``.
+
+The append is one scatter of the new keys and values into their slots
+(``semantics.cache_write_slots``: positions outside the capacity, missing rows or pages and
+later writers of a slot dropped), which XLA performs in place when the caches are donated. The
+attention gathers each batch row's keys from its cache row or pages, starting at its left
+padding, and attends them with the row's length (bottom-right aligned, as the kernels); keys of
+missing rows or pages do not exist.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from flash_attn_jax.kernels.xla import dense
+from flash_attn_jax.semantics import cache_write_slots
+
+
+def append(k_cache, v_cache, k, v, starts, batch_idx, table, keep=None):
+    """The caches with k, v (B, seqlen_new, Hk, D) written from ``starts`` (B,) on."""
+    num_rows, page_size = k_cache.shape[:2]
+    capacity = page_size if table is None else table.shape[1] * page_size
+    slots = cache_write_slots(starts, k.shape[1], capacity, page_size=page_size,
+                              num_rows=num_rows, block_table=table, batch_idx=batch_idx)
+    if keep is not None:
+        slots = jnp.where(keep != 0, slots, -1)
+    slots = jnp.where(slots >= 0, slots, num_rows * page_size).reshape(-1)  # past the end: dropped
+
+    def write(cache, new):
+        flat = cache.reshape((num_rows * page_size,) + cache.shape[2:])
+        new = new.reshape((-1,) + new.shape[2:]).astype(cache.dtype)
+        return flat.at[slots].set(new, mode="drop").reshape(cache.shape)
+
+    return write(k_cache, k), write(v_cache, v)
+
+
+def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, spec):
+    """(out (B, Sq, H, D), lse (B, H, Sq)) of q over each row's cache positions
+    [leftpad, lengths)."""
+    batch, seqlen_q = q.shape[:2]
+    num_rows, page_size = k_cache.shape[:2]
+    capacity = page_size if table is None else table.shape[1] * page_size
+    if leftpad is None:
+        leftpad = jnp.zeros((batch,), jnp.int32)
+    positions = leftpad[:, None] + jnp.arange(capacity, dtype=jnp.int32)[None, :]
+    exists = positions < capacity
+    positions = jnp.minimum(positions, capacity - 1)
+    if table is None:
+        rows = jnp.arange(batch, dtype=jnp.int32) if batch_idx is None else batch_idx
+        rows, offsets = jnp.broadcast_to(rows[:, None], positions.shape), positions
+    else:
+        rows = jnp.take_along_axis(table, positions // page_size, axis=1)
+        offsets = positions % page_size
+    exists = exists & (rows >= 0) & (rows < num_rows)
+    rows = jnp.clip(rows, 0, num_rows - 1)
+    keys, values = k_cache[rows, offsets], v_cache[rows, offsets]
+    key_lengths = jnp.clip(lengths - leftpad, 0, capacity)
+    query_lengths = jnp.full((batch,), seqlen_q, jnp.int32)
+    return dense.forward(q, keys, values, slopes, spec, lengths=(query_lengths, key_lengths),
+                         key_valid=exists)
