@@ -45,7 +45,7 @@ if [ ! -x .venv/bin/python ] || ! supports_312 .venv/bin/python; then
 fi
 
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,examples]"
 
 case "$job" in
   demo) exec .venv/bin/python examples/demo.py ;;
