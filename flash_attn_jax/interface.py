@@ -7,8 +7,11 @@ Each function validates its arguments (at trace time), reshapes packed inputs in
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, overload
 
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from flash_attn_jax import _core
 from flash_attn_jax import _validation as check
@@ -95,9 +98,35 @@ def _packed(name, x, count, what, axis=2):
     return [x[(slice(None),) * axis + (i,)] for i in range(count)]
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                    *, dropout_key=None):
+@overload
+def flash_attn_func(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, dropout_p: float = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    return_attn_probs: Literal[False] = ..., *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array: ...
+@overload
+def flash_attn_func(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, dropout_p: float = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., *,
+    return_attn_probs: Literal[True], dropout_key: ArrayLike | None = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_func(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, dropout_p: float = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    return_attn_probs: bool = ..., *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+def flash_attn_func(q: ArrayLike, k: ArrayLike, v: ArrayLike, dropout_p: float = 0.0,
+                    softmax_scale: float | None = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: ArrayLike | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False, *, dropout_key: ArrayLike | None = None
+                    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Flash attention over separate q, k, v.
 
     Args:
@@ -108,9 +137,36 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return _dense(q, k, v, _Flags.of(locals()), {})
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
-                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                              deterministic=False, return_attn_probs=False, *, dropout_key=None):
+@overload
+def flash_attn_qkvpacked_func(
+    qkv: ArrayLike, dropout_p: float = ..., softmax_scale: float | None = ..., causal: bool = ...,
+    window_size: tuple[int, int] = ..., softcap: float = ..., alibi_slopes: ArrayLike | None = ...,
+    deterministic: bool = ..., return_attn_probs: Literal[False] = ..., *,
+    dropout_key: ArrayLike | None = ...,
+) -> jax.Array: ...
+@overload
+def flash_attn_qkvpacked_func(
+    qkv: ArrayLike, dropout_p: float = ..., softmax_scale: float | None = ..., causal: bool = ...,
+    window_size: tuple[int, int] = ..., softcap: float = ..., alibi_slopes: ArrayLike | None = ...,
+    deterministic: bool = ..., *, return_attn_probs: Literal[True],
+    dropout_key: ArrayLike | None = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_qkvpacked_func(
+    qkv: ArrayLike, dropout_p: float = ..., softmax_scale: float | None = ..., causal: bool = ...,
+    window_size: tuple[int, int] = ..., softcap: float = ..., alibi_slopes: ArrayLike | None = ...,
+    deterministic: bool = ..., return_attn_probs: bool = ..., *,
+    dropout_key: ArrayLike | None = ...,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+def flash_attn_qkvpacked_func(qkv: ArrayLike, dropout_p: float = 0.0,
+                              softmax_scale: float | None = None, causal: bool = False,
+                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: ArrayLike | None = None, deterministic: bool = False,
+                              return_attn_probs: bool = False, *,
+                              dropout_key: ArrayLike | None = None
+                              ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Flash attention over packed queries, keys and values (self-attention).
 
     Args:
@@ -121,9 +177,36 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     return _dense(q, k, v, _Flags.of(locals()), dict(q_name="qkv", k_name="qkv", v_name="qkv"))
 
 
-def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
-                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                             deterministic=False, return_attn_probs=False, *, dropout_key=None):
+@overload
+def flash_attn_kvpacked_func(
+    q: ArrayLike, kv: ArrayLike, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    return_attn_probs: Literal[False] = ..., *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array: ...
+@overload
+def flash_attn_kvpacked_func(
+    q: ArrayLike, kv: ArrayLike, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., *,
+    return_attn_probs: Literal[True], dropout_key: ArrayLike | None = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_kvpacked_func(
+    q: ArrayLike, kv: ArrayLike, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., return_attn_probs: bool = ...,
+    *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+def flash_attn_kvpacked_func(q: ArrayLike, kv: ArrayLike, dropout_p: float = 0.0,
+                             softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: ArrayLike | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False, *,
+                             dropout_key: ArrayLike | None = None
+                             ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Flash attention over queries and packed keys and values.
 
     Args:
@@ -192,10 +275,43 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blo
     return out, lse, probs
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                           softcap=0.0, alibi_slopes=None, deterministic=False,
-                           return_attn_probs=False, block_table=None, *, dropout_key=None):
+@overload
+def flash_attn_varlen_func(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    return_attn_probs: Literal[False] = ..., block_table: ArrayLike | None = ..., *,
+    dropout_key: ArrayLike | None = ...,
+) -> jax.Array: ...
+@overload
+def flash_attn_varlen_func(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., *,
+    return_attn_probs: Literal[True], block_table: ArrayLike | None = ...,
+    dropout_key: ArrayLike | None = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_varlen_func(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., return_attn_probs: bool = ...,
+    block_table: ArrayLike | None = ..., *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+def flash_attn_varlen_func(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike,
+                           cu_seqlens_k: ArrayLike, max_seqlen_q: int, max_seqlen_k: int,
+                           dropout_p: float = 0.0, softmax_scale: float | None = None,
+                           causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                           softcap: float = 0.0, alibi_slopes: ArrayLike | None = None,
+                           deterministic: bool = False, return_attn_probs: bool = False,
+                           block_table: ArrayLike | None = None, *,
+                           dropout_key: ArrayLike | None = None
+                           ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Flash attention over variable-length sequences packed along the token axis.
 
     Args:
@@ -213,10 +329,36 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                    _Flags.of(locals()), {})
 
 
-def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
-                                     softmax_scale=None, causal=False, window_size=(-1, -1),
-                                     softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False, *, dropout_key=None):
+@overload
+def flash_attn_varlen_qkvpacked_func(
+    qkv: ArrayLike, cu_seqlens: ArrayLike, max_seqlen: int, dropout_p: float = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    return_attn_probs: Literal[False] = ..., *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array: ...
+@overload
+def flash_attn_varlen_qkvpacked_func(
+    qkv: ArrayLike, cu_seqlens: ArrayLike, max_seqlen: int, dropout_p: float = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., *,
+    return_attn_probs: Literal[True], dropout_key: ArrayLike | None = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_varlen_qkvpacked_func(
+    qkv: ArrayLike, cu_seqlens: ArrayLike, max_seqlen: int, dropout_p: float = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    return_attn_probs: bool = ..., *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: ArrayLike, cu_seqlens: ArrayLike, max_seqlen: int,
+                                     dropout_p: float = 0.0, softmax_scale: float | None = None,
+                                     causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: ArrayLike | None = None,
+                                     deterministic: bool = False, return_attn_probs: bool = False,
+                                     *, dropout_key: ArrayLike | None = None
+                                     ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Variable-length self-attention over packed queries, keys and values.
 
     Args:
@@ -231,11 +373,40 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                    _Flags.of(locals()), names)
 
 
-def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    dropout_p=0.0, softmax_scale=None, causal=False,
-                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                                    deterministic=False, return_attn_probs=False, *,
-                                    dropout_key=None):
+@overload
+def flash_attn_varlen_kvpacked_func(
+    q: ArrayLike, kv: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    return_attn_probs: Literal[False] = ..., *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array: ...
+@overload
+def flash_attn_varlen_kvpacked_func(
+    q: ArrayLike, kv: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., *,
+    return_attn_probs: Literal[True], dropout_key: ArrayLike | None = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_varlen_kvpacked_func(
+    q: ArrayLike, kv: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ..., return_attn_probs: bool = ...,
+    *, dropout_key: ArrayLike | None = ...,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]: ...
+
+
+def flash_attn_varlen_kvpacked_func(q: ArrayLike, kv: ArrayLike, cu_seqlens_q: ArrayLike,
+                                    cu_seqlens_k: ArrayLike, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0, softmax_scale: float | None = None,
+                                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                    softcap: float = 0.0, alibi_slopes: ArrayLike | None = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False, *,
+                                    dropout_key: ArrayLike | None = None
+                                    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Variable-length attention over queries and packed keys and values.
 
     Args:
@@ -252,11 +423,74 @@ for _fn in (flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func,
     _fn.__doc__ = _fn.__doc__.rstrip() + _VARLEN_ARGS_DOC
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
-                            block_table=None, softmax_scale=None, causal=False, window_size=(-1, -1),
-                            softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                            return_softmax_lse=False):
+@overload
+def flash_attn_with_kvcache(
+    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, k: None = ..., v: None = ...,
+    rotary_cos: ArrayLike | None = ..., rotary_sin: ArrayLike | None = ...,
+    cache_seqlens: ArrayLike | None = ..., cache_batch_idx: ArrayLike | None = ...,
+    cache_leftpad: ArrayLike | None = ..., block_table: ArrayLike | None = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., rotary_interleaved: bool = ..., alibi_slopes: ArrayLike | None = ...,
+    num_splits: int = ..., return_softmax_lse: Literal[False] = ...,
+) -> jax.Array: ...
+@overload
+def flash_attn_with_kvcache(
+    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, k: None = ..., v: None = ...,
+    rotary_cos: ArrayLike | None = ..., rotary_sin: ArrayLike | None = ...,
+    cache_seqlens: ArrayLike | None = ..., cache_batch_idx: ArrayLike | None = ...,
+    cache_leftpad: ArrayLike | None = ..., block_table: ArrayLike | None = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., rotary_interleaved: bool = ..., alibi_slopes: ArrayLike | None = ...,
+    num_splits: int = ..., *, return_softmax_lse: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def flash_attn_with_kvcache(
+    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, k: ArrayLike, v: ArrayLike,
+    rotary_cos: ArrayLike | None = ..., rotary_sin: ArrayLike | None = ...,
+    cache_seqlens: ArrayLike | None = ..., cache_batch_idx: ArrayLike | None = ...,
+    cache_leftpad: ArrayLike | None = ..., block_table: ArrayLike | None = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., rotary_interleaved: bool = ..., alibi_slopes: ArrayLike | None = ...,
+    num_splits: int = ..., return_softmax_lse: Literal[False] = ...,
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_with_kvcache(
+    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, k: ArrayLike, v: ArrayLike,
+    rotary_cos: ArrayLike | None = ..., rotary_sin: ArrayLike | None = ...,
+    cache_seqlens: ArrayLike | None = ..., cache_batch_idx: ArrayLike | None = ...,
+    cache_leftpad: ArrayLike | None = ..., block_table: ArrayLike | None = ...,
+    softmax_scale: float | None = ..., causal: bool = ..., window_size: tuple[int, int] = ...,
+    softcap: float = ..., rotary_interleaved: bool = ..., alibi_slopes: ArrayLike | None = ...,
+    num_splits: int = ..., *, return_softmax_lse: Literal[True],
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]: ...
+@overload
+def flash_attn_with_kvcache(
+    q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, k: ArrayLike | None = ...,
+    v: ArrayLike | None = ..., rotary_cos: ArrayLike | None = ...,
+    rotary_sin: ArrayLike | None = ..., cache_seqlens: ArrayLike | None = ...,
+    cache_batch_idx: ArrayLike | None = ..., cache_leftpad: ArrayLike | None = ...,
+    block_table: ArrayLike | None = ..., softmax_scale: float | None = ..., causal: bool = ...,
+    window_size: tuple[int, int] = ..., softcap: float = ..., rotary_interleaved: bool = ...,
+    alibi_slopes: ArrayLike | None = ..., num_splits: int = ..., return_softmax_lse: bool = ...,
+) -> (jax.Array | tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]
+      | tuple[jax.Array, jax.Array, jax.Array, jax.Array]): ...
+
+
+def flash_attn_with_kvcache(q: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
+                            k: ArrayLike | None = None, v: ArrayLike | None = None,
+                            rotary_cos: ArrayLike | None = None,
+                            rotary_sin: ArrayLike | None = None,
+                            cache_seqlens: ArrayLike | None = None,
+                            cache_batch_idx: ArrayLike | None = None,
+                            cache_leftpad: ArrayLike | None = None,
+                            block_table: ArrayLike | None = None,
+                            softmax_scale: float | None = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: ArrayLike | None = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False
+                            ) -> (jax.Array | tuple[jax.Array, jax.Array]
+                                  | tuple[jax.Array, jax.Array, jax.Array]
+                                  | tuple[jax.Array, jax.Array, jax.Array, jax.Array]):
     """Attention of new queries over a KV cache, appending new keys and values first (inference).
 
     Functional: instead of mutating the caches the call returns them updated. Under ``jax.jit``

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal, overload
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 from flash_attn_jax import _validation as check
 from flash_attn_jax import kernels
@@ -244,12 +246,38 @@ def chunk_problem(spec: ScoreSpec, ring: Ring, seqlen_q_local: int, seqlen_k_loc
     return None
 
 
+@overload
+def ring_flash_attn_func(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str | tuple[str, ...],
+    layout: str = ..., dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    dropout_key: ArrayLike | None = ..., return_softmax_lse: Literal[False] = ...,
+) -> jax.Array: ...
+@overload
+def ring_flash_attn_func(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str | tuple[str, ...],
+    layout: str = ..., dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    dropout_key: ArrayLike | None = ..., return_softmax_lse: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def ring_flash_attn_func(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, axis_name: str | tuple[str, ...],
+    layout: str = ..., dropout_p: float = ..., softmax_scale: float | None = ...,
+    causal: bool = ..., window_size: tuple[int, int] = ..., softcap: float = ...,
+    alibi_slopes: ArrayLike | None = ..., deterministic: bool = ...,
+    dropout_key: ArrayLike | None = ..., return_softmax_lse: bool = ...,
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
+
+
 def ring_flash_attn_func(q: jax.Array, k: jax.Array, v: jax.Array, *,
                          axis_name: str | tuple[str, ...], layout: str = "contiguous",
                          dropout_p: float = 0.0, softmax_scale: float | None = None,
                          causal: bool = False, window_size: tuple[int, int] = (-1, -1),
-                         softcap: float = 0.0, alibi_slopes: jax.Array | None = None,
-                         deterministic: bool = False, dropout_key: jax.Array | None = None,
+                         softcap: float = 0.0, alibi_slopes: ArrayLike | None = None,
+                         deterministic: bool = False, dropout_key: ArrayLike | None = None,
                          return_softmax_lse: bool = False
                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Ring attention: ``flash_attn_func`` over a sequence split across a mesh axis.
