@@ -106,15 +106,17 @@ FEATURES = {
 def test_kernels_lower_for_an_h100(feature, dtype, head_dim):
     options = dict(FEATURES[feature])
     alibi = options.pop("alibi", False)
-    config = mosaic_gpu.forward_config(head_dim)
-    q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=3 * config.rows_per_program,
-                                  seqlen_k=5 * config.block_k, nheads=4, nheads_k=2,
-                                  head_dim=head_dim, dtype=dtype, alibi=alibi)
+    with_backward = head_dim in mosaic_gpu.BACKWARD_HEAD_DIMS
+    configs = [mosaic_gpu.forward_config(head_dim)] + (
+        [mosaic_gpu.backward_config(head_dim)] if with_backward else [])
+    rows = max(c.rows_per_program for c in configs)
+    keys = max([configs[0].block_k] + [c.keys_per_program for c in configs[1:]])
+    q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=3 * rows, seqlen_k=5 * keys, nheads=4,
+                                  nheads_k=2, head_dim=head_dim, dtype=dtype, alibi=alibi)
 
     def attend(q, k, v, slopes):
         return fa.flash_attn_func(q, k, v, alibi_slopes=slopes, **options)
 
-    with_backward = head_dim in mosaic_gpu.BACKWARD_HEAD_DIMS
     if with_backward:  # forward, then the dK/dV and dQ kernels
         loss = lambda q, k, v, slopes: attend(q, k, v, slopes).astype(jnp.float32).sum()
         fn, expected = jax.grad(loss, argnums=(0, 1, 2)), {"forward", "backward"}
@@ -129,7 +131,7 @@ def test_kernels_lower_for_an_h100(feature, dtype, head_dim):
 
 
 def test_kernels_lower_under_x64():
-    q, k, v = make_inputs(2, batch=1, seqlen_q=128, seqlen_k=128, nheads=2, head_dim=64,
+    q, k, v = make_inputs(2, batch=1, seqlen_q=256, seqlen_k=256, nheads=2, head_dim=64,
                           dtype=jnp.bfloat16)[:3]
     with jax.enable_x64(True), fa.use_backend("mosaic-gpu"):
         with jax.sharding.use_abstract_mesh(H100_MESH):

@@ -126,6 +126,8 @@ def test_donated_caches_are_updated_in_place(paged):
 
 
 def test_what_it_hands_on():
+    """Every layout and operation runs on it when chosen, except calls placed at sequence
+    positions (a ring step), which go on to the automatic choice."""
     kernel = "pallas-interpret" if jax.default_backend() != "gpu" else "pallas-triton"
     tokens = jnp.zeros((10, 2, 32), jnp.float32)
     cu = jnp.array([0, 4, 10], jnp.int32)
@@ -135,9 +137,23 @@ def test_what_it_hands_on():
     table = jnp.array([[0, 1], [2, 0]], jnp.int32)
     paged = fa.backends_used(lambda t: fa.flash_attn_varlen_func(
         t, pages, pages, cu, jnp.array([0, 20, 30], jnp.int32), 6, 20, block_table=table), tokens)
-    assert paged == {"forward": kernel}
+    assert paged == {"forward": "xla"}
     dense_q = jnp.zeros((1, 16, 2, 32), jnp.float32)
     assert fa.backends_used(fa.flash_attn_func, dense_q, dense_q, dense_q) == {"forward": "xla"}
+    request = registry.Request(op="forward", platform=jax.default_backend(),
+                               dtype=jnp.dtype(jnp.float32),
+                               head_dim=32, positions=True)
+    assert "sequence shards" in Xla().supports(request)
+    assert registry.select(request).name == kernel
+
+
+@pytest.mark.parametrize("case", ["p16-bf16-causal", "p32-fp16-window-alibi", "p64-fp32-softcap"])
+def test_paged_varlen_keys(case):
+    page_size, dtype, options = {
+        "p16-bf16-causal": (16, jnp.bfloat16, dict(causal=True)),
+        "p32-fp16-window-alibi": (32, jnp.float16, dict(window_size=(10, 3), alibi=True)),
+        "p64-fp32-softcap": (64, jnp.float32, dict(softcap=15.0))}[case]
+    varlen_tests.test_paged_keys(page_size, dtype, options)
 
 
 def test_memory_is_linear_in_the_sequence():
@@ -157,9 +173,8 @@ def test_memory_is_linear_in_the_sequence():
 
 
 def test_the_automatic_choice_without_a_kernel():
-    """Shipped in the automatic choice (the suite takes it out on a CPU): there dense, varlen
-    and KV-cache calls run on it and paged varlen ones in interpret mode; on a GPU the kernels
-    come first."""
+    """Shipped in the automatic choice (the suite takes it out on a CPU): there every call runs
+    on it; on a GPU the kernels come first."""
     assert Xla.automatic is True  # as shipped; conftest takes the instance out on a CPU
     q = jnp.zeros((1, 16, 2, 32), jnp.float32)
     cu = jnp.array([0, 4, 10], jnp.int32)
@@ -184,5 +199,5 @@ def test_the_automatic_choice_without_a_kernel():
     kernel = "pallas-triton" if ON_GPU else None
     assert dense_used == {"forward": kernel or "xla"}
     assert varlen_used == {"forward": kernel or "xla"}
-    assert paged_used == {"forward": kernel or "pallas-interpret"}
+    assert paged_used == {"forward": kernel or "xla"}
     assert cache_used == {"kvcache_append": kernel or "xla", "kvcache_attention": kernel or "xla"}

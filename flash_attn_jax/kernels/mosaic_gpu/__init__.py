@@ -25,7 +25,10 @@ _DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 HEAD_DIMS = (64, 128, 256)
 
 # head dim -> blocks. Shared memory per program: 2 x block_q query rows plus ``stages`` key and
-# value blocks, within Hopper's 227 KiB (d256: 64 + 128 KiB).
+# value blocks, within Hopper's 227 KiB (d256: 64 + 128 KiB). Swept on an H200 at S 4096 (bf16,
+# benchmarks/RESULTS.md): d 64 (64, 128, 3) 382 / 349 TFLOP/s non-causal / causal, 2 stages
+# 403 / 349 (to adopt once its results are checked on the GPU), (128, 128, 2) 416 / 232; d 128
+# (64, 128, 2) 545 / 474, the next (128, 64, 2) 500 / 373; d 256 only (64, 64, 2) fits.
 FORWARD_TABLE = TuningTable({
     64: _forward.ForwardConfig(block_q=64, block_k=128, stages=3),
     128: _forward.ForwardConfig(block_q=64, block_k=128, stages=2),
@@ -34,7 +37,10 @@ FORWARD_TABLE = TuningTable({
 
 
 # The backward keeps dK and dV (or dQ) of 64 rows per warpgroup in registers: head dim 256 would
-# need 256 registers a thread for dK and dV alone.
+# need 256 registers a thread for dK and dV alone. Swept at S 4096 (forward + backward TFLOP/s,
+# non-causal / causal): d 64 (64, 64, 2) 340 / 296, (128, 64, 2) 363 / 313 (to adopt once its
+# gradients are checked on the GPU; it needs query lengths in 256s); d 128 (64, 64, 2) 446 / 400,
+# (128, 64, 2) 332 / 265, 128-key blocks 140-304.
 BACKWARD_HEAD_DIMS = (64, 128)
 BACKWARD_TABLE = TuningTable({
     64: _backward.BackwardConfig(block_q=64, block_k=64, stages=2),

@@ -2,9 +2,9 @@
 
 Backend ``xla``. Covers the forward, backward and S_dmask of the dense and varlen layouts
 (``varlen``: sequences gathered into padded rows) with every score feature (masks, softcap, ALiBi,
-dropout with the kernels' keep mask, GQA/MQA, any dtype and head dim), and the KV cache (append in
-place under donation, attention over cache rows or pages: ``kvcache``) on any platform; paged
-varlen keys and sequence shards go to the next backend. It is the automatic
+dropout with the kernels' keep mask, GQA/MQA, any dtype and head dim), paged varlen keys, and the
+KV cache (append in place under donation, attention over cache rows or pages: ``kvcache``) on any
+platform; sequence shards (ring attention's placed calls) go to the next backend. It is the automatic
 choice where no kernel compiles (CPU, TPU: after the GPU backends, before Pallas interpret mode,
 which stays available as ``FLASH_ATTN_JAX_BACKEND=pallas-interpret``).
 """
@@ -22,8 +22,6 @@ class Xla(Backend):
     name = "xla"
 
     def supports(self, request: Request) -> str | None:
-        if request.paged and request.op not in ("kvcache_append", "kvcache_attention"):
-            return "no paged varlen keys yet"
         if request.positions:
             return "no sequence shards yet"
         return None

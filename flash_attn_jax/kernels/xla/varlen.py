@@ -1,5 +1,5 @@
-"""Varlen calls on the blockwise attention of ``dense``: each sequence gathered into a row padded to
-the call's max_seqlen, attended with its own lengths (masks and ALiBi per row, bottom-right
+"""Varlen calls on the blockwise attention of ``dense``: each sequence gathered (from its tokens, or
+its keys from the pages its block table lists) into a row padded to the call's max_seqlen, attended with its own lengths (masks and ALiBi per row, bottom-right
 aligned), the results scattered back to its tokens. Tokens outside every sequence (and past a row's
 max_seqlen) get out 0, lse -inf and zero gradients."""
 
@@ -31,12 +31,35 @@ def _scatter(x, index, total, fill=0.0):
     return tokens.at[index].set(x)[:total]
 
 
+def _paged_rows(cu_seqlens, table, max_len, page_size, num_pages):
+    """(pages, offsets (B, max_len) int32, lengths (B,)): row b's key j sits in page
+    ``table[b, j // page_size]`` (entries clipped into range, as the kernels read them), row
+    ``j % page_size``; a row holds at most the table's capacity."""
+    capacity = table.shape[1] * page_size
+    lengths = jnp.clip(cu_seqlens[1:] - cu_seqlens[:-1], 0, min(max_len, capacity))
+    positions = jnp.arange(max_len, dtype=jnp.int32)
+    slots = jnp.minimum(positions // page_size, table.shape[1] - 1)
+    pages = jnp.clip(table[:, slots], 0, num_pages - 1)
+    return pages, jnp.broadcast_to(positions % page_size, pages.shape), lengths.astype(jnp.int32)
+
+
 class _Layout:
     def __init__(self, q, k, varlen):
         self.total_q, self.total_k = q.shape[0], k.shape[0]
         self.index_q, lengths_q = _rows(varlen.cu_seqlens_q, varlen.max_seqlen_q, self.total_q)
-        self.index_k, lengths_k = _rows(varlen.cu_seqlens_k, varlen.max_seqlen_k, self.total_k)
+        self.paged = varlen.block_table is not None
+        if self.paged:
+            self.pages, self.offsets, lengths_k = _paged_rows(
+                varlen.cu_seqlens_k, varlen.block_table, varlen.max_seqlen_k, k.shape[1],
+                k.shape[0])
+        else:
+            self.index_k, lengths_k = _rows(varlen.cu_seqlens_k, varlen.max_seqlen_k,
+                                            self.total_k)
         self.lengths = (lengths_q, lengths_k)
+
+    def keys(self, x):
+        """Keys or values (Tk, Hk, D), or pages (num_pages, page, Hk, D) -> (B, max_len, Hk, D)."""
+        return x[self.pages, self.offsets] if self.paged else _gather(x, self.index_k)
 
     def rows_stat(self, x, fill):
         """(H, T) -> (B, H, max_seqlen_q)."""
@@ -46,9 +69,9 @@ class _Layout:
 def forward(q, k, v, slopes, spec, varlen, seed=None, *, placement=None, out_dtype=None):
     """out (T, H, D), lse (H, T) of the packed sequences."""
     layout = _Layout(q, k, varlen)
-    out, lse = dense.forward(_gather(q, layout.index_q), _gather(k, layout.index_k),
-                             _gather(v, layout.index_k), slopes, spec, seed, placement=placement,
-                             out_dtype=out_dtype, lengths=layout.lengths)
+    out, lse = dense.forward(_gather(q, layout.index_q), layout.keys(k), layout.keys(v), slopes,
+                             spec, seed, placement=placement, out_dtype=out_dtype,
+                             lengths=layout.lengths)
     lse = _scatter(lse.transpose(0, 2, 1), layout.index_q, layout.total_q, -jnp.inf)
     return _scatter(out, layout.index_q, layout.total_q), lse.T
 
@@ -56,7 +79,7 @@ def forward(q, k, v, slopes, spec, varlen, seed=None, *, placement=None, out_dty
 def probabilities(q, k, lse, slopes, spec, varlen, seed=None, *, placement=None):
     """(B, H, max_seqlen_q, max_seqlen_k) float32, zero outside each row's lengths."""
     layout = _Layout(q, k, varlen)
-    probs = dense.probabilities(_gather(q, layout.index_q), _gather(k, layout.index_k),
+    probs = dense.probabilities(_gather(q, layout.index_q), layout.keys(k),
                                 layout.rows_stat(lse, -jnp.inf), slopes, spec, seed,
                                 placement=placement, lengths=layout.lengths)
     lengths_q, lengths_k = layout.lengths
@@ -67,7 +90,8 @@ def probabilities(q, k, lse, slopes, spec, varlen, seed=None, *, placement=None)
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen, seed=None, *, placement=None,
              grad_dtype=None, delta=None):
-    """(dq (T, H, D), dk, dv (Tk, Hk, D)); lse, dlse (and delta) in the (H, T) layout."""
+    """(dq (T, H, D), dk, dv (Tk, Hk, D)); lse, dlse (and delta) in the (H, T) layout
+    (contiguous keys: paged ones have no gradient)."""
     layout = _Layout(q, k, varlen)
     gathered_q = lambda x: None if x is None else _gather(x, layout.index_q)
     dq, dk, dv = dense.backward(
