@@ -1,18 +1,21 @@
 """Attention on a CPU: the ``xla`` backend against jax.nn.dot_product_attention (XLA) and the
 Pallas kernels in interpret mode, in one run.
 
-    PYTHONPATH=.:benchmarks python benchmarks/bench_cpu.py [--out results.md]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_cpu.py [--out results.md] [--json results.json]
 
 float32, B 1, H 8, D 64, causal and not, S 1024-4096; forward, and forward + backward (jax.vjp of
 the call, forward included). Milliseconds per call and the ratio to jax.nn's time. Also the
-temporary memory XLA reserves for the compiled forward + backward at S 16k (no run).
+temporary memory XLA reserves for the compiled forward + backward at S 16k (no run). --json
+writes the table's numbers (with the machine, date, versions and command) to a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +71,7 @@ def temp_memory(attend, seqlen):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--skip-interpret", action="store_true")
     args = parser.parse_args()
     names = list(implementations(False))
@@ -79,6 +83,7 @@ def main():
              "ms per call (ratio to jax.nn)", "",
              "| phase | S | causal | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
+    rows = []
     for phase in ("fwd", "fwd_bwd"):
         for seqlen in SEQLENS:
             keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -88,6 +93,8 @@ def main():
                 impls = implementations(causal)
                 times = {name: run(impls[name], phase, q, k, v) for name in names}
                 base = times["jax.nn (xla)"]
+                rows.append({"phase": phase, "S": seqlen, "causal": causal,
+                             "ms": {n: times[n] * 1e3 for n in names}})
                 cells = [f"{times[n] * 1e3:.1f} ({times[n] / base:.2f})" for n in names]
                 lines.append(f"| {phase} | {seqlen} | {'y' if causal else 'n'} | "
                              + " | ".join(cells) + " |")
@@ -98,6 +105,15 @@ def main():
     lines += ["", "Temporary memory of the compiled forward + backward, S 16384, causal: "
               + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in memory.items())]
     report(lines, args.out)
+    if args.json:
+        machine = platform.processor() or platform.machine()
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "bench_cpu.py",
+                       "device": f"CPU ({machine}, {jax.device_count()} device)",
+                       "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                       "command": " ".join(["python"] + sys.argv), "unit": "ms", "rows": rows,
+                       "temp_memory_mib": {n: size / 2**20 for n, size in memory.items()}},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Decode speed on the GPU: flash_attn_with_kvcache against its peers, in one run.
 
-Shapes follow ../shared/notes/anchors.md: one query token, 32 query heads, 8 kv heads, head dim
+Shapes: one query token, 32 query heads, 8 kv heads, head dim
 128, bf16, batch 8 or 64, cache length 4k or 32k (the whole cache in use). Effective bandwidth =
 bytes of K and V read / time. Peers: JAX's bundled Pallas Triton kernels
 (decode_attention.gqa, paged_attention.paged_attention with pages of 64) and an XLA einsum.
@@ -8,7 +8,9 @@ bytes of K and V read / time. Peers: JAX's bundled Pallas Triton kernels
 Then the in-place check: a jitted decode step (append one token + attend, caches donated) with
 4k positions in use, in a cache of capacity 4k and of 64k: the same time means no cache copy.
 
-    PYTHONPATH=. python benchmarks/bench_decode.py [--sweep] [--out results.md]
+    PYTHONPATH=. python benchmarks/bench_decode.py [--sweep] [--out results.md] [--json results.json]
+
+--json writes the table's numbers (with the device, date, versions and command) to a JSON file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import json
 import statistics
+import sys
 import time
 import warnings
 
@@ -155,6 +159,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
     warnings.simplefilter("ignore", DeprecationWarning)
     device = jax.devices()[0].device_kind
@@ -162,6 +167,7 @@ def main():
              f"{device}, jax {jax.__version__}, {datetime.date.today().isoformat()}; TB/s of K+V read",
              ""]
     header = None
+    rows = []
     for batch, length in SHAPES:
         impls = implementations(batch, length)
         check_agreement(impls)
@@ -169,21 +175,31 @@ def main():
             header = list(impls)
             lines += ["| B | cache | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
         cells = []
+        rows.append({"B": batch, "cache": length, "tb_per_s": {}, "errors": {}})
         for name in header:
             fn, fn_args = impls[name]
             try:
-                cells.append(f"{bandwidth(batch, length, seconds_per_call(fn, *fn_args)):.2f}")
+                rows[-1]["tb_per_s"][name] = bandwidth(batch, length, seconds_per_call(fn, *fn_args))
+                cells.append(f"{rows[-1]['tb_per_s'][name]:.2f}")
             except Exception as error:  # e.g. a peer out of shared memory
                 cells.append(f"fails ({type(error).__name__})")
+                rows[-1]["errors"][name] = cells[-1]
         lines.append(f"| {batch} | {length} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         if args.sweep and length == 32768:
             sweep(batch, length)
     lines += ["", "Decode step (append 1 token + attend, caches donated), batch 8, 4096 positions in use:",
               "", "| capacity | ms per step |", "|---|---|"]
-    for capacity, seconds in capacity_check():
+    steps = capacity_check()
+    for capacity, seconds in steps:
         lines.append(f"| {capacity} | {seconds * 1e3:.3f} |")
     report(lines, args.out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "bench_decode.py", "device": device,
+                       "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                       "command": " ".join(["python"] + sys.argv), "unit": "TB/s", "rows": rows,
+                       "decode_step_ms": {str(c): s * 1e3 for c, s in steps}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Dense attention speed on the GPU: flash_attn_jax against its peers, in one run.
 
-Shapes follow the FlashAttention benchmark (../shared/notes/anchors.md): batch x seqlen = 16384
+Shapes follow the FlashAttention benchmark: batch x seqlen = 16384
 tokens, nheads x headdim = 2048, bf16, causal and not. Forward FLOPs = 4 * B * H * S * S * D,
 halved when causal; forward + backward (timed as jax.vjp of the call, the forward included) counts
 3.5x that. Peers: jax.nn.dot_product_attention with the cuDNN and XLA implementations, JAX's
@@ -10,7 +10,10 @@ process; torch's own tensors, timed with CUDA events). flash_attn_jax runs twice
 automatic backend choice, and with the Mosaic GPU backend chosen (Hopper only).
 
     PYTHONPATH=. python benchmarks/bench_dense.py [--phase fwd|fwd_bwd] [--head-dims 64,128,256]
-        [--sweep] [--out results.md]
+        [--sweep] [--out results.md] [--json results.json]
+
+--json writes the table's numbers (TFLOP/s per shape and implementation, with the device, date,
+versions and command) for benchmarks/plot_results.py.
 
 --sweep also times alternative block configurations of this package's kernels (to tune
 flash_attn_jax/kernels/triton/config.py): the forward kernel for --phase fwd, the dK/dV and dQ kernels
@@ -22,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
+import os
 import statistics
+import sys
 import warnings
 
 import jax
@@ -243,6 +249,7 @@ def main():
                         help="comma-separated head dims of SHAPES to run")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
     head_dims = {int(d) for d in args.head_dims.split(",")}
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -255,6 +262,7 @@ def main():
     lines = [header, "", "| D | S | causal | " + " | ".join(names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     ratios = {name: [] for name in names}
+    rows = []
     for shape in [shape for shape in SHAPES if shape[0] in head_dims]:
         head_dim, seqlen, causal = shape
         q, k, v = inputs(head_dim, seqlen)
@@ -280,6 +288,7 @@ def main():
             rate = None
         if rate is not None:
             rates["torch FA2"] = rate
+        rows.append({"D": head_dim, "S": seqlen, "causal": causal, "tflops": dict(rates)})
         cells = []
         for name in names:
             if name not in rates:
@@ -296,6 +305,22 @@ def main():
                 float("nan") for name in names]
     lines.append("| geomean ratio to cuDNN | | | " + " | ".join(f"{g:.2f}" for g in geomeans) + " |")
     report(lines, args.out)
+    if args.json:
+        write_json(args.json, phase=args.phase, unit="TFLOP/s", rows=rows)
+
+
+def write_json(path, **results):
+    """``results`` with the device, date, versions and command of this run, as JSON."""
+    try:
+        import torch
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    meta = {"benchmark": os.path.basename(sys.argv[0]), "device": jax.devices()[0].device_kind,
+            "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+            "torch": torch_version, "command": " ".join(["python"] + sys.argv)}
+    with open(path, "w") as f:
+        json.dump({**meta, **results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,18 @@
    useful FLOPs of the whole attention over all GPUs.
 
     PYTHONPATH=. python benchmarks/bench_mesh.py [--seqlens 16384 32768] [--out results.md]
+        [--json results.json]
+
+--json writes the tables' numbers (with the device, date, versions and command) to a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +152,7 @@ def main():
     parser.add_argument("--seqlens", type=int, nargs="+", default=[16384, 32768],
                         help="tokens per device of the ring benchmark")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--schedule", action="store_true",
                         help="print where the ring's exchanges sit among its kernels, and exit")
     args = parser.parse_args()
@@ -164,7 +170,8 @@ def main():
              f"backward. Ratio = 1-GPU time / {num_devices}-GPU time.", "",
              "| split | implementation | 1 GPU (ms) | n GPUs (ms) | throughput ratio | "
              "TFLOP/s per GPU |", "|---|---|---|---|---|---|"]
-    for split, name, single, multi, ratio, tflops in data_parallel(num_devices):
+    split_rows = data_parallel(num_devices)
+    for split, name, single, multi, ratio, tflops in split_rows:
         lines.append(f"| {split} | {name} | {single:.2f} | {multi:.2f} | **{ratio:.2f}x** | "
                      f"{tflops:.0f} |")
     lines += ["", f"Ring attention: B 1, H 16, D 128, bf16, forward + backward, the sequence split "
@@ -172,10 +179,22 @@ def main():
               f"the busiest device's; zigzag: the balanced share).", "",
               "| S total | causal | implementation | ring (ms) | 1-GPU per-device work (ms) | "
               "efficiency | TFLOP/s per GPU |", "|---|---|---|---|---|---|---|"]
-    for total, causal, name, ms, base, eff, tflops in ring(num_devices, args.seqlens):
+    ring_rows = ring(num_devices, args.seqlens)
+    for total, causal, name, ms, base, eff, tflops in ring_rows:
         lines.append(f"| {total} | {causal} | {name} | {ms:.2f} | {base:.2f} | **{eff:.2f}** | "
                      f"{tflops:.0f} |")
     report(lines, args.out)
+    if args.json:
+        keys = ("split", "implementation", "one_gpu_ms", "n_gpus_ms", "throughput_ratio",
+                "tflops_per_gpu")
+        ring_keys = ("S_total", "causal", "implementation", "ring_ms", "one_gpu_ms", "efficiency",
+                     "tflops_per_gpu")
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "bench_mesh.py", "device": f"{num_devices} x {device}",
+                       "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                       "command": " ".join(["python"] + sys.argv),
+                       "split": [dict(zip(keys, row)) for row in split_rows],
+                       "ring": [dict(zip(ring_keys, row)) for row in ring_rows]}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ TFLOP/s count only the real tokens' work: 4 * H * D * sum(L_b^2) forward (halved
 3.5x that forward + backward; so a faster time is a higher rate for every column. The run also
 checks that the varlen and cuDNN outputs agree on the real tokens.
 
-    PYTHONPATH=. python benchmarks/bench_varlen.py [--out results.md]
+    PYTHONPATH=. python benchmarks/bench_varlen.py [--out results.md] [--json results.json]
+
+--json writes the table's numbers (with the device, date, versions and command) to a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import sys
 import warnings
 
 import jax
@@ -77,6 +81,7 @@ def real_flops(seq_lengths, causal, phase):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args()
     warnings.simplefilter("ignore", DeprecationWarning)
     seq_lengths = lengths()
@@ -88,6 +93,7 @@ def main():
              "tokens' work)", ""]
     names = list(implementations(cu, seq_lengths, False))
     lines += ["| phase | causal | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    rows = []
     for causal in (False, True):
         impls = implementations(cu, seq_lengths, causal)
         outs = {name: jax.jit(fn)(*(packed if layout == "packed" else padded))
@@ -98,16 +104,24 @@ def main():
               f"{np.max(np.abs(varlen_out - cudnn_real)):.3g}", flush=True)
         for phase in ("fwd", "fwd_bwd"):
             cells = []
+            rows.append({"phase": phase, "causal": causal, "ms": {}, "tflops": {}})
             for name, (layout, fn) in impls.items():
                 try:
                     seconds = seconds_per_call(timed(fn, phase), *(packed if layout == "packed" else padded))
                     rate = real_flops(seq_lengths, causal, phase) / seconds / 1e12
                     cells.append(f"{seconds * 1e3:.2f} ({rate:.0f})")
+                    rows[-1]["ms"][name], rows[-1]["tflops"][name] = seconds * 1e3, rate
                 except Exception as error:  # report a failing peer, keep going
                     cells.append(f"failed: {type(error).__name__}")
             lines.append(f"| {phase} | {'y' if causal else 'n'} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     report(lines, args.out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "bench_varlen.py", "device": device,
+                       "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+                       "command": " ".join(["python"] + sys.argv),
+                       "seq_lengths": [int(n) for n in seq_lengths], "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
