@@ -201,3 +201,24 @@ def test_the_automatic_choice_without_a_kernel():
     assert varlen_used == {"forward": kernel or "xla"}
     assert paged_used == {"forward": kernel or "xla"}
     assert cache_used == {"kvcache_append": kernel or "xla", "kvcache_attention": kernel or "xla"}
+
+
+
+@pytest.mark.parametrize("name", ["dense", "varlen_and_kvcache", "dropout"])
+def test_inside_a_checked_shard_map(name, monkeypatch):
+    """test_mesh's shard_map tests (check_vma on, as by default) on this backend: its scans keep
+    their carries' manual-axis types, and each shard equals the unsharded call. Both use the same
+    key block (by default it follows the rows in flight, which a shard has fewer of); the KV
+    cache's head-sharded matmuls still round differently on XLA's CPU (its dot kernels block by
+    shape), so there the shards are compared to float32 rounding."""
+    import test_mesh
+    monkeypatch.setattr(dense, "key_block", lambda rows, phase: 32)
+    if name == "varlen_and_kvcache":
+        def assert_close(got, want):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=2e-6)
+        monkeypatch.setattr(test_mesh, "assert_bitwise", assert_close)
+    {"dense": lambda: test_mesh.test_shard_map_dense_functions_forward_and_grad(
+        test_mesh.DATA_MODEL[0]),
+     "varlen_and_kvcache": test_mesh.test_shard_map_varlen_and_kvcache,
+     "dropout": test_mesh.test_shard_map_dropout_with_folded_key}[name]()

@@ -31,6 +31,22 @@ def key_block(rows: int, phase: str) -> int:
     return min(DEFAULT_BLOCK_K, max(16, 1 << (block.bit_length() - 1)))
 
 
+def _varying_over(*operands) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) any of the operands' arrays varies over."""
+    axes = frozenset()
+    for leaf in jax.tree.leaves(operands):
+        axis_type = getattr(jax.typeof(leaf), "manual_axis_type", None)
+        axes |= axis_type.varying if axis_type is not None else frozenset()
+    return axes
+
+
+def _carry(x, axes):
+    """A scan's initial carry typed as varying over ``axes``: inside a checked ``shard_map`` the
+    body's result varies as its operands do, and a carry must keep its type."""
+    missing = axes - _varying_over(x)
+    return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
 def _compute_dtype(dtype):
     """16-bit inputs compute in float32 on a CPU (its 16-bit matmuls are slow), else natively
     with float32 accumulation."""
@@ -149,8 +165,9 @@ def forward(q, k, v, slopes, spec: ScoreSpec, seed=None, *, placement=None, out_
                         precision=blocks.precision, preferred_element_type=jnp.float32)
         return (acc * alpha[..., None] + pv, new_max, row_sum), None
 
-    init = (jnp.zeros(shape + (v.shape[-1],), jnp.float32), jnp.full(shape, -jnp.inf),
-            jnp.zeros(shape, jnp.float32))
+    axes = _varying_over(q, k, v, slopes, seed, placement, lengths, key_valid)
+    init = tuple(_carry(x, axes) for x in (jnp.zeros(shape + (v.shape[-1],), jnp.float32),
+                                           jnp.full(shape, -jnp.inf), jnp.zeros(shape, jnp.float32)))
     indices = jnp.arange(blocks.num_blocks, dtype=jnp.int32)
     (acc, row_max, row_sum), _ = lax.scan(step, init, (indices, blocks.key_blocks(k),
                                                        blocks.key_blocks(v), valid_blocks))
@@ -220,7 +237,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, seed=None, 
         return dq, (dk, dv)
 
     indices = jnp.arange(blocks.num_blocks, dtype=jnp.int32)
-    dq, (dk, dv) = lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
+    axes = _varying_over(q, k, v, slopes, out, lse, dout, dlse, seed, placement, delta, lengths)
+    dq, (dk, dv) = lax.scan(step, _carry(jnp.zeros(qg.shape, jnp.float32), axes),
                             (indices, blocks.key_blocks(k), blocks.key_blocks(v)))
     grad_dtype = q.dtype if grad_dtype is None else grad_dtype
     return (blocks.ungroup_queries(dq).astype(grad_dtype),
