@@ -5,7 +5,9 @@ Pallas kernels in interpret mode, in one run.
 
 float32, B 1, H 8, D 64, causal and not, S 1024-4096; forward, and forward + backward (jax.vjp of
 the call, forward included). Milliseconds per call and the ratio to jax.nn's time. Also the
-temporary memory XLA reserves for the compiled forward + backward at S 16k (no run). --json
+temporary memory XLA reserves for the compiled forward + backward at S 16k (no run), the time
+to compile that forward + backward at S 2048, and one decoding step of flash_attn_with_kvcache
+(B 4, one new token, cache of 4096, caches donated) on each of this package's backends. --json
 writes the table's numbers (with the machine, date, versions and command) to a JSON file.
 """
 
@@ -16,6 +18,7 @@ import datetime
 import json
 import platform
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +71,43 @@ def temp_memory(attend, seqlen):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+def compile_seconds(attend, seqlen):
+    """Seconds to lower and compile the forward + backward (median of 3, caches cleared)."""
+    shape = jax.ShapeDtypeStruct((BATCH, seqlen, HEADS, HEAD_DIM), jnp.float32)
+    backend = getattr(attend, "backend", None)
+    samples = []
+    for _ in range(3):
+        jax.clear_caches()
+        start = time.perf_counter()
+        with fa.use_backend(backend):  # None: the automatic choice (unused by jax.nn)
+            timed(attend, "fwd_bwd").lower(shape, shape, shape).compile()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[1]
+
+
+def decode_step_seconds(backend, capacity=4096, batch=4):
+    """One jitted decoding step (a token appended to donated caches, attention over them)."""
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    q, k, v = (jax.random.normal(key, (batch, 1, HEADS, HEAD_DIM), jnp.float32) for key in keys)
+    caches = [jnp.zeros((batch, capacity, HEADS, HEAD_DIM), jnp.float32) for _ in range(2)]
+    lengths = jnp.full((batch,), capacity - 1, jnp.int32)
+    with fa.use_backend(backend):
+        step = jax.jit(lambda q, kc, vc, k, v, n: fa.flash_attn_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=n), donate_argnums=(1, 2))
+        out, k_cache, v_cache = step(q, *caches, k, v, lengths)  # compile
+        jax.block_until_ready(out)
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            calls = 0
+            while time.perf_counter() - start < 0.5:
+                out, k_cache, v_cache = step(q, k_cache, v_cache, k, v, lengths)
+                calls += 1
+            jax.block_until_ready(out)
+            samples.append((time.perf_counter() - start) / calls)
+    return sorted(samples)[2]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -104,6 +144,15 @@ def main():
                                                                  "flash_attn_jax xla")}
     lines += ["", "Temporary memory of the compiled forward + backward, S 16384, causal: "
               + ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in memory.items())]
+    compile_names = [n for n in names if n != "jax.nn (xla)"] + ["jax.nn (xla)"]
+    compiled = {name: compile_seconds(impls[name], 2048) for name in compile_names}
+    lines += ["", "Compile time of the forward + backward, S 2048, causal: "
+              + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in compiled.items())]
+    decode_backends = ["xla"] + ([] if args.skip_interpret else ["pallas-interpret"])
+    decode = {name: decode_step_seconds(name) for name in decode_backends}
+    lines += ["", "One decoding step of flash_attn_with_kvcache (B 4, 1 token, cache 4096, H 8, "
+              "D 64, float32, donated caches): "
+              + ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in decode.items())]
     report(lines, args.out)
     if args.json:
         machine = platform.processor() or platform.machine()
@@ -112,7 +161,9 @@ def main():
                        "device": f"CPU ({machine}, {jax.device_count()} device)",
                        "date": datetime.date.today().isoformat(), "jax": jax.__version__,
                        "command": " ".join(["python"] + sys.argv), "unit": "ms", "rows": rows,
-                       "temp_memory_mib": {n: size / 2**20 for n, size in memory.items()}},
+                       "temp_memory_mib": {n: size / 2**20 for n, size in memory.items()},
+                       "compile_seconds_fwd_bwd_s2048": compiled,
+                       "decode_step_ms": {n: t * 1e3 for n, t in decode.items()}},
                       f, indent=1)
 
 

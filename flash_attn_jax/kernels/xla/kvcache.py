@@ -40,6 +40,10 @@ def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, s
     batch, seqlen_q = q.shape[:2]
     num_rows, page_size = k_cache.shape[:2]
     capacity = page_size if table is None else table.shape[1] * page_size
+    query_lengths = jnp.full((batch,), seqlen_q, jnp.int32)
+    if table is None and batch_idx is None and leftpad is None:  # row b's keys: cache row b
+        return dense.forward(q, k_cache, v_cache, slopes, spec,
+                             lengths=(query_lengths, jnp.clip(lengths, 0, capacity)))
     if leftpad is None:
         leftpad = jnp.zeros((batch,), jnp.int32)
     positions = leftpad[:, None] + jnp.arange(capacity, dtype=jnp.int32)[None, :]
@@ -55,6 +59,5 @@ def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, s
     rows = jnp.clip(rows, 0, num_rows - 1)
     keys, values = k_cache[rows, offsets], v_cache[rows, offsets]
     key_lengths = jnp.clip(lengths - leftpad, 0, capacity)
-    query_lengths = jnp.full((batch,), seqlen_q, jnp.int32)
     return dense.forward(q, keys, values, slopes, spec, lengths=(query_lengths, key_lengths),
                          key_valid=exists)
