@@ -185,6 +185,19 @@ def dense_label(name, body):
     return DENSE_LABELS.get(key, name)
 
 
+def parse_cells(labels, cells):
+    """({label: number}, {label: text}) of a table row's cells: the measured numbers, and the
+    cells that name a failure ("-" and empty cells are neither)."""
+    values, failed = {}, {}
+    for label, cell in zip(labels, cells):
+        value = number(cell)
+        if value is not None:
+            values[label] = value
+        elif cell not in ("-", ""):
+            failed[label] = cell
+    return values, failed
+
+
 def dense_from_markdown(text, phase):
     """Dense TFLOP/s for ``phase`` ("fwd" or "fwd_bwd") from the Mosaic section's one-run table,
     completed by the "All 16 shapes" section for the shapes it lacks."""
@@ -201,13 +214,7 @@ def dense_from_markdown(text, phase):
         for row in rows:
             if not row[0].isdigit():
                 continue  # the geomean row
-            values, failed = {}, {}
-            for label, cell in zip(labels, row[3:]):
-                value = number(cell)
-                if value is not None:
-                    values[label] = value
-                elif cell not in ("-", ""):
-                    failed[label] = cell
+            values, failed = parse_cells(labels, row[3:])
             key = (int(row[0]), int(row[1]), row[2] == "y")
             parsed.append({"key": key, "values": values, "failed": failed, "other_run": False})
         results.append((heading, body, labels, parsed))
@@ -232,13 +239,7 @@ def decode_from_markdown(text):
     labels = [DECODE_LABELS.get(name.lower(), name) for name in header[2:]]
     parsed = []
     for row in rows:
-        values, failed = {}, {}
-        for label, cell in zip(labels, row[2:]):
-            value = number(cell)
-            if value is not None:
-                values[label] = value
-            elif cell not in ("-", ""):
-                failed[label] = cell
+        values, failed = parse_cells(labels, row[2:])
         parsed.append({"key": (int(row[0]), int(row[1])), "values": values, "failed": failed,
                        "other_run": False})
     return Results(parsed, labels, section_meta(heading, body),
