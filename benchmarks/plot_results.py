@@ -185,11 +185,11 @@ def dense_label(name, body):
     return DENSE_LABELS.get(key, name)
 
 
-def parse_cells(labels, cells):
+def parse_cells(labels, row_cells):
     """({label: number}, {label: text}) of a table row's cells: the measured numbers, and the
     cells that name a failure ("-" and empty cells are neither)."""
     values, failed = {}, {}
-    for label, cell in zip(labels, cells):
+    for label, cell in zip(labels, row_cells):
         value = number(cell)
         if value is not None:
             values[label] = value
