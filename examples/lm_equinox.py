@@ -15,9 +15,10 @@ head_dim), and the batch comes from ``jax.vmap``.
   over the whole prefix for every token) gives the same tokens and logits within 1e-4.
 
 The model is too small and too briefly trained to write verse (greedy decoding soon repeats
-"the"); the script shows the mechanics. Runs unchanged on CPU and GPU (float32 throughout). On a
-2-core CPU, where flash_attn_jax runs its xla backend, it takes 21 s of CPU time, compiles
-included (31-43 s wall-clock on a machine shared with other jobs). Run from the repository
+"the"); the script shows the mechanics. Written to run unchanged on CPU and GPU (float32
+throughout; so far run on CPUs only). On a 2-core CPU, where flash_attn_jax runs its xla
+backend, it takes 21 s of CPU time, compiles included (31-43 s wall-clock on a machine shared
+with other jobs). Run from the repository
 root: ``python examples/lm_equinox.py``.
 """
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from flash_attn_jax import _validation as check
 from flash_attn_jax import interface
 from flash_attn_jax.kernels import registry
 
@@ -59,27 +60,15 @@ def _window_sides(local_window_size) -> tuple[int | None, int | None]:
     return sides
 
 
-def _is_concrete(x) -> bool:
-    try:
-        np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return False
-    return True
-
-
 def _lengths(name, lengths, batch, rank):
     """int32 (batch,) from jax.nn's sequence lengths (rank 3: a scalar or shape (1,))."""
     if lengths is None:
         return None
-    lengths = jnp.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array, got {lengths.dtype}")
-    if rank == 3 and lengths.shape in ((), (1,)):
+    if not hasattr(lengths, "shape"):
+        lengths = np.asarray(lengths)
+    if rank == 3 and tuple(lengths.shape) in ((), (1,)):
         lengths = lengths.reshape(1)
-    if lengths.shape != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},) (one length per batch row), got "
-                         f"{tuple(lengths.shape)}")
-    return lengths.astype(jnp.int32)
+    return check.index_array(name, lengths, (batch,))
 
 
 def _shifted_window(seqlen_q, seqlen_k, left, right):
@@ -199,19 +188,12 @@ def dot_product_attention(
     if implementation is not None and implementation not in registry.names():
         raise ValueError(f"implementation must be None or one of flash_attn_jax's backends "
                          f"{registry.names()}, got {implementation!r}")
-    arrays = {}
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-        arrays[name] = x
-    rank = query.ndim
+    rank = check.array("query", query).ndim
     if rank not in (3, 4):
         raise ValueError(f"query must have rank 3 (T, N, H) or 4 (B, T, N, H), got shape "
                          f"{tuple(query.shape)}")
-    for name in ("key", "value"):
-        if arrays[name].ndim != rank:
-            raise ValueError(f"{name} must have query's rank {rank}, got shape "
-                             f"{tuple(arrays[name].shape)}")
+    check.array("key", key, rank)
+    check.array("value", value, rank)
     q, k, v = (x if rank == 4 else x[None] for x in (query, key, value))
     batch, seqlen_q = q.shape[:2]
     seqlen_k = k.shape[1]
@@ -231,9 +213,11 @@ def dot_product_attention(
                                             window_size=window, **flags)
             out = jnp.pad(out, ((0, 0), (0, seqlen_q - queries), (0, 0), (0, 0)))
         else:
-            if all(x is None or _is_concrete(x) for x in (query_lengths, key_lengths)):
-                _check_lengths_align(query_lengths, key_lengths, left, right, seqlen_q,
-                                     seqlen_k)
+            given = (query_seq_lengths, key_value_seq_lengths)
+            known = [None if x is None else check.concrete(x) for x in given]
+            if all(value is not None or x is None for value, x in zip(known, given)):
+                _check_lengths_align(*(None if value is None else value.reshape(-1)
+                                       for value in known), left, right, seqlen_q, seqlen_k)
             out = _padded_varlen(q, k, v, query_lengths, key_lengths, (left, right), flags)
     return out if rank == 4 else out[0]
 

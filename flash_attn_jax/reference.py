@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from flash_attn_jax import _validation as check
-from flash_attn_jax.semantics import (cache_append_starts, cache_lengths, cache_write_slots,
+from flash_attn_jax.semantics import (cache_append_starts, cache_lengths, cache_locations,
+                                      cache_write_slots, cache_written,
                                       dropout_keep, dropout_threshold, kvcache_rotary, scores)
 
 
@@ -181,23 +182,12 @@ def kvcache_reference(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
         slots = cache_write_slots(starts, layout.seqlen_new, capacity, page_size=page_size,
                                   num_rows=num_rows, block_table=block_table,
                                   batch_idx=cache_batch_idx)
-        slots = jnp.where(slots >= 0, slots, num_rows * page_size)  # past the end: dropped
-
-        def write(cache, new):
-            flat = cache.reshape((num_rows * page_size,) + cache.shape[2:])
-            return flat.at[slots].set(new, mode="drop").reshape(cache.shape)
-        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+        k_cache, v_cache = cache_written(k_cache, k, slots), cache_written(v_cache, v, slots)
 
     # Every batch row's keys at absolute positions 0 .. capacity - 1, and which of them exist.
     positions = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
-    if layout.paged:
-        rows = jnp.take_along_axis(block_table, positions // page_size, axis=1)
-        offsets = positions % page_size
-    else:
-        rows = jnp.arange(batch, dtype=jnp.int32) if cache_batch_idx is None else cache_batch_idx
-        rows, offsets = jnp.broadcast_to(rows[:, None], positions.shape), positions
-    exists = (rows >= 0) & (rows < num_rows)  # a missing page or row holds no key
-    rows = jnp.clip(rows, 0, num_rows - 1)
+    rows, offsets, exists = cache_locations(positions, page_size=page_size, num_rows=num_rows,
+                                            block_table=block_table, batch_idx=cache_batch_idx)
     keys, values = k_cache[rows, offsets], v_cache[rows, offsets]
 
     length = (jnp.full((batch,), capacity, jnp.int32) if cache_seqlens is None

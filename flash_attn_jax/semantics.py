@@ -232,34 +232,53 @@ def cache_lengths(cache_seqlens, seqlen_new, capacity):
                     capacity)
 
 
-def cache_write_slots(starts, seqlen_new, capacity, *, page_size, num_rows, block_table=None,
-                      batch_idx=None):
-    """The slot each new key (b, t) of flash_attn_with_kvcache is written to, as a flat index
-    ``row * page_size + offset`` into the cache's (rows or pages) x page_size positions, or -1
-    where it is dropped: a position outside [0, capacity), a missing page (a block-table entry
-    outside [0, num_rows)) or row (a cache_batch_idx outside it), or a slot an earlier key (lower
-    b, then lower t) already writes, so that no two writes meet. ``starts``: the (B,) clipped
-    ``cache_append_starts``."""
-    batch = starts.shape[0]
-    positions = starts[:, None] + jnp.arange(seqlen_new, dtype=jnp.int32)[None, :]
-    valid = (positions >= 0) & (positions < capacity)
-    positions = jnp.clip(positions, 0, max(capacity - 1, 0))
+def cache_locations(positions, *, page_size, num_rows, block_table=None, batch_idx=None):
+    """Where each batch row's cache positions (B, P) (within its capacity) live: (rows, offsets,
+    exists), the cache row (or page) clipped into [0, num_rows) and the position inside it;
+    ``exists`` is False at a missing page (a block-table entry outside [0, num_rows)) or row (a
+    cache_batch_idx outside it)."""
     if block_table is not None:
         slot = jnp.minimum(positions // page_size, block_table.shape[1] - 1)
         rows = jnp.take_along_axis(block_table, slot, axis=1)
         offsets = positions % page_size
     else:
+        batch = positions.shape[0]
         rows = jnp.arange(batch, dtype=jnp.int32) if batch_idx is None else batch_idx
-        rows = jnp.broadcast_to(rows[:, None], positions.shape)
-        offsets = positions
-    valid = valid & (rows >= 0) & (rows < num_rows)
-    flat = jnp.where(valid, rows * page_size + offsets, -1).reshape(-1)
+        rows, offsets = jnp.broadcast_to(rows[:, None], positions.shape), positions
+    exists = (rows >= 0) & (rows < num_rows)
+    return jnp.clip(rows, 0, num_rows - 1), offsets, exists
+
+
+def cache_write_slots(starts, seqlen_new, capacity, *, page_size, num_rows, block_table=None,
+                      batch_idx=None):
+    """The slot each new key (b, t) of flash_attn_with_kvcache is written to, as a flat index
+    ``row * page_size + offset`` into the cache's (rows or pages) x page_size positions, or -1
+    where it is dropped: a position outside [0, capacity), a missing page or row
+    (``cache_locations``), or a slot an earlier key (lower b, then lower t) already writes, so
+    that no two writes meet. ``starts``: the (B,) clipped ``cache_append_starts``."""
+    batch = starts.shape[0]
+    positions = starts[:, None] + jnp.arange(seqlen_new, dtype=jnp.int32)[None, :]
+    valid = (positions >= 0) & (positions < capacity)
+    positions = jnp.clip(positions, 0, max(capacity - 1, 0))
+    rows, offsets, exists = cache_locations(positions, page_size=page_size, num_rows=num_rows,
+                                            block_table=block_table, batch_idx=batch_idx)
+    flat = jnp.where(valid & exists, rows * page_size + offsets, -1).reshape(-1)
     # The first writer of each slot keeps it: a stable sort groups equal slots in (b, t) order.
     order = jnp.argsort(flat, stable=True)
     ordered = flat[order]
     repeated = jnp.concatenate([jnp.zeros((1,), bool), ordered[1:] == ordered[:-1]])
     keep = jnp.zeros_like(repeated).at[order].set(~repeated)
     return jnp.where(keep, flat, -1).reshape(batch, seqlen_new)
+
+
+def cache_written(cache, new, slots):
+    """``cache`` (rows or pages, page_size, ...) with ``new`` (B, seqlen_new, ...) at the
+    ``cache_write_slots`` (-1: dropped): one scatter, in place when the cache is donated."""
+    num_rows, page_size = cache.shape[:2]
+    slots = jnp.where(slots >= 0, slots, num_rows * page_size).reshape(-1)  # past the end: dropped
+    flat = cache.reshape((num_rows * page_size,) + cache.shape[2:])
+    new = new.reshape((-1,) + new.shape[2:]).astype(cache.dtype)
+    return flat.at[slots].set(new, mode="drop").reshape(cache.shape)
 
 
 def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleaved):

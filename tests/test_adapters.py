@@ -150,7 +150,7 @@ def test_implementation_chooses_a_backend():
     (lambda q, k, v: fa.dot_product_attention(q, k, v, query_seq_lengths=jnp.array([3])),
      ValueError, r"query_seq_lengths must have shape \(2,\)"),
     (lambda q, k, v: fa.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array([3., 4.])),
-     TypeError, "key_value_seq_lengths must be an integer array"),
+     TypeError, "key_value_seq_lengths must have dtype int32"),
     (lambda q, k, v: fa.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=jnp.array([9, 9]),
         key_value_seq_lengths=jnp.array([9, 5])),

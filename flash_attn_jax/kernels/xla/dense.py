@@ -146,17 +146,18 @@ def forward(q, k, v, slopes, spec: ScoreSpec, seed=None, *, placement=None, out_
     blocks = _Blocks(q, k, spec, placement, block_k, "forward", lengths)
     qg = blocks.group_queries(q)
     shape = (blocks.batch, blocks.num_heads_k, blocks.group, blocks.seqlen_q)
-    if key_valid is None:
-        key_valid = jnp.ones((blocks.batch, blocks.seqlen_k), bool)
-    pad = blocks.num_blocks * blocks.block_k - blocks.seqlen_k
-    valid_blocks = jnp.pad(key_valid, ((0, 0), (0, pad))).reshape(
-        blocks.batch, blocks.num_blocks, blocks.block_k).transpose(1, 0, 2)  # (n, B, bk)
+    valid_blocks = None  # every key exists
+    if key_valid is not None:
+        pad = blocks.num_blocks * blocks.block_k - blocks.seqlen_k
+        valid_blocks = jnp.pad(key_valid, ((0, 0), (0, pad))).reshape(
+            blocks.batch, blocks.num_blocks, blocks.block_k).transpose(1, 0, 2)  # (n, B, bk)
 
     def step(carry, block):
         acc, row_max, row_sum = carry
         index, k_block, v_block, valid = block
         _, s = blocks.logits(qg, k_block, index, slopes)
-        s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
+        if valid is not None:
+            s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
         new_max = jnp.maximum(row_max, s.max(axis=-1))
         base = jnp.where(new_max == -jnp.inf, 0.0, new_max)
         alpha = jnp.exp(row_max - base)

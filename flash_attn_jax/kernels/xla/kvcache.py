@@ -3,9 +3,10 @@
 The append is one scatter of the new keys and values into their slots
 (``semantics.cache_write_slots``: positions outside the capacity, missing rows or pages and
 later writers of a slot dropped), which XLA performs in place when the caches are donated. The
-attention gathers each batch row's keys from its cache row or pages, starting at its left
-padding, and attends them with the row's length (bottom-right aligned, as the kernels); keys of
-missing rows or pages do not exist.
+attention attends each batch row's keys with the row's length (bottom-right aligned, as the
+kernels): the cache itself when row b is cache row b, else the keys gathered from the cache row
+(``cache_batch_idx``) or pages the row names (``semantics.cache_locations``), starting at its
+left padding; keys of missing rows or pages do not exist.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from flash_attn_jax.kernels.xla import dense
-from flash_attn_jax.semantics import cache_write_slots
+from flash_attn_jax.semantics import cache_locations, cache_write_slots, cache_written
 
 
 def append(k_cache, v_cache, k, v, starts, batch_idx, table, keep=None):
@@ -24,14 +25,7 @@ def append(k_cache, v_cache, k, v, starts, batch_idx, table, keep=None):
                               num_rows=num_rows, block_table=table, batch_idx=batch_idx)
     if keep is not None:
         slots = jnp.where(keep != 0, slots, -1)
-    slots = jnp.where(slots >= 0, slots, num_rows * page_size).reshape(-1)  # past the end: dropped
-
-    def write(cache, new):
-        flat = cache.reshape((num_rows * page_size,) + cache.shape[2:])
-        new = new.reshape((-1,) + new.shape[2:]).astype(cache.dtype)
-        return flat.at[slots].set(new, mode="drop").reshape(cache.shape)
-
-    return write(k_cache, k), write(v_cache, v)
+    return cache_written(k_cache, k, slots), cache_written(v_cache, v, slots)
 
 
 def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, spec):
@@ -47,17 +41,11 @@ def attention(q, k_cache, v_cache, lengths, leftpad, batch_idx, table, slopes, s
     if leftpad is None:
         leftpad = jnp.zeros((batch,), jnp.int32)
     positions = leftpad[:, None] + jnp.arange(capacity, dtype=jnp.int32)[None, :]
-    exists = positions < capacity
-    positions = jnp.minimum(positions, capacity - 1)
-    if table is None:
-        rows = jnp.arange(batch, dtype=jnp.int32) if batch_idx is None else batch_idx
-        rows, offsets = jnp.broadcast_to(rows[:, None], positions.shape), positions
-    else:
-        rows = jnp.take_along_axis(table, positions // page_size, axis=1)
-        offsets = positions % page_size
-    exists = exists & (rows >= 0) & (rows < num_rows)
-    rows = jnp.clip(rows, 0, num_rows - 1)
+    inside = positions < capacity
+    rows, offsets, exists = cache_locations(jnp.minimum(positions, capacity - 1),
+                                            page_size=page_size, num_rows=num_rows,
+                                            block_table=table, batch_idx=batch_idx)
     keys, values = k_cache[rows, offsets], v_cache[rows, offsets]
     key_lengths = jnp.clip(lengths - leftpad, 0, capacity)
     return dense.forward(q, keys, values, slopes, spec, lengths=(query_lengths, key_lengths),
-                         key_valid=exists)
+                         key_valid=inside & exists)
