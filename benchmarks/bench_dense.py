@@ -6,8 +6,9 @@ halved when causal; forward + backward (timed as jax.vjp of the call, the forwar
 3.5x that. Peers: jax.nn.dot_product_attention with the cuDNN and XLA implementations, JAX's
 bundled Pallas Triton kernel (jax.experimental.pallas.ops.gpu.attention.mha), and, when torch is
 installed, torch's scaled_dot_product_attention with its FlashAttention-2 kernel (same GPU, same
-process; torch's own tensors, timed with CUDA events). flash_attn_jax runs twice: with its
-automatic backend choice, and with the Mosaic GPU backend chosen (Hopper only).
+process; torch's own tensors, timed with CUDA events). flash_attn_jax runs three times: with its
+automatic backend choice, and with each GPU backend chosen (`pallas-triton`; `mosaic-gpu` on
+Hopper, for the shapes it takes), so both backends are compared in the same run.
 
     PYTHONPATH=. python benchmarks/bench_dense.py [--phase fwd|fwd_bwd] [--head-dims 64,128,256]
         [--sweep] [--out results.md] [--json results.json]
@@ -47,7 +48,9 @@ from flash_attn_jax.semantics import ScoreSpec
 from timing import report, seconds_per_call
 
 TOKENS, WIDTH = 16384, 2048
-MOSAIC = "flash_attn_jax mosaic-gpu"
+# Columns of flash_attn_jax with a backend chosen: column -> backend.
+CHOSEN = {"flash_attn_jax pallas-triton": "pallas-triton",
+          "flash_attn_jax mosaic-gpu": "mosaic-gpu"}
 SHAPES = [(d, s, causal) for d in (128, 64) for s in (1024, 4096, 16384) for causal in (False, True)]
 SHAPES += [(256, s, causal) for s in (4096, 16384) for causal in (False, True)]
 DKDV_SWEEP = [BlockConfig(64, 64, 4, 2), BlockConfig(64, 64, 8, 2), BlockConfig(32, 64, 4, 2),
@@ -80,9 +83,9 @@ def peers(head_dim, causal):
     scale = head_dim ** -0.5
     impls = {
         "flash_attn_jax": lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal),
-        # The same call with the Mosaic GPU backend chosen (its forward; the backward is
-        # Triton's): timed only where it runs (a Hopper GPU, shapes it takes).
-        MOSAIC: lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal),
+        # The same call with a backend chosen (CHOSEN): timed where that backend runs the
+        # forward (for mosaic-gpu: a Hopper GPU, shapes it takes; its backward may be another's).
+        **{name: lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal) for name in CHOSEN},
         "cudnn": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"),
         "xla": lambda q, k, v: jax.nn.dot_product_attention(
@@ -199,9 +202,17 @@ def torch_flash_rate(shape, phase, repeats=20):
 
 # Mosaic GPU blocks (block_q per compute warpgroup, block_k, stages), swept with --sweep on a
 # Hopper GPU; flash_attn_jax/kernels/mosaic_gpu/__init__.py holds the chosen ones.
-MOSAIC_FORWARD_SWEEP = [MosaicBlocks(64, 64, 2), MosaicBlocks(64, 128, 2), MosaicBlocks(64, 128, 3),
-                        MosaicBlocks(64, 64, 4), MosaicBlocks(64, 128, 4),
-                        MosaicBlocks(128, 64, 2), MosaicBlocks(128, 128, 2)]
+# The forward's blocks, then its schedules (mosaic_gpu.forward.ForwardConfig) at the 128-key blocks.
+_Forward = mosaic_forward.ForwardConfig
+MOSAIC_FORWARD_SWEEP = [_Forward(64, 64, 2), _Forward(64, 128, 2), _Forward(64, 128, 3),
+                        _Forward(64, 64, 4), _Forward(64, 128, 4), _Forward(128, 64, 2),
+                        _Forward(128, 128, 2), _Forward(64, 128, 2, pingpong=False),
+                        _Forward(64, 128, 3, pingpong=False),
+                        _Forward(64, 128, 2, key_wait_under_pv=True),
+                        _Forward(64, 128, 2, pin_softmax=True),
+                        _Forward(64, 128, 2, pingpong=False, key_wait_under_pv=True),
+                        _Forward(64, 128, 2, pingpong=False, key_wait_under_pv=True,
+                                 pin_softmax=True)]
 MOSAIC_BACKWARD_SWEEP = [MosaicBlocks(64, 64, 2), MosaicBlocks(64, 64, 3), MosaicBlocks(64, 128, 2),
                          MosaicBlocks(128, 64, 2)]
 
@@ -270,9 +281,9 @@ def main():
         for name, attend in peers(head_dim, causal).items():
             if name == "xla" and seqlen > 4096:
                 continue  # O(S^2) memory
-            if name == MOSAIC:
-                with fa.use_backend("mosaic-gpu"):  # the choice is part of the jit cache key
-                    if fa.backends_used(attend, q, k, v) != {"forward": "mosaic-gpu"}:
+            if name in CHOSEN:
+                with fa.use_backend(CHOSEN[name]):  # the choice is part of the jit cache key
+                    if fa.backends_used(attend, q, k, v) != {"forward": CHOSEN[name]}:
                         continue
                     rate = _rate(timed(attend, args.phase), shape, args.phase, q, k, v)
             else:

@@ -180,7 +180,7 @@ def dense_label(name, body):
     section names for it."""
     key = name.lower().strip()
     if key == "flash_attn_jax":
-        match = re.search(r'"flash_attn_jax" is the `([\w-]+)` backend', body)
+        match = re.search(r'"flash_attn_jax" is the\s+`([\w-]+)`\s+backend', body)
         return f"flash_attn_jax {match.group(1)}" if match else "flash_attn_jax"
     return DENSE_LABELS.get(key, name)
 
@@ -229,7 +229,9 @@ def dense_from_markdown(text, phase):
         meta["other_run"] = (f'hatched: shapes the section lacks, from section "{other_heading}" '
                              f"({other['device']}, {other['date']}, another run"
                              + (f"; no {', '.join(missing)} there" if missing else "") + ")")
-    labels = order(labels + [label for label in other_labels if label not in labels])
+    if extra:
+        labels += [label for label in other_labels if label not in labels]
+    labels = order(labels)
     return Results(sorted(rows + extra, key=lambda r: r["key"]), labels, meta, source)
 
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import flash_attn_jax
+
 TEXT_PATH = Path(__file__).parent / "data" / "sonnets.txt"
 PROMPTS = ("Shall I compare thee", "When I do count the clock")
 
@@ -36,6 +38,19 @@ class Config:
     @property
     def head_dim(self):
         return self.d_model // self.num_heads
+
+
+def attention_backends(config, batch_size, dtype=jnp.float32):
+    """Which flash_attn_jax backend runs the training's attention, {"forward": name, "backward":
+    name} (traced abstractly at the model's shapes: nothing runs)."""
+    def shape(heads):
+        return jax.ShapeDtypeStruct((batch_size, config.context, heads, config.head_dim), dtype)
+
+    def loss(q, k, v):
+        return flash_attn_jax.flash_attn_func(q, k, v, causal=True).sum()
+
+    return flash_attn_jax.backends_used(jax.grad(loss, argnums=(0, 1, 2)), shape(config.num_heads),
+                                        shape(config.num_kv_heads), shape(config.num_kv_heads))
 
 
 class CharTokenizer:

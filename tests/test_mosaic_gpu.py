@@ -2,6 +2,7 @@
 and on a Hopper GPU its results against the reference (flash-attn's tolerance rule) and bitwise
 determinism. Elsewhere the GPU cases are skipped; the lowering runs everywhere."""
 
+import dataclasses
 import re
 
 import jax
@@ -12,9 +13,10 @@ import pytest
 import flash_attn_jax as fa
 from conftest import ON_GPU
 from flash_attn_jax.kernels import mosaic_gpu, tuning
+from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
 from flash_attn_jax.kernels.registry import Request
 from flash_attn_jax.semantics import ScoreSpec
-from helpers import make_inputs, run_case
+from helpers import assert_within_tolerance, make_inputs, references, run_case
 
 ON_HOPPER = ON_GPU and tuning.gpu_generation() == tuning.HOPPER
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
@@ -104,14 +106,21 @@ FEATURES = {
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_kernels_lower_for_an_h100(feature, dtype, head_dim):
+    with_backward = head_dim in mosaic_gpu.BACKWARD_HEAD_DIMS
+    forward = mosaic_gpu.forward_config(head_dim)
+    for backward in mosaic_gpu.backward_configs(head_dim) if with_backward else [None]:
+        # An odd number of each config's programs, so that each backward config gets chosen.
+        rows = max(forward.rows_per_program, backward.rows_per_program if backward else 0)
+        keys = max(forward.block_k, backward.keys_per_program if backward else 0)
+        if backward:
+            assert mosaic_gpu.backward_config(head_dim, 3 * rows, 5 * keys) == backward
+        _lower_for_an_h100(feature, dtype, head_dim, 3 * rows, 5 * keys, with_backward)
+
+
+def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, with_backward):
     options = dict(FEATURES[feature])
     alibi = options.pop("alibi", False)
-    with_backward = head_dim in mosaic_gpu.BACKWARD_HEAD_DIMS
-    configs = [mosaic_gpu.forward_config(head_dim)] + (
-        [mosaic_gpu.backward_config(head_dim)] if with_backward else [])
-    rows = max(c.rows_per_program for c in configs)
-    keys = max([configs[0].block_k] + [c.keys_per_program for c in configs[1:]])
-    q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=3 * rows, seqlen_k=5 * keys, nheads=4,
+    q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=4,
                                   nheads_k=2, head_dim=head_dim, dtype=dtype, alibi=alibi)
 
     def attend(q, k, v, slopes):
@@ -158,6 +167,39 @@ def test_against_the_reference(feature, dtype, head_dim, seqlens):
         run_case(index, seqlen_q=seqlens[0], seqlen_k=seqlens[1], head_dim=head_dim,
                  dtype=dtype, nheads=4, nheads_k=(4, 2, 1)[index % 3],
                  q_scale=5.0 if "softcap" in FEATURES[feature] else 1.0, **FEATURES[feature])
+
+
+# Forward schedules besides the tables' (ForwardConfig's flags): each lowered, and on Hopper
+# checked against the reference, so that the sweep can pick any of them.
+SCHEDULES = {
+    "key-wait-at-the-top": dict(pingpong=True, key_wait_under_pv=False, pin_softmax=False),
+    "no-pingpong": dict(pingpong=False, key_wait_under_pv=False, pin_softmax=False),
+    "pinned-softmax": dict(pingpong=True, key_wait_under_pv=False, pin_softmax=True),
+    "all-changed": dict(pingpong=False, key_wait_under_pv=True, pin_softmax=True),
+}
+
+
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("seqlens", [(512, 256), (384, 1024)])
+@pytest.mark.parametrize("feature", ["causal", "all"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_forward_schedules(schedule, feature, seqlens, head_dim):
+    config = dataclasses.replace(mosaic_gpu.forward_config(head_dim), **SCHEDULES[schedule])
+    options = dict(FEATURES[feature])
+    alibi = options.pop("alibi", False)
+    q, k, v, slopes = make_inputs(4, batch=2, seqlen_q=seqlens[0], seqlen_k=seqlens[1], nheads=4,
+                                  nheads_k=2, head_dim=head_dim, dtype=jnp.bfloat16, alibi=alibi)
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, has_alibi=alibi, **options)
+    attend = jax.jit(lambda q, k, v, slopes: mosaic_forward.forward(q, k, v, slopes, spec, config))
+    if not ON_HOPPER:
+        with jax.sharding.use_abstract_mesh(H100_MESH):
+            hlo = attend.trace(q, k, v, slopes).lower(lowering_platforms=("cuda",)).as_text()
+        assert hlo.count("custom_call @mosaic_gpu_v2") == 1
+        return
+    out, lse = attend(q, k, v, slopes)
+    ref, pt = references(q, k, v, slopes, **options)
+    assert_within_tolerance("out", out, ref[0], pt[0])
+    assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
 
 
 @hopper_only

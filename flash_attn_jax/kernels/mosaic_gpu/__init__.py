@@ -26,25 +26,29 @@ HEAD_DIMS = (64, 128, 256)
 
 # head dim -> blocks. Shared memory per program: 2 x block_q query rows plus ``stages`` key and
 # value blocks, within Hopper's 227 KiB (d256: 64 + 128 KiB). Swept on an H200 at S 4096 (bf16,
-# benchmarks/RESULTS.md): d 64 (64, 128, 3) 382 / 349 TFLOP/s non-causal / causal, 2 stages
-# 403 / 349 (to adopt once its results are checked on the GPU), (128, 128, 2) 416 / 232; d 128
-# (64, 128, 2) 545 / 474, the next (128, 64, 2) 500 / 373; d 256 only (64, 64, 2) fits.
+# benchmarks/RESULTS.md, TFLOP/s non-causal / causal): d 64 (64, 128, 2) 403 / 349, 3 stages
+# 382 / 349, (128, 128, 2) 416 / 232; d 128 (64, 128, 2) 545 / 474, the next (128, 64, 2)
+# 500 / 373; d 256 only (64, 64, 2) fits. Schedules (forward.ForwardConfig, RESULTS.md 1.2): the
+# wait for the next key block under the P V wgmma gains 0-6 % at every head dim; dropping the
+# warpgroups' turns loses 1-6 %.
 FORWARD_TABLE = TuningTable({
-    64: _forward.ForwardConfig(block_q=64, block_k=128, stages=3),
-    128: _forward.ForwardConfig(block_q=64, block_k=128, stages=2),
-    256: _forward.ForwardConfig(block_q=64, block_k=64, stages=2),
+    64: _forward.ForwardConfig(block_q=64, block_k=128, stages=2, key_wait_under_pv=True),
+    128: _forward.ForwardConfig(block_q=64, block_k=128, stages=2, key_wait_under_pv=True),
+    256: _forward.ForwardConfig(block_q=64, block_k=64, stages=2, key_wait_under_pv=True),
 })
 
 
 # The backward keeps dK and dV (or dQ) of 64 rows per warpgroup in registers: head dim 256 would
-# need 256 registers a thread for dK and dV alone. Swept at S 4096 (forward + backward TFLOP/s,
-# non-causal / causal): d 64 (64, 64, 2) 340 / 296, (128, 64, 2) 363 / 313 (to adopt once its
-# gradients are checked on the GPU; it needs query lengths in 256s); d 128 (64, 64, 2) 446 / 400,
-# (128, 64, 2) 332 / 265, 128-key blocks 140-304.
+# need 256 registers a thread for dK and dV alone. head dim -> blocks in order of preference; a
+# call takes the first whose programs tile its lengths (the larger dQ program needs query lengths
+# in 256s). Swept at S 4096 (forward + backward TFLOP/s, non-causal / causal): d 64 (128, 64, 2)
+# 363 / 313, (64, 64, 2) 340 / 296; d 128 (64, 64, 2) 446 / 400, (128, 64, 2) 332 / 265,
+# 128-key blocks 140-304.
 BACKWARD_HEAD_DIMS = (64, 128)
 BACKWARD_TABLE = TuningTable({
-    64: _backward.BackwardConfig(block_q=64, block_k=64, stages=2),
-    128: _backward.BackwardConfig(block_q=64, block_k=64, stages=2),
+    64: (_backward.BackwardConfig(block_q=128, block_k=64, stages=2),
+         _backward.BackwardConfig(block_q=64, block_k=64, stages=2)),
+    128: (_backward.BackwardConfig(block_q=64, block_k=64, stages=2),),
 })
 
 
@@ -52,8 +56,17 @@ def forward_config(head_dim: int) -> _forward.ForwardConfig:
     return FORWARD_TABLE.lookup(head_dim, HOPPER)
 
 
-def backward_config(head_dim: int) -> _backward.BackwardConfig:
+def backward_configs(head_dim: int) -> tuple[_backward.BackwardConfig, ...]:
+    """The backward's blocks at ``head_dim``, in order of preference."""
     return BACKWARD_TABLE.lookup(head_dim, HOPPER)
+
+
+def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int) -> _backward.BackwardConfig | None:
+    """The first of the head dim's blocks whose programs tile the lengths (None if none does)."""
+    for config in backward_configs(head_dim):
+        if not seqlen_q % config.rows_per_program and not seqlen_k % config.keys_per_program:
+            return config
+    return None
 
 
 def _unsupported(request: Request) -> str | None:
@@ -76,11 +89,13 @@ def _unsupported(request: Request) -> str | None:
     if request.op == "backward":
         if request.head_dim not in BACKWARD_HEAD_DIMS:
             return f"backward at head dims {BACKWARD_HEAD_DIMS} only"
-        config = backward_config(request.head_dim)
-        rows, keys = config.rows_per_program, config.keys_per_program
-    else:
-        config = forward_config(request.head_dim)
-        rows, keys = config.rows_per_program, config.block_k
+        if not seqlen_k or backward_config(request.head_dim, seqlen_q, seqlen_k) is None:
+            config = backward_configs(request.head_dim)[-1]
+            return (f"query lengths a multiple of {config.rows_per_program} and key lengths of "
+                    f"{config.keys_per_program} only")
+        return None
+    config = forward_config(request.head_dim)
+    rows, keys = config.rows_per_program, config.block_k
     if seqlen_q % rows or seqlen_k % keys or not seqlen_k:
         return f"query lengths a multiple of {rows} and key lengths of {keys} only"
     return None
@@ -108,5 +123,6 @@ class MosaicGPU(Backend):
 
     def backward(self, q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None, *,
                  placement=None, grad_dtype=None, delta=None):
-        return _backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec,
-                                  backward_config(q.shape[-1]), delta=delta)
+        config = backward_config(q.shape[-1], q.shape[1], k.shape[1])
+        return _backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
+                                  delta=delta)

@@ -6,7 +6,9 @@ the key and value blocks into ``stages`` shared-memory slots with TMA, as far ah
 allow. Each compute step is a wgmma for S = Q K^T, the score semantics of ``semantics.py``
 (scale, softcap, ALiBi, masks, in base-2 units), the online softmax, and a wgmma for P V. The two
 compute warpgroups take turns on the tensor cores (a shared "turn" barrier): while one runs its
-softmax the other's matmuls run (FlashAttention-3's ping-pong schedule).
+softmax the other's matmuls run (FlashAttention-3's ping-pong schedule; ``ForwardConfig`` says
+whether, and the other scheduling choices). Under a causal mask the tiles are taken from the last
+(the most keys) to the first.
 
 Both compute warpgroups walk the same key blocks (those any of the program's rows may attend,
 ``blocks.key_blocks``), so the producer and the turn barrier stay in step; a block that lies
@@ -16,6 +18,7 @@ full skip the mask.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -33,7 +36,18 @@ from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE
 from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec
 
 
-ForwardConfig = BlockConfig  # block_q: rows per compute warpgroup; block_k: keys per step
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig(BlockConfig):
+    """block_q: rows per compute warpgroup; block_k: keys per step. How the two compute
+    warpgroups share the tensor cores: ``pingpong`` takes strict turns (one warpgroup's softmax
+    runs while the other's matmuls do; FlashAttention-3's schedule, which serialises the two
+    softmaxes), otherwise they run unsynchronised. ``key_wait_under_pv``: wait for the next key
+    block while the P V wgmma runs rather than at the top of the step. ``pin_softmax``: an
+    optimisation barrier keeps the softmax's results computed before the turn is handed over."""
+
+    pingpong: bool = True
+    key_wait_under_pv: bool = False
+    pin_softmax: bool = False
 
 
 def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: ScoreSpec,
@@ -43,6 +57,9 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]
     head, tile, batch = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
+    if spec.window_left < 0 <= spec.window_right:
+        # Causal-like: later rows see more keys. The heaviest tiles first, the light ones last.
+        tile = seqlen_q // config.rows_per_program - 1 - tile
     warpgroup = lax.axis_index("wg")
     offset = seqlen_k - seqlen_q
     span = dict(offset=offset, seqlen_k=seqlen_k)
@@ -54,8 +71,12 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
         return irem(step - first, stages)
 
     def take_turn():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
+        if config.pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+    def wait_for_keys(step):
+        plgpu.barrier_wait(k_ready.at[slot_of(step)])
 
     @pl.when(warpgroup < COMPUTE_WARPGROUPS)
     def _compute():
@@ -71,7 +92,8 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
         def step_body(step, carry, *, masked):
             acc, row_max, row_sum = carry
             slot = slot_of(step)
-            plgpu.barrier_wait(k_ready.at[slot])
+            if not config.key_wait_under_pv:
+                wait_for_keys(step)
 
             def qk_matmul(acc_ref):
                 plgpu.wgmma(acc_ref, rows_q, k_smem.at[slot].T)
@@ -91,12 +113,18 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
             row_sum = row_sum * alpha + p.sum(axis=1)
             acc = acc * broadcast(alpha, acc.shape, 0)
             p16 = p.astype(dtype)
-            plgpu.barrier_arrive(turn)  # softmax done
+            if config.pin_softmax:
+                acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
+            if config.pingpong:
+                plgpu.barrier_arrive(turn)  # softmax done
             plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_wait(turn)  # the tensor cores are this warpgroup's again
+            if config.pingpong:
+                plgpu.barrier_wait(turn)  # the tensor cores are this warpgroup's again
 
             def pv_matmul(acc_ref):
                 plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                if config.key_wait_under_pv:
+                    pl.when(step + 1 < end)(functools.partial(wait_for_keys, step + 1))
 
             acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_free.at[slot])
@@ -105,6 +133,8 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
         carry = (zeros_tile((block_q, head_dim)), row_vector(-jnp.inf, block_q, 0),
                  row_vector(0.0, block_q, 0))
         pl.when(warpgroup == 1)(take_turn)  # warpgroup 1 starts half a step behind
+        if config.key_wait_under_pv:
+            pl.when(first < end)(functools.partial(wait_for_keys, first))
         acc, row_max, row_sum = masked_full_masked(step_body, first, inner_first, inner_end, end,
                                                    carry)
         pl.when(warpgroup == 0)(take_turn)
@@ -150,7 +180,7 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
         ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                  plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
-        turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)
+        turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)  # unused without pingpong
         pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref,
                                              scoped),
                       buffers, ready, free, turn, collective_axes="wg")
