@@ -27,6 +27,7 @@ import math
 
 import jax
 from jax import lax
+from jax._src.sharding_impls import parse_flatten_op_sharding  # (see _decoded)
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -138,9 +139,23 @@ class Op:
         return text, dict(need_replication_factors=tuple(unsplit), **sizes)
 
 
+def _decoded(shape, mesh):
+    """An operand as the partition callback receives it (its sharding in XLA's form: the callback
+    decodes it, not JAX) with a NamedSharding over ``mesh``. A sharding no PartitionSpec states
+    counts as no split: Shardy splits a mesh axis into parts when it divides the query heads but
+    not the kv heads (the (hk grp) factor: 8 kv heads over 16 devices), and the plan keeps such
+    heads whole."""
+    try:
+        spec = parse_flatten_op_sharding(shape.sharding._to_xla_hlo_sharding(len(shape.shape)),
+                                         mesh)[0]
+    except ValueError:  # IndivisibleError
+        spec = ()
+    return _Typed(shape.shape, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def _partition(op: Op, mesh, arg_shapes, result_shape):
-    del result_shape
-    plan = op.plan(mesh, arg_shapes)
+    del result_shape  # (our shardings of the results are the plan's)
+    plan = op.plan(mesh, [_decoded(shape, mesh) for shape in arg_shapes])
     arg_shardings = tuple(plan.sharding(mesh, dims) for dims in op.arg_dims())
     out_shardings = tuple(plan.sharding(mesh, dims) for dims in op.out_dims())
     if len(out_shardings) == 1:  # an op with one result returns it bare
@@ -153,7 +168,7 @@ def _local(op: Op, *arrays):
 
 
 _partitioned = custom_partitioning(_local, static_argnums=(0,))
-_partitioned.def_partition(partition=_partition,
+_partitioned.def_partition(partition=_partition, decode_shardings=False,
                            sharding_rule=lambda op, mesh, values, results: op.rule())
 
 

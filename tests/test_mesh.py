@@ -145,14 +145,20 @@ def test_jit_batch_and_heads_bitwise_and_local(variant, shape):
     assert collectives(grads, *sharded) == []
 
 
-def test_jit_gqa_heads_not_dividing_kv_heads_stay_whole():
-    # MQA: one kv head cannot split over 2 devices; the heads stay whole (gathered), the batch
-    # still splits, and the result is the unsharded one.
-    mesh = make_mesh(DATA_MODEL[-1], ("data", "model"))
-    q, k, v, _ = _dense_inputs(nheads_k=1)
-    fn = jax.jit(lambda q, k, v: fa.flash_attn_func(q, k, v, causal=True))
+@pytest.mark.parametrize("nheads,nheads_k,shape", [(4, 1, DATA_MODEL[-1]), (8, 2, (2, 4))],
+                         ids=["mqa", "gqa-model-axis-above-kv-heads"])
+def test_jit_gqa_heads_not_dividing_kv_heads_stay_whole(nheads, nheads_k, shape):
+    # The kv heads cannot split over the heads' mesh axis (MQA: one over 2 devices; GQA: 2 over
+    # 4, which divides the query heads, so Shardy splits the axis between the two kinds of
+    # heads); the heads stay whole (gathered), the batch still splits, and the results and
+    # gradients are the unsharded ones.
+    mesh = make_mesh(shape, ("data", "model"))
+    q, k, v, _ = _dense_inputs(nheads=nheads, nheads_k=nheads_k)
+    attend = lambda q, k, v: fa.flash_attn_func(q, k, v, causal=True)
     sharded = [put(mesh, q, "data", None, "model", None)] + [put(mesh, x, "data") for x in (k, v)]
-    assert_bitwise(fn(*sharded), fn(q, k, v))
+    assert_bitwise(jax.jit(attend)(*sharded), jax.jit(attend)(q, k, v))
+    grads = loss_grads(attend, (0, 1, 2))
+    assert_bitwise(grads(*sharded), grads(q, k, v))
 
 
 # ----------------------------------------------------------------------------------------------
