@@ -70,7 +70,7 @@ def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int) -> _backward.Ba
 
 
 def _unsupported(request: Request) -> str | None:
-    """Why the forward kernel cannot run ``request`` (None if it can)."""
+    """Why the kernels cannot run ``request`` (None if they can)."""
     if request.dtype not in _DTYPES:
         return "float16 and bfloat16 only"
     if request.head_dim not in HEAD_DIMS:
