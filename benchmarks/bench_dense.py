@@ -40,7 +40,6 @@ import flash_attn_jax as fa
 from flash_attn_jax.kernels import mosaic_gpu, tuning
 from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
 from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
-from flash_attn_jax.kernels.mosaic_gpu.common import BlockConfig as MosaicBlocks
 from flash_attn_jax.kernels.triton import backward as triton_backward
 from flash_attn_jax.kernels.triton import forward as triton_forward
 from flash_attn_jax.kernels.triton.config import BlockConfig, backward_configs, forward_config, padded_head_dim
@@ -213,8 +212,9 @@ MOSAIC_FORWARD_SWEEP = [_Forward(64, 64, 2), _Forward(64, 128, 2), _Forward(64, 
                         _Forward(64, 128, 2, pingpong=False, key_wait_under_pv=True),
                         _Forward(64, 128, 2, pingpong=False, key_wait_under_pv=True,
                                  pin_softmax=True)]
-MOSAIC_BACKWARD_SWEEP = [MosaicBlocks(64, 64, 2), MosaicBlocks(64, 64, 3), MosaicBlocks(64, 128, 2),
-                         MosaicBlocks(128, 64, 2)]
+_Backward = mosaic_backward.BackwardConfig
+MOSAIC_BACKWARD_SWEEP = [_Backward(64, 64, 2), _Backward(64, 64, 3), _Backward(64, 128, 2),
+                         _Backward(128, 64, 2)]
 
 
 def mosaic_sweep(shape, phase, q, k, v):
@@ -229,9 +229,10 @@ def mosaic_sweep(shape, phase, q, k, v):
                 q, k, v, None, spec, config)[0])
             results[f"mosaic fwd {config}"] = _rate(fn, shape, phase, q, k, v)
         return results
-    if seqlen != 4096 or head_dim not in mosaic_gpu.BACKWARD_HEAD_DIMS:
+    if seqlen != 4096:
         return results
-    for config in MOSAIC_BACKWARD_SWEEP:
+    # Head dim 256 takes only its own kind of blocks (dV and dK in passes, 32-row streams).
+    for config in MOSAIC_BACKWARD_SWEEP if head_dim <= 128 else mosaic_gpu.backward_configs(head_dim):
         def step(q, k, v, config=config):
             out, lse = mosaic_forward.forward(q, k, v, None, spec,
                                               mosaic_gpu.forward_config(head_dim))

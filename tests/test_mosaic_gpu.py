@@ -39,8 +39,9 @@ def _request(**changes):
     (dict(spec=ScoreSpec(softmax_scale=0.1, softcap=5.0, has_alibi=True, window_left=3,
                          window_right=0)), None),
     (dict(op="backward"), None),
-    (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 128, 1, 256)),
-     "backward at head dims (64, 128)"),
+    (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 128, 1, 256)), None),
+    (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 64, 1, 256)),
+     "multiple of 128"),
     (dict(op="backward", q_shape=(2, 256, 4, 128), k_shape=(2, 192, 2, 128)), "multiple of 128"),
     (dict(op="backward", out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
     (dict(op="probabilities"), "no probabilities kernel yet"),
@@ -72,8 +73,9 @@ def _grad_fn(**options):
 
 def test_automatic_on_hopper_and_the_rest_handed_on():
     """In the automatic choice on a Hopper GPU only; chosen or not, what it declines (here the
-    head dim 256 backward, a ragged query length) goes to the next backend."""
-    q, k, v = make_inputs(0, batch=1, seqlen_q=256, seqlen_k=384, nheads=4, nheads_k=2,
+    backward at a key length its programs do not tile, a ragged query length) goes to the next
+    backend."""
+    q, k, v = make_inputs(0, batch=1, seqlen_q=256, seqlen_k=320, nheads=4, nheads_k=2,
                           head_dim=256, dtype=jnp.bfloat16)[:3]
     automatic = fa.backends_used(_grad_fn(causal=True), q, k, v)
     ragged_automatic = fa.backends_used(fa.flash_attn_func, q[:, :100], k, v)
@@ -83,10 +85,10 @@ def test_automatic_on_hopper_and_the_rest_handed_on():
     else:
         assert "mosaic-gpu" not in automatic.values()
     with fa.use_backend("mosaic-gpu"):
-        narrow = (x[..., :128] for x in (q, k, v))
-        assert fa.backends_used(_grad_fn(causal=True), *narrow) == {
+        tiled = (q, k[:, :256], v[:, :256])
+        assert fa.backends_used(_grad_fn(causal=True), *tiled) == {
             "forward": "mosaic-gpu", "backward": "mosaic-gpu"}
-        assert fa.backends_used(_grad_fn(causal=True), q, k, v) == {  # no d256 backward
+        assert fa.backends_used(_grad_fn(causal=True), q, k, v) == {  # keys not in 128s
             "forward": "mosaic-gpu", "backward": automatic["backward"]}
         assert fa.backends_used(fa.flash_attn_func, q[:, :100], k, v) == ragged_automatic
 
@@ -106,18 +108,17 @@ FEATURES = {
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_kernels_lower_for_an_h100(feature, dtype, head_dim):
-    with_backward = head_dim in mosaic_gpu.BACKWARD_HEAD_DIMS
     forward = mosaic_gpu.forward_config(head_dim)
-    for backward in mosaic_gpu.backward_configs(head_dim) if with_backward else [None]:
+    for backward in mosaic_gpu.backward_configs(head_dim):
         # An odd number of each config's programs, so that each backward config gets chosen.
-        rows = max(forward.rows_per_program, backward.rows_per_program if backward else 0)
-        keys = max(forward.block_k, backward.keys_per_program if backward else 0)
-        if backward:
-            assert mosaic_gpu.backward_config(head_dim, 3 * rows, 5 * keys) == backward
-        _lower_for_an_h100(feature, dtype, head_dim, 3 * rows, 5 * keys, with_backward)
+        rows = max(forward.rows_per_program, backward.rows_per_program)
+        keys = max(forward.block_k, backward.keys_per_program)
+        assert mosaic_gpu.backward_config(head_dim, 3 * rows, 5 * keys) == backward
+        kernels = 1 + len(backward.dkdv_parts) + 1  # forward, dK/dV pass(es), dQ
+        _lower_for_an_h100(feature, dtype, head_dim, 3 * rows, 5 * keys, kernels)
 
 
-def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, with_backward):
+def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, kernels):
     options = dict(FEATURES[feature])
     alibi = options.pop("alibi", False)
     q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=4,
@@ -126,17 +127,14 @@ def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, with_backwa
     def attend(q, k, v, slopes):
         return fa.flash_attn_func(q, k, v, alibi_slopes=slopes, **options)
 
-    if with_backward:  # forward, then the dK/dV and dQ kernels
-        loss = lambda q, k, v, slopes: attend(q, k, v, slopes).astype(jnp.float32).sum()
-        fn, expected = jax.grad(loss, argnums=(0, 1, 2)), {"forward", "backward"}
-    else:
-        fn, expected = attend, {"forward"}
+    loss = lambda q, k, v, slopes: attend(q, k, v, slopes).astype(jnp.float32).sum()
+    fn = jax.grad(loss, argnums=(0, 1, 2))
     with fa.use_backend("mosaic-gpu"):
-        assert fa.backends_used(fn, q, k, v, slopes) == dict.fromkeys(expected, "mosaic-gpu")
+        assert fa.backends_used(fn, q, k, v, slopes) == {"forward": "mosaic-gpu",
+                                                         "backward": "mosaic-gpu"}
         with jax.sharding.use_abstract_mesh(H100_MESH):
             hlo = jax.jit(fn).trace(q, k, v, slopes).lower(lowering_platforms=("cuda",)).as_text()
-    assert re.findall(r"custom_call @(\w+)", hlo) == ["mosaic_gpu_v2"] * (3 if with_backward
-                                                                          else 1)
+    assert re.findall(r"custom_call @(\w+)", hlo) == ["mosaic_gpu_v2"] * kernels
 
 
 def test_kernels_lower_under_x64():

@@ -1,11 +1,14 @@
-"""Attention backward for Hopper GPUs in Pallas Mosaic GPU: two kernels without atomics, so the
+"""Attention backward for Hopper GPUs in Pallas Mosaic GPU: kernels without atomics, so the
 gradients are bitwise reproducible.
 
 - dK/dV: one program per (kv head, 2 * block_k keys, batch row). Two compute warpgroups own
   block_k keys each and keep dK and dV in registers; a producer warpgroup streams the query
   blocks (q, dO, lse, delta) of every query head of the kv head's group through ``stages``
   shared-memory slots. Tiles are keys x queries: S^T = K Q^T, P^T, dV += P^T dO,
-  dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+  dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q. At head dim 256 the two
+  accumulators do not fit the registers together: the kernel runs twice (``split_dkdv``), once
+  for dV (keys only held) and once for dK (keys and values held, 32-query streams so that the
+  shared memory holds them), recomputing S^T.
 - dQ: one program per (query head, 2 * block_q rows, batch row), the forward's shape: two compute
   warpgroups own block_q rows each with dQ in registers, the producer streams key and value
   blocks. S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
@@ -18,6 +21,7 @@ warpgroup attends in full. ``delta`` = rowsum(dO * O) - dlse (the lse cotangent)
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +32,49 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks, query_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig, broadcast, masked_full_masked,
+                                                      BlockConfig, broadcast, check_owned,
+                                                      masked_full_masked,
                                                       matmul_transposed, produce, produce_keys,
-                                                      swizzled_smem, wgmma_iota, zeros_tile)
+                                                      swizzle_for, swizzled_smem, wgmma_iota,
+                                                      zeros_tile)
 from flash_attn_jax.semantics import LOG2E, ScoreSpec
 
 _FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
-BackwardConfig = BlockConfig  # the dK/dV program takes 2 x block_k keys, dQ 2 x block_q rows
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig(BlockConfig):
+    """The dK/dV program takes 2 x block_k keys and streams block_q queries; the dQ program takes
+    2 x block_q rows and streams block_k keys. ``split_dkdv``: dV and dK in two passes of the
+    dK/dV kernel, each keeping one accumulator in registers (at head dim 256 dK and dV together
+    would need 256 registers a thread); the dK pass, which holds keys and values, streams
+    ``dk_block_q`` queries (default block_q) to stay within shared memory, and the dQ kernel
+    streams ``dq_block_k`` keys (default block_k)."""
+
+    split_dkdv: bool = False
+    dk_block_q: int | None = None
+    dq_block_k: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_owned(self.block_q, "block_q")  # the dQ kernel's rows
+        check_owned(self.block_k, "block_k")  # the dK/dV kernel's keys
+        for name in ("dk_block_q", "dq_block_k"):
+            size = getattr(self, name)
+            if size is not None and (size <= 0 or size % 32):
+                raise ValueError(f"{name} must be a positive multiple of 32, got {size}")
+
+    @property
+    def dkdv_parts(self) -> tuple[tuple[str, int], ...]:
+        """(part, streamed query block) of each dK/dV pass: "dkdv" fused, or "dv" then "dk"."""
+        if not self.split_dkdv:
+            return (("dkdv", self.block_q),)
+        return (("dv", self.block_q), ("dk", self.dk_block_q or self.block_q))
+
+    @property
+    def dq_blocks(self) -> BlockConfig:
+        """The dQ kernel's blocks."""
+        return BlockConfig(self.block_q, self.dq_block_k or self.block_k, self.stages)
 
 
 def _lse_in_base2(lse):
@@ -56,11 +94,14 @@ def _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope, masked, l
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dk_ref, dv_ref,
-                 scoped, *, spec: ScoreSpec, config: BackwardConfig, group: int, seqlen_q: int,
-                 seqlen_k: int):
+                 scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str, block_q: int,
+                 group: int, seqlen_q: int, seqlen_k: int):
+    """``part``: "dkdv" (both), "dv" or "dk"; ``block_q``: the streamed query block. Buffers and
+    outputs a part does not use are None."""
     ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem),
      (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free) = scoped
-    block_q, block_k, stages = config.block_q, config.block_k, config.stages
+    with_dv, with_dk = part in ("dkdv", "dv"), part in ("dkdv", "dk")
+    block_k, stages = config.block_k, config.stages
     dtype = k_smem.dtype
     head_dim = k_smem.shape[-1]
     head_k, tile = lax.axis_index("heads"), lax.axis_index("k_tiles")
@@ -80,13 +121,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         col_lo = program_lo + warpgroup * block_k
         keys = (batch, pl.ds(col_lo, block_k), head_k)
-        own_k, own_v = k_smem.at[warpgroup], v_smem.at[warpgroup]
+        own_k = k_smem.at[warpgroup]
+        own_v = v_smem.at[warpgroup] if with_dk else None
         plgpu.copy_gmem_to_smem(k_ref.at[keys], own_k, k_ready.at[warpgroup])
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], own_v, v_ready.at[warpgroup])
+        if with_dk:
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], own_v, v_ready.at[warpgroup])
         _, inner_first, inner_end, _ = query_blocks(col_lo, col_lo + block_k, block_q, spec,
                                                     offset=offset, seqlen_q=seqlen_q)
         plgpu.barrier_wait(k_ready.at[warpgroup])
-        plgpu.barrier_wait(v_ready.at[warpgroup])
+        if with_dk:
+            plgpu.barrier_wait(v_ready.at[warpgroup])
 
         def head_body(member, carry):
             head = head_k * group + member
@@ -106,36 +150,51 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                 cols = wgmma_iota(qk_t.shape, 0, col_lo)
                 p_t, dlogits = _probs_and_dlogits_factor(qk_t, rows, cols, lse2, spec, span,
                                                          slope, masked, lse_dim=1)
-                for ready in (dout_ready, delta_ready):
-                    plgpu.barrier_wait(ready.at[slot])
+                plgpu.barrier_wait(dout_ready.at[slot])
+                if with_dk:
+                    plgpu.barrier_wait(delta_ready.at[slot])
                 dout = dout_smem.at[slot]
 
-                def dv_and_dp(refs):  # both wgmmas issued before one wait
-                    dv_ref, dp_ref = refs
-                    plgpu.wgmma(dv_ref, p_t.astype(dtype), dout)
-                    plgpu.wgmma(dp_ref, own_v, dout.T)
+                if part == "dkdv":
+                    def dv_and_dp(refs):  # both wgmmas issued before one wait
+                        dv_ref, dp_ref = refs
+                        plgpu.wgmma(dv_ref, p_t.astype(dtype), dout)
+                        plgpu.wgmma(dp_ref, own_v, dout.T)
 
-                dv, dp_t = pl.run_state(dv_and_dp)(
-                    (plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile((block_k, block_q)))))
-                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                ds_t = p_t * (dp_t - broadcast(delta, dp_t.shape, 1)) * dlogits
+                    dv, dp_t = pl.run_state(dv_and_dp)(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile((block_k, block_q)))))
+                elif part == "dv":
+                    def dv_matmul(acc_ref):
+                        plgpu.wgmma(acc_ref, p_t.astype(dtype), dout)
 
-                def dk_matmul(acc_ref):
-                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q)
+                    dv = pl.run_state(dv_matmul)(plgpu.ACC.init(dv))
+                else:
+                    dp_t = matmul_transposed(own_v, dout, (block_k, block_q))
+                if with_dk:
+                    delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    ds_t = p_t * (dp_t - broadcast(delta, dp_t.shape, 1)) * dlogits
 
-                dk = pl.run_state(dk_matmul)(plgpu.ACC.init(dk))
+                    def dk_matmul(acc_ref):
+                        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q)
+
+                    dk = pl.run_state(dk_matmul)(plgpu.ACC.init(dk))
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
             return masked_full_masked(step_body, first, inner_first, inner_end, end, carry)
 
         zeros = zeros_tile((block_k, head_dim))
-        dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
-        own_k[...] = dk.astype(dtype)
-        own_v[...] = dv.astype(dtype)
+        dk, dv = lax.fori_loop(0, group, head_body, (zeros if with_dk else None,
+                                                      zeros if with_dv else None))
+        # The keys and values are no longer read: their buffers stage the gradients' stores.
+        stores = [(dk, own_k, dk_ref)] if with_dk else []
+        if with_dv:
+            stores.append((dv, own_v if with_dk else own_k, dv_ref))
+        for grad, buffer, _ in stores:
+            buffer[...] = grad.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(own_k, dk_ref.at[keys])
-        plgpu.copy_smem_to_gmem(own_v, dv_ref.at[keys])
+        for _, buffer, out_ref in stores:
+            plgpu.copy_smem_to_gmem(buffer, out_ref.at[keys])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(warpgroup == COMPUTE_WARPGROUPS)
@@ -149,14 +208,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
             plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse_smem.at[slot], lse_ready.at[slot])
             plgpu.copy_gmem_to_smem(dout_ref.at[rows], dout_smem.at[slot], dout_ready.at[slot])
-            plgpu.copy_gmem_to_smem(delta_ref.at[stats], delta_smem.at[slot],
-                                    delta_ready.at[slot])
+            if with_dk:
+                plgpu.copy_gmem_to_smem(delta_ref.at[stats], delta_smem.at[slot],
+                                        delta_ready.at[slot])
 
         produce(0, num_steps, stages, load, (free,))
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq_ref, scoped, *,
-               spec: ScoreSpec, config: BackwardConfig, group: int, seqlen_q: int,
+               spec: ScoreSpec, config: BlockConfig, group: int, seqlen_q: int,
                seqlen_k: int):
     ((q_smem, dout_smem, lse_smem, delta_smem, k_smem, v_smem),
      (q_ready, dout_ready, lse_ready, delta_ready), (k_ready, v_ready), (k_free, v_free)) = scoped
@@ -239,48 +299,69 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)  # unread: keeps one signature
     slopes = slopes.astype(jnp.float32)
-    statics = dict(spec=spec, config=config, group=num_heads // num_heads_k, seqlen_q=seqlen_q,
+    statics = dict(spec=spec, group=num_heads // num_heads_k, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k)
-    block_q, block_k, stages = config.block_q, config.block_k, config.stages
+    block_k, stages = config.block_k, config.stages
     params = plgpu.CompilerParams(approx_math=True)
     mesh = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
+    grads = {}
+    for part, block_q in config.dkdv_parts:
+        with_dk = part in ("dkdv", "dk")
+        outputs = [name for name in ("dk", "dv") if name in part]
 
-    def dkdv_entry(*refs):
-        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), k.dtype),
-                   swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), v.dtype),
-                   swizzled_smem((stages, block_q, head_dim), q.dtype),
-                   swizzled_smem((stages, block_q, head_dim), dout.dtype),
-                   plgpu.SMEM((stages, block_q), jnp.float32),
-                   plgpu.SMEM((stages, block_q), jnp.float32))
-        own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),) * 2
-        ready = (plgpu.Barrier(num_barriers=stages),) * 4
-        free = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)
-        pl.run_scoped(lambda *scoped: _dkdv_kernel(*refs, scoped, **statics),
-                      buffers, own, ready, free, collective_axes="wg")
+        def dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, *out_refs,
+                       part=part, block_q=block_q, with_dk=with_dk, outputs=outputs):
+            named = dict(zip(outputs, out_refs))
+            swizzle = swizzle_for(block_q, q.dtype)  # dK += dS^T Q contracts over block_q
+            buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), k.dtype, swizzle),
+                       swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), v.dtype, swizzle)
+                       if with_dk else None,
+                       swizzled_smem((stages, block_q, head_dim), q.dtype, swizzle),
+                       swizzled_smem((stages, block_q, head_dim), dout.dtype, swizzle),
+                       plgpu.SMEM((stages, block_q), jnp.float32),
+                       plgpu.SMEM((stages, block_q), jnp.float32) if with_dk else None)
+            own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
+                   plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if with_dk else None)
+            ready = (plgpu.Barrier(num_barriers=stages),) * 3 + (
+                plgpu.Barrier(num_barriers=stages) if with_dk else None,)
+            free = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)
+            pl.run_scoped(
+                lambda *scoped: _dkdv_kernel(
+                    q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref,
+                    named.get("dk"), named.get("dv"), scoped, config=config, part=part,
+                    block_q=block_q, **statics),
+                buffers, own, ready, free, collective_axes="wg")
 
-    dk, dv = plgpu.kernel(
-        dkdv_entry, out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),
-                              jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(num_heads_k, seqlen_k // config.keys_per_program, batch),
-        grid_names=("heads", "k_tiles", "batch"), compiler_params=params, **mesh,
-    )(q, k, v, dout, lse, delta, slopes)
+        shapes = dict(dk=jax.ShapeDtypeStruct(k.shape, k.dtype),
+                      dv=jax.ShapeDtypeStruct(v.shape, v.dtype))
+        results = plgpu.kernel(
+            dkdv_entry, out_type=tuple(shapes[name] for name in outputs),
+            grid=(num_heads_k, seqlen_k // config.keys_per_program, batch),
+            grid_names=("heads", "k_tiles", "batch"), compiler_params=params, **mesh,
+        )(q, k, v, dout, lse, delta, slopes)
+        grads.update(zip(outputs, results))
+    dk, dv = grads["dk"], grads["dv"]
+
+    dq_config = config.dq_blocks
 
     def dq_entry(*refs):
-        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_q, head_dim), q.dtype),
-                   swizzled_smem((COMPUTE_WARPGROUPS, block_q, head_dim), dout.dtype),
-                   plgpu.SMEM((COMPUTE_WARPGROUPS, block_q), jnp.float32),
-                   plgpu.SMEM((COMPUTE_WARPGROUPS, block_q), jnp.float32),
-                   swizzled_smem((stages, block_k, head_dim), k.dtype),
-                   swizzled_smem((stages, block_k, head_dim), v.dtype))
+        swizzle = swizzle_for(dq_config.block_k, k.dtype)  # dQ += dS K contracts over block_k
+        rows, keys = dq_config.block_q, dq_config.block_k
+        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, rows, head_dim), q.dtype, swizzle),
+                   swizzled_smem((COMPUTE_WARPGROUPS, rows, head_dim), dout.dtype, swizzle),
+                   plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
+                   plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
+                   swizzled_smem((stages, keys, head_dim), k.dtype, swizzle),
+                   swizzled_smem((stages, keys, head_dim), v.dtype, swizzle))
         own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),) * 4
         ready = (plgpu.Barrier(num_barriers=stages),) * 2
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
-        pl.run_scoped(lambda *scoped: _dq_kernel(*refs, scoped, **statics),
+        pl.run_scoped(lambda *scoped: _dq_kernel(*refs, scoped, config=dq_config, **statics),
                       buffers, own, ready, free, collective_axes="wg")
 
     dq = plgpu.kernel(
         dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(num_heads, seqlen_q // config.rows_per_program, batch),
+        grid=(num_heads, seqlen_q // dq_config.rows_per_program, batch),
         grid_names=("heads", "q_tiles", "batch"), compiler_params=params, **mesh,
     )(q, k, v, dout, lse, delta, slopes)
     return dq, dk, dv

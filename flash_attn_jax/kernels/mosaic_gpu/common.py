@@ -20,11 +20,20 @@ COMPUTE_REGISTERS, PRODUCER_REGISTERS = 232, 40
 _SWIZZLE_BYTES = 128
 
 
-def swizzled_smem(shape, dtype):
+def swizzled_smem(shape, dtype, swizzle=_SWIZZLE_BYTES):
     """A shared-memory buffer tiled and swizzled for TMA and wgmma (16-bit, minor dim >= 64)."""
     itemsize = jnp.dtype(dtype).itemsize
-    tiling = plgpu.TilingTransform((8, _SWIZZLE_BYTES // itemsize))
-    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(_SWIZZLE_BYTES)))
+    tiling = plgpu.TilingTransform((8, swizzle // itemsize))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(swizzle)))
+
+
+def swizzle_for(contraction, dtype):
+    """The widest swizzle (bytes) whose row of elements divides ``contraction``: a wgmma whose
+    B operand is read along its rows (dQ += dS K) contracts over whole swizzle rows, and both
+    operands of a wgmma from shared memory share one swizzle."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return next(swizzle for swizzle in (_SWIZZLE_BYTES, 64, 32)
+                if not contraction % (swizzle // itemsize))
 
 
 def broadcast(vector, shape, dim):
@@ -45,6 +54,12 @@ def row_vector(value, size, dim):
     """A (size,) float32 vector filled with ``value``, laid out along ``dim`` of a wgmma tile."""
     return plgpu.layout_cast(jnp.full((size,), value, jnp.float32),
                              plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def check_owned(size, name):
+    """A warpgroup's own rows (wgmma's M) come in 64s."""
+    if size % 64:
+        raise ValueError(f"{name} is a warpgroup's rows here and must be a multiple of 64, got {size}")
 
 
 def produce(first, end, stages, load, free_barriers):
@@ -102,18 +117,20 @@ def matmul_transposed(a, b, shape):
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """block_q: query rows per tile (a compute warpgroup's rows in the forward and dQ kernels),
-    block_k: keys per tile (a compute warpgroup's keys in the dK/dV kernel), both multiples of 64
-    (wgmma's M); stages: blocks in flight through shared memory."""
+    """block_q: query rows per tile (a compute warpgroup's rows in the forward and dQ kernels,
+    the streamed query block in the dK/dV kernel), block_k: keys per tile (a compute warpgroup's
+    keys in the dK/dV kernel, the streamed key block in the forward and dQ kernels); multiples of
+    32, and of 64 (wgmma's M) where a warpgroup owns them (the kernels check); stages: blocks in
+    flight through shared memory."""
 
     block_q: int
     block_k: int
     stages: int
 
     def __post_init__(self):
-        if self.block_q % 64 or self.block_k % 64:
-            raise ValueError(f"block_q and block_k must be multiples of 64 (wgmma tiles), got "
-                             f"{self.block_q}, {self.block_k}")
+        if self.block_q % 32 or self.block_k % 32 or self.block_q <= 0 or self.block_k <= 0:
+            raise ValueError(f"block_q and block_k must be positive multiples of 32 (wgmma "
+                             f"tiles), got {self.block_q}, {self.block_k}")
         if self.stages < 2:
             raise ValueError(f"stages must be at least 2, got {self.stages}")
 

@@ -30,7 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig, broadcast, masked_full_masked,
+                                                      BlockConfig, broadcast, check_owned,
+                                                      masked_full_masked,
                                                       produce_keys, row_vector, swizzled_smem,
                                                       wgmma_iota, zeros_tile)
 from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec
@@ -48,6 +49,10 @@ class ForwardConfig(BlockConfig):
     pingpong: bool = True
     key_wait_under_pv: bool = False
     pin_softmax: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_owned(self.block_q, "block_q")
 
 
 def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: ScoreSpec,
