@@ -40,9 +40,9 @@ def _request(**changes):
                          window_right=0)), None),
     (dict(op="backward"), None),
     (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 128, 1, 256)), None),
-    (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 64, 1, 256)),
-     "multiple of 128"),
-    (dict(op="backward", q_shape=(2, 256, 4, 128), k_shape=(2, 192, 2, 128)), "multiple of 128"),
+    (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 64, 1, 256)), None),
+    (dict(op="backward", q_shape=(2, 100, 4, 128), k_shape=(2, 193, 2, 128)), None),
+    (dict(op="backward", q_shape=(2, 256, 4, 128), k_shape=(2, 0, 2, 128)), "one key"),
     (dict(op="backward", out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
     (dict(op="probabilities"), "no probabilities kernel yet"),
     (dict(op="kvcache_attention"), "no kvcache_attention kernel yet"),
@@ -52,8 +52,9 @@ def _request(**changes):
     (dict(spec=ScoreSpec(softmax_scale=0.1, dropout_p=0.1)), "no dropout"),
     (dict(placed=True, positions=True), "no sequence shards"),
     (dict(out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
-    (dict(q_shape=(2, 200, 4, 128)), "multiple of 128"),
-    (dict(k_shape=(2, 100, 2, 128)), "multiple of 128"),
+    (dict(q_shape=(2, 200, 4, 128)), None),
+    (dict(k_shape=(2, 100, 2, 128)), None),
+    (dict(q_shape=(2, 0, 4, 128)), "one query"),
     (dict(platform="cpu"), "GPUs only"),
 ])
 def test_what_it_takes(changes, reason):
@@ -72,25 +73,23 @@ def _grad_fn(**options):
 
 
 def test_automatic_on_hopper_and_the_rest_handed_on():
-    """In the automatic choice on a Hopper GPU only; chosen or not, what it declines (here the
-    backward at a key length its programs do not tile, a ragged query length) goes to the next
-    backend."""
-    q, k, v = make_inputs(0, batch=1, seqlen_q=256, seqlen_k=320, nheads=4, nheads_k=2,
+    """In the automatic choice on a Hopper GPU only; chosen or not, what it declines (here
+    dropout) goes to the next backend."""
+    q, k, v = make_inputs(0, batch=1, seqlen_q=200, seqlen_k=320, nheads=4, nheads_k=2,
                           head_dim=256, dtype=jnp.bfloat16)[:3]
     automatic = fa.backends_used(_grad_fn(causal=True), q, k, v)
-    ragged_automatic = fa.backends_used(fa.flash_attn_func, q[:, :100], k, v)
-    assert ragged_automatic["forward"] != "mosaic-gpu"
+    key = jax.random.key(0)
+    dropout = _grad_fn(causal=True, dropout_p=0.1, dropout_key=key)
+    dropout_automatic = fa.backends_used(dropout, q, k, v)
+    assert "mosaic-gpu" not in dropout_automatic.values()
     if ON_HOPPER:
-        assert automatic == {"forward": "mosaic-gpu", "backward": "pallas-triton"}
+        assert automatic == {"forward": "mosaic-gpu", "backward": "mosaic-gpu"}
     else:
         assert "mosaic-gpu" not in automatic.values()
     with fa.use_backend("mosaic-gpu"):
-        tiled = (q, k[:, :256], v[:, :256])
-        assert fa.backends_used(_grad_fn(causal=True), *tiled) == {
+        assert fa.backends_used(_grad_fn(causal=True), q, k, v) == {
             "forward": "mosaic-gpu", "backward": "mosaic-gpu"}
-        assert fa.backends_used(_grad_fn(causal=True), q, k, v) == {  # keys not in 128s
-            "forward": "mosaic-gpu", "backward": automatic["backward"]}
-        assert fa.backends_used(fa.flash_attn_func, q[:, :100], k, v) == ragged_automatic
+        assert fa.backends_used(dropout, q, k, v) == dropout_automatic
 
 
 # Features that change the kernel's code, lowered at each dtype and head dim.
@@ -137,6 +136,12 @@ def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, kernels):
     assert re.findall(r"custom_call @(\w+)", hlo) == ["mosaic_gpu_v2"] * kernels
 
 
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+def test_partial_tiles_lower(head_dim):
+    backward = mosaic_gpu.backward_config(head_dim, 100, 333)
+    _lower_for_an_h100("all", jnp.bfloat16, head_dim, 100, 333, 2 + len(backward.dkdv_parts))
+
+
 def test_kernels_lower_under_x64():
     q, k, v = make_inputs(2, batch=1, seqlen_q=256, seqlen_k=256, nheads=2, head_dim=64,
                           dtype=jnp.bfloat16)[:3]
@@ -149,9 +154,9 @@ def test_kernels_lower_under_x64():
 
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
 
-# (seqlen_q, seqlen_k): the kernel's shapes (queries in 128s, keys in key blocks), cross
-# attention both ways, and Sq > Sk where causal leaves the first rows without keys.
-SEQLENS = [(128, 128), (256, 512), (512, 256), (384, 1024)]
+# (seqlen_q, seqlen_k): whole tiles, cross attention both ways, Sq > Sk where causal leaves the
+# first rows without keys, and lengths that end inside a tile.
+SEQLENS = [(128, 128), (256, 512), (512, 256), (384, 1024), (100, 333), (257, 130)]
 
 
 @hopper_only

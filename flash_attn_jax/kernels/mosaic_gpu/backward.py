@@ -290,12 +290,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: BackwardConfig, *,
              delta=None):
     """(dq, dk, dv) in the inputs' dtype. q, out, dout (B, Sq, H, D), k, v (B, Sk, H_k, D),
-    16-bit; lse and dlse (B, H, Sq) float32; Sq and Sk multiples of 2 x 64 (the backend checks).
-    ``delta``: rowsum(dout * out) - dlse when the caller has it."""
+    16-bit; lse and dlse (B, H, Sq) float32; any lengths (Sk >= 1, read past the ends of partial
+    tiles as zeros, writes clipped, as in the forward). ``delta``: rowsum(dout * out) - dlse when
+    the caller has it."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if delta is None:
         delta = semantics.output_delta(out, dout, dlse)
+    # lse and delta in whole program tiles: TMA rows start 16-byte aligned. The padding rows have
+    # zero queries and output gradients, so they add nothing to dK and dV.
+    padding = [(0, 0), (0, 0), (0, -seqlen_q % config.rows_per_program)]
+    lse, delta = jnp.pad(lse, padding), jnp.pad(delta, padding)
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)  # unread: keeps one signature
     slopes = slopes.astype(jnp.float32)
@@ -336,7 +341,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
                       dv=jax.ShapeDtypeStruct(v.shape, v.dtype))
         results = plgpu.kernel(
             dkdv_entry, out_type=tuple(shapes[name] for name in outputs),
-            grid=(num_heads_k, seqlen_k // config.keys_per_program, batch),
+            grid=(num_heads_k, pl.cdiv(seqlen_k, config.keys_per_program), batch),
             grid_names=("heads", "k_tiles", "batch"), compiler_params=params, **mesh,
         )(q, k, v, dout, lse, delta, slopes)
         grads.update(zip(outputs, results))
@@ -361,7 +366,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
 
     dq = plgpu.kernel(
         dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(num_heads, seqlen_q // dq_config.rows_per_program, batch),
+        grid=(num_heads, pl.cdiv(seqlen_q, dq_config.rows_per_program), batch),
         grid_names=("heads", "q_tiles", "batch"), compiler_params=params, **mesh,
     )(q, k, v, dout, lse, delta, slopes)
     return dq, dk, dv

@@ -64,7 +64,7 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
     head, tile, batch = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
     if spec.window_left < 0 <= spec.window_right:
         # Causal-like: later rows see more keys. The heaviest tiles first, the light ones last.
-        tile = seqlen_q // config.rows_per_program - 1 - tile
+        tile = pl.cdiv(seqlen_q, config.rows_per_program) - 1 - tile
     warpgroup = lax.axis_index("wg")
     offset = seqlen_k - seqlen_q
     span = dict(offset=offset, seqlen_k=seqlen_k)
@@ -166,9 +166,9 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
 
 def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
     """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 (natural log; -inf for rows with
-    no key). q (B, Sq, H, D), k and v (B, Sk, H_k, D), 16-bit; Sq a multiple of
-    ``config.rows_per_program``, Sk of ``config.block_k`` (the backend checks). ``slopes``
-    (B, H) float32 when ``spec.has_alibi``."""
+    no key). q (B, Sq, H, D), k and v (B, Sk, H_k, D), 16-bit, any lengths (Sk >= 1): the TMA
+    reads the rows and keys past the ends of a last, partial tile as zeros (the masks drop those
+    keys) and clips its writes. ``slopes`` (B, H) float32 when ``spec.has_alibi``."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if slopes is None:
@@ -190,12 +190,16 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
                                              scoped),
                       buffers, ready, free, turn, collective_axes="wg")
 
+    num_tiles = pl.cdiv(seqlen_q, config.rows_per_program)
+    # lse in whole tiles: a TMA row must start 16-byte aligned, which Sq float32s may not.
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32))
-    return plgpu.kernel(
+                jax.ShapeDtypeStruct((batch, num_heads, num_tiles * config.rows_per_program),
+                                     jnp.float32))
+    out, lse = plgpu.kernel(
         entry, out_type=out_type,
-        grid=(num_heads, seqlen_q // config.rows_per_program, batch),
+        grid=(num_heads, num_tiles, batch),
         grid_names=("heads", "q_tiles", "batch"),
         num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, slopes.astype(jnp.float32))
+    return out, lse[..., :seqlen_q]
