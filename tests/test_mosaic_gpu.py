@@ -41,7 +41,8 @@ def _request(**changes):
     (dict(op="backward"), None),
     (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 128, 1, 256)), None),
     (dict(op="backward", head_dim=256, q_shape=(1, 128, 2, 256), k_shape=(1, 64, 1, 256)), None),
-    (dict(op="backward", q_shape=(2, 100, 4, 128), k_shape=(2, 193, 2, 128)), None),
+    (dict(op="backward", q_shape=(2, 104, 4, 128), k_shape=(2, 200, 2, 128)), None),
+    (dict(op="backward", q_shape=(2, 100, 4, 128), k_shape=(2, 200, 2, 128)), "multiple of 8"),
     (dict(op="backward", q_shape=(2, 256, 4, 128), k_shape=(2, 0, 2, 128)), "one key"),
     (dict(op="backward", out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
     (dict(op="probabilities"), "no probabilities kernel yet"),
@@ -53,7 +54,8 @@ def _request(**changes):
     (dict(placed=True, positions=True), "no sequence shards"),
     (dict(out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
     (dict(q_shape=(2, 200, 4, 128)), None),
-    (dict(k_shape=(2, 100, 2, 128)), None),
+    (dict(k_shape=(2, 104, 2, 128)), None),
+    (dict(k_shape=(2, 100, 2, 128)), "multiple of 8"),
     (dict(q_shape=(2, 0, 4, 128)), "one query"),
     (dict(platform="cpu"), "GPUs only"),
 ])
@@ -76,7 +78,7 @@ def test_automatic_on_hopper_and_the_rest_handed_on():
     """In the automatic choice on a Hopper GPU only; chosen or not, what it declines (here
     dropout) goes to the next backend."""
     q, k, v = make_inputs(0, batch=1, seqlen_q=200, seqlen_k=320, nheads=4, nheads_k=2,
-                          head_dim=256, dtype=jnp.bfloat16)[:3]
+                          head_dim=256, dtype=jnp.bfloat16)[:3]  # lengths in 8s, not in tiles
     automatic = fa.backends_used(_grad_fn(causal=True), q, k, v)
     key = jax.random.key(0)
     dropout = _grad_fn(causal=True, dropout_p=0.1, dropout_key=key)
@@ -138,8 +140,8 @@ def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, kernels):
 
 @pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
 def test_partial_tiles_lower(head_dim):
-    backward = mosaic_gpu.backward_config(head_dim, 100, 333)
-    _lower_for_an_h100("all", jnp.bfloat16, head_dim, 100, 333, 2 + len(backward.dkdv_parts))
+    backward = mosaic_gpu.backward_config(head_dim, 104, 336)
+    _lower_for_an_h100("all", jnp.bfloat16, head_dim, 104, 336, 2 + len(backward.dkdv_parts))
 
 
 def test_kernels_lower_under_x64():
@@ -156,7 +158,7 @@ hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
 
 # (seqlen_q, seqlen_k): whole tiles, cross attention both ways, Sq > Sk where causal leaves the
 # first rows without keys, and lengths that end inside a tile.
-SEQLENS = [(128, 128), (256, 512), (512, 256), (384, 1024), (100, 333), (257, 130)]
+SEQLENS = [(128, 128), (256, 512), (512, 256), (384, 1024), (104, 336), (264, 136)]
 
 
 @hopper_only

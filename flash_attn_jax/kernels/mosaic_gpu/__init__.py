@@ -3,8 +3,8 @@ warp-specialized producer and compute warpgroups.
 
 Backend ``mosaic-gpu``. Covers today: the dense forward and backward (deterministic: no atomics)
 in float16 and bfloat16 at head dims 64, 128 and 256, with every mask (causal, windows),
-softcap, ALiBi, GQA/MQA and the lse and its cotangent, at any sequence lengths (the last tiles
-read zeros past the ends and their writes are clipped); every other call (dropout, varlen,
+softcap, ALiBi, GQA/MQA and the lse and its cotangent, at sequence lengths in 8s (the last
+tiles read zeros past the ends and their writes are clipped); every other call (dropout, varlen,
 sequence shards, the KV cache, S_dmask) goes to the next backend. It is the automatic choice on
 Hopper for what it covers (its tests, and the dense, backward, hardening and x64 files of the
 suite with it chosen, pass on an H200; the head dim 256 backward and lengths that are not whole
@@ -94,6 +94,9 @@ def _unsupported(request: Request) -> str | None:
         return "the dense layout only"
     if not request.q_shape[1] or not request.k_shape[1]:
         return "at least one query and one key"
+    if request.q_shape[1] % 8 or request.k_shape[1] % 8:
+        # A TMA copy into tiled shared memory takes its rows in whole tiles of 8.
+        return "query and key lengths a multiple of 8 only"
     return None
 
 

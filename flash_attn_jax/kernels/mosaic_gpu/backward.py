@@ -290,8 +290,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: BackwardConfig, *,
              delta=None):
     """(dq, dk, dv) in the inputs' dtype. q, out, dout (B, Sq, H, D), k, v (B, Sk, H_k, D),
-    16-bit; lse and dlse (B, H, Sq) float32; any lengths (Sk >= 1, read past the ends of partial
-    tiles as zeros, writes clipped, as in the forward). ``delta``: rowsum(dout * out) - dlse when
+    16-bit; lse and dlse (B, H, Sq) float32; lengths in 8s (read past the ends of partial tiles
+    as zeros, writes clipped, as in the forward). ``delta``: rowsum(dout * out) - dlse when
     the caller has it."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]

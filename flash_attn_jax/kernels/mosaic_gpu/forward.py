@@ -166,7 +166,8 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
 
 def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
     """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 (natural log; -inf for rows with
-    no key). q (B, Sq, H, D), k and v (B, Sk, H_k, D), 16-bit, any lengths (Sk >= 1): the TMA
+    no key). q (B, Sq, H, D), k and v (B, Sk, H_k, D), 16-bit, lengths in 8s (whole rows of the
+    shared memory's tiles; the backend checks): the TMA
     reads the rows and keys past the ends of a last, partial tile as zeros (the masks drop those
     keys) and clips its writes. ``slopes`` (B, H) float32 when ``spec.has_alibi``."""
     batch, seqlen_q, num_heads, head_dim = q.shape
