@@ -1,6 +1,7 @@
 """The Mosaic GPU backend: which calls it takes, its kernels lowered for an H100 on any machine,
 and on a Hopper GPU its results against the reference (flash-attn's tolerance rule) and bitwise
-determinism. Elsewhere the GPU cases are skipped; the lowering runs everywhere."""
+determinism. Elsewhere the GPU cases are skipped; the lowering runs everywhere, and without a GPU
+JAX's GPU interpret mode runs the kernels for a set of reference cases."""
 
 import dataclasses
 import re
@@ -9,14 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import flash_attn_jax as fa
 from conftest import ON_GPU
 from flash_attn_jax.kernels import mosaic_gpu, tuning
+from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
 from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
 from flash_attn_jax.kernels.registry import Request
 from flash_attn_jax.semantics import ScoreSpec
-from helpers import assert_within_tolerance, make_inputs, references, run_case
+from helpers import assert_within_tolerance, cotangents, make_inputs, references, run_case
 
 ON_HOPPER = ON_GPU and tuning.gpu_generation() == tuning.HOPPER
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
@@ -205,6 +208,44 @@ def test_forward_schedules(schedule, feature, seqlens, head_dim):
     ref, pt = references(q, k, v, slopes, **options)
     assert_within_tolerance("out", out, ref[0], pt[0])
     assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
+
+
+# JAX's GPU interpret mode runs the kernels on a CPU (TMA, wgmma and barriers simulated, layouts
+# not): their semantics against the reference in CI, forward and backward, at each head dim's
+# backward blocks, lengths that end inside tiles, and every feature.
+INTERPRETED = [
+    (64, (256, 256), "causal"),  # the (128, 64, 2) backward
+    (64, (104, 336), "all"),
+    (128, (264, 136), "window"),
+    (256, (128, 128), "causal"),  # dV and dK in two passes
+    (256, (104, 336), "all"),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (above)")
+@pytest.mark.parametrize("head_dim,seqlens,feature", INTERPRETED,
+                         ids=[f"d{d}-{q}x{k}-{f}" for d, (q, k), f in INTERPRETED])
+def test_interpreted_against_the_reference(head_dim, seqlens, feature):
+    options = dict(FEATURES[feature])
+    alibi = options.pop("alibi", False)
+    seqlen_q, seqlen_k = seqlens
+    q, k, v, slopes = make_inputs(5, batch=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=4,
+                                  nheads_k=2, head_dim=head_dim, dtype=jnp.bfloat16, alibi=alibi,
+                                  q_scale=5.0 if "softcap" in options else 1.0)
+    dout, dlse = cotangents(5, q, out=True, lse=True)
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, has_alibi=alibi, **options)
+    with plgpu.force_gpu_interpret_mode():
+        out, lse = mosaic_forward.forward(q, k, v, slopes, spec,
+                                          mosaic_gpu.forward_config(head_dim))
+        grads = mosaic_backward.backward(
+            q, k, v, slopes, out, lse, dout, dlse, spec,
+            mosaic_gpu.backward_config(head_dim, seqlen_q, seqlen_k))
+        out, lse, grads = jax.tree.map(np.asarray, (out, lse, grads))
+    ref, pt = references(q, k, v, slopes, dout, dlse, **options)
+    assert_within_tolerance("out", out, ref[0], pt[0])
+    assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
+    for name, grad, r, p in zip(("dq", "dk", "dv"), grads, ref[3], pt[3]):
+        assert_within_tolerance(name, grad, r, p, factor=3.0)
 
 
 @hopper_only

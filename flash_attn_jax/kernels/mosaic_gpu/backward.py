@@ -32,10 +32,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks, query_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig, broadcast, check_owned,
+                                                      BlockConfig, accumulate, broadcast,
+                                                      check_owned,
                                                       masked_full_masked,
                                                       matmul_transposed, produce, produce_keys,
-                                                      swizzle_for, swizzled_smem, wgmma_iota,
+                                                      stage_smem, swizzle_for, swizzled_smem,
+                                                      wgmma_iota, wgmma_registers,
                                                       zeros_tile)
 from flash_attn_jax.semantics import LOG2E, ScoreSpec
 
@@ -98,7 +100,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                  group: int, seqlen_q: int, seqlen_k: int):
     """``part``: "dkdv" (both), "dv" or "dk"; ``block_q``: the streamed query block. Buffers and
     outputs a part does not use are None."""
-    ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem),
+    ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem, stage),
      (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free) = scoped
     with_dv, with_dk = part in ("dkdv", "dv"), part in ("dkdv", "dk")
     block_k, stages = config.block_k, config.stages
@@ -123,6 +125,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
         keys = (batch, pl.ds(col_lo, block_k), head_k)
         own_k = k_smem.at[warpgroup]
         own_v = v_smem.at[warpgroup] if with_dk else None
+        own_stage = stage.at[warpgroup] if stage is not None else None
         plgpu.copy_gmem_to_smem(k_ref.at[keys], own_k, k_ready.at[warpgroup])
         if with_dk:
             plgpu.copy_gmem_to_smem(v_ref.at[keys], own_v, v_ready.at[warpgroup])
@@ -158,16 +161,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                 if part == "dkdv":
                     def dv_and_dp(refs):  # both wgmmas issued before one wait
                         dv_ref, dp_ref = refs
-                        plgpu.wgmma(dv_ref, p_t.astype(dtype), dout)
+                        wgmma_registers(dv_ref, p_t.astype(dtype), dout, own_stage)
                         plgpu.wgmma(dp_ref, own_v, dout.T)
 
-                    dv, dp_t = pl.run_state(dv_and_dp)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile((block_k, block_q)))))
+                    dv, dp_t = accumulate((dv, zeros_tile((block_k, block_q))), dv_and_dp)
                 elif part == "dv":
                     def dv_matmul(acc_ref):
-                        plgpu.wgmma(acc_ref, p_t.astype(dtype), dout)
+                        wgmma_registers(acc_ref, p_t.astype(dtype), dout, own_stage)
 
-                    dv = pl.run_state(dv_matmul)(plgpu.ACC.init(dv))
+                    dv = accumulate(dv, dv_matmul)
                 else:
                     dp_t = matmul_transposed(own_v, dout, (block_k, block_q))
                 if with_dk:
@@ -175,9 +177,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                     ds_t = p_t * (dp_t - broadcast(delta, dp_t.shape, 1)) * dlogits
 
                     def dk_matmul(acc_ref):
-                        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q)
+                        wgmma_registers(acc_ref, ds_t.astype(dtype), q, own_stage)
 
-                    dk = pl.run_state(dk_matmul)(plgpu.ACC.init(dk))
+                    dk = accumulate(dk, dk_matmul)
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
@@ -218,7 +220,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
 def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq_ref, scoped, *,
                spec: ScoreSpec, config: BlockConfig, group: int, seqlen_q: int,
                seqlen_k: int):
-    ((q_smem, dout_smem, lse_smem, delta_smem, k_smem, v_smem),
+    ((q_smem, dout_smem, lse_smem, delta_smem, k_smem, v_smem, stage),
      (q_ready, dout_ready, lse_ready, delta_ready), (k_ready, v_ready), (k_free, v_free)) = scoped
     block_q, block_k, stages = config.block_q, config.block_k, config.stages
     dtype = q_smem.dtype
@@ -267,9 +269,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
             ds = p * (dp - broadcast(delta, dp.shape, 0)) * dlogits
 
             def dq_matmul(acc_ref):
-                plgpu.wgmma(acc_ref, ds.astype(dtype), keys)
+                wgmma_registers(acc_ref, ds.astype(dtype), keys,
+                                stage.at[warpgroup] if stage is not None else None)
 
-            dq = pl.run_state(dq_matmul)(plgpu.ACC.init(dq))
+            dq = accumulate(dq, dq_matmul)
             plgpu.barrier_arrive(k_free.at[slot])
             return dq
 
@@ -324,7 +327,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
                        swizzled_smem((stages, block_q, head_dim), q.dtype, swizzle),
                        swizzled_smem((stages, block_q, head_dim), dout.dtype, swizzle),
                        plgpu.SMEM((stages, block_q), jnp.float32),
-                       plgpu.SMEM((stages, block_q), jnp.float32) if with_dk else None)
+                       plgpu.SMEM((stages, block_q), jnp.float32) if with_dk else None,
+                       stage_smem((block_k, block_q), q.dtype))
             own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
                    plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if with_dk else None)
             ready = (plgpu.Barrier(num_barriers=stages),) * 3 + (
@@ -357,7 +361,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
                    plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
                    plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
                    swizzled_smem((stages, keys, head_dim), k.dtype, swizzle),
-                   swizzled_smem((stages, keys, head_dim), v.dtype, swizzle))
+                   swizzled_smem((stages, keys, head_dim), v.dtype, swizzle),
+                   stage_smem((rows, keys), q.dtype))
         own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),) * 4
         ready = (plgpu.Barrier(num_barriers=stages),) * 2
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 
 import jax.numpy as jnp
+from jax._src import config as jax_config  # the interpret-mode setting (no public getter)
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -77,6 +78,12 @@ def produce(first, end, stages, load, free_barriers):
             plgpu.barrier_wait(barrier.at[slot])
         load(step, slot)
 
+    if interpreting():  # it checks that every completed phase was awaited; a GPU need not
+        @pl.loop(jnp.maximum(end - stages, first), end)
+        def _drain(step):
+            for barrier in free_barriers:
+                plgpu.barrier_wait(barrier.at[irem(step - first, stages)])
+
 
 def produce_keys(k_ref, v_ref, k_smem, v_smem, ready, free, *, batch, head_k, first, end,
                  block_k, stages):
@@ -103,6 +110,51 @@ def masked_full_masked(step_body, first, inner_first, inner_end, end, carry):
     carry = lax.fori_loop(inner_first, inner_end, functools.partial(step_body, masked=False),
                           carry)
     return lax.fori_loop(inner_end, end, masked_step, carry)
+
+
+def interpreting() -> bool:
+    """Whether the kernels are being traced for JAX's GPU interpret mode (CPU tests), which has
+    no rule for ``pl.run_state`` (see ``accumulate``)."""
+    return isinstance(jax_config.pallas_tpu_interpret_mode_context_manager.value,
+                      plgpu.InterpretGPUParams)
+
+
+def accumulate(accs, issue):
+    """``issue(acc_refs)`` issues wgmmas into accumulators that start at ``accs`` (an array or a
+    tuple of them); returns their values once the wgmmas are done. On the GPU one
+    ``pl.run_state``; in interpret mode, which has no rules for it nor for storing into an
+    accumulator, the wgmmas go into zeroed scoped accumulators and ``accs`` is added after."""
+    many = isinstance(accs, tuple)
+    accs_tuple = accs if many else (accs,)
+    if not interpreting():
+        init = tuple(plgpu.ACC.init(acc) for acc in accs_tuple)
+        return pl.run_state(issue)(init if many else init[0])
+
+    def scoped(*refs):
+        issue(refs if many else refs[0])
+        return tuple(ref[...] for ref in refs)
+
+    products = pl.run_scoped(scoped, *[plgpu.ACC(acc.shape, jnp.float32) for acc in accs_tuple])
+    sums = tuple(acc + product for acc, product in zip(accs_tuple, products))
+    return sums if many else sums[0]
+
+
+def wgmma_registers(acc_ref, a, b, stage=None):
+    """``plgpu.wgmma(acc_ref, a, b)`` with ``a`` in registers. Interpret mode takes A from shared
+    memory only: there ``a`` is written to ``stage`` (a buffer of its shape from ``stage_smem``,
+    one per warpgroup; its wgmmas run synchronously, so one buffer serves them all) first."""
+    if stage is None:
+        plgpu.wgmma(acc_ref, a, b)
+        return
+    stage[...] = a
+    plgpu.commit_smem()
+    plgpu.wgmma(acc_ref, stage, b)
+
+
+def stage_smem(shape, dtype):
+    """The compute warpgroups' ``wgmma_registers`` buffers for A operands of ``shape``: in
+    interpret mode only (None on a GPU)."""
+    return plgpu.SMEM((COMPUTE_WARPGROUPS, *shape), dtype) if interpreting() else None
 
 
 def matmul_transposed(a, b, shape):

@@ -30,10 +30,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig, broadcast, check_owned,
+                                                      BlockConfig, accumulate, broadcast,
+                                                      check_owned,
                                                       masked_full_masked,
-                                                      produce_keys, row_vector, swizzled_smem,
-                                                      wgmma_iota, zeros_tile)
+                                                      produce_keys, row_vector, stage_smem,
+                                                      swizzled_smem, wgmma_iota, wgmma_registers,
+                                                      zeros_tile)
 from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec
 
 
@@ -57,7 +59,8 @@ class ForwardConfig(BlockConfig):
 
 def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: ScoreSpec,
             config: ForwardConfig, group: int, seqlen_q: int, seqlen_k: int):
-    (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scoped
+    ((q_smem, k_smem, v_smem, lse_smem, stage_p), (k_ready, v_ready, q_ready), (k_free, v_free),
+     turn) = scoped
     block_q, block_k, stages = config.block_q, config.block_k, config.stages
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]
@@ -127,11 +130,12 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
                 plgpu.barrier_wait(turn)  # the tensor cores are this warpgroup's again
 
             def pv_matmul(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                wgmma_registers(acc_ref, p16, v_smem.at[slot],
+                                stage_p.at[warpgroup] if stage_p is not None else None)
                 if config.key_wait_under_pv:
                     pl.when(step + 1 < end)(functools.partial(wait_for_keys, step + 1))
 
-            acc = pl.run_state(pv_matmul)(plgpu.ACC.init(acc))
+            acc = accumulate(acc, pv_matmul)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, new_max, row_sum
 
@@ -182,7 +186,8 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
         buffers = (swizzled_smem((COMPUTE_WARPGROUPS, config.block_q, head_dim), q.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), k.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), v.dtype),
-                   plgpu.SMEM((COMPUTE_WARPGROUPS, config.block_q), jnp.float32))
+                   plgpu.SMEM((COMPUTE_WARPGROUPS, config.block_q), jnp.float32),
+                   stage_smem((config.block_q, config.block_k), q.dtype))
         ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                  plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
