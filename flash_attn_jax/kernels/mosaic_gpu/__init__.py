@@ -6,11 +6,13 @@ in float16 and bfloat16 at head dims 64, 128 and 256, with every mask (causal, w
 softcap, ALiBi, GQA/MQA and the lse and its cotangent, at sequence lengths in 8s (the last
 tiles read zeros past the ends and their writes are clipped); every other call (dropout, varlen,
 sequence shards, the KV cache, S_dmask) goes to the next backend. It is the automatic choice on
-Hopper for what it covers (its tests, and the dense, backward, hardening and x64 files of the
-suite with it chosen, pass on an H200; the head dim 256 backward and lengths that are not whole
-tiles have so far been lowered, not run). Its kernels lower on a machine without a GPU when the
-CUDA plugin's Python extensions are installed (``jax-cuda13-plugin``), which the lowering tests
-use.
+Hopper for what it covers: on an H200 its tests pass, the head dim 256 backward and lengths
+that end inside tiles included (tests/test_mosaic_gpu.py: 314 passed, 5 skipped, the skipped
+ones the interpret-mode cases), and so do the dense and backward files of the suite with it chosen
+(350 passed; the hardening and x64 files passed with it before). Its kernels lower on a machine
+without a GPU when the CUDA plugin's Python extensions are installed (``jax-cuda13-plugin``),
+which the lowering tests use, and run on a CPU under JAX's GPU interpret mode
+(``plgpu.force_gpu_interpret_mode()``; test_interpreted_against_the_reference).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ FORWARD_TABLE = TuningTable({
 # that would be 256 registers a thread for dK and dV alone, so there dV and dK take a pass each,
 # and the dK pass and the dQ kernel stream blocks of 32 to fit their shared memory (keys and
 # values, or queries and output gradients, of 2 x 64 rows are 128 KiB). head dim -> blocks in
-# order of preference; a
-# call takes the first whose programs tile its lengths (the larger dQ program needs query lengths
-# in 256s). Swept at S 4096 (forward + backward TFLOP/s, non-causal / causal): d 64 (128, 64, 2)
-# 363 / 313, (64, 64, 2) 340 / 296; d 128 (64, 64, 2) 446 / 400, (128, 64, 2) 332 / 265,
-# 128-key blocks 140-304.
+# order of preference; a call takes the first whose programs tile its lengths (the larger dQ
+# program needs query lengths in 256s), else the last (its last tiles partial). Swept at S 4096
+# (forward + backward TFLOP/s, non-causal / causal): d 64 (128, 64, 2) 363 / 313, (64, 64, 2)
+# 340 / 296; d 128 (64, 64, 2) 446 / 400, (128, 64, 2) 332 / 265, 128-key blocks 140-304.
+# d 256, the two passes (H200, benchmarks/RESULTS.md section 1): forward + backward 390 / 344 at
+# S 4096, 408 / 378 at S 16384 (cuDNN 416 / 366 and 410 / 412; with the Triton backward it was
+# 270 / 239 and 256 / 256).
 BACKWARD_TABLE = TuningTable({
     64: (_backward.BackwardConfig(block_q=128, block_k=64, stages=2),
          _backward.BackwardConfig(block_q=64, block_k=64, stages=2)),
