@@ -321,7 +321,7 @@ def alibi_slopes(x, batch, num_heads):
 
 
 def score_spec(*, head_dim, softmax_scale, causal, window, softcap, has_alibi, dropout_p=0.0,
-               longest=None):
+               longest=None, deterministic=False):
     """The ScoreSpec of validated arguments; softmax_scale defaults to head_dim ** -0.5.
 
     ``longest``: a bound on both sequence lengths (on the score positions). A window side of at
@@ -339,7 +339,7 @@ def score_spec(*, head_dim, softmax_scale, causal, window, softcap, has_alibi, d
         left, right = (-1 if w >= longest else w for w in (left, right))
     return ScoreSpec.create(softmax_scale=scale, causal=static_bool("causal", causal),
                             window_size=(left, right), softcap=cap, has_alibi=has_alibi,
-                            dropout_p=dropout_p)
+                            dropout_p=dropout_p, deterministic=deterministic)
 
 
 def attention_options(batch, num_heads, head_dim, *, dropout_p, softmax_scale, causal,
@@ -348,11 +348,11 @@ def attention_options(batch, num_heads, head_dim, *, dropout_p, softmax_scale, c
     (slopes (batch, nheads) or None, ScoreSpec, the dropout key's words or None). ``alibi``: the
     alibi_slopes argument; ``longest`` as for ``score_spec``."""
     dropout_p, seed = dropout(dropout_p, dropout_key)
-    static_bool("deterministic", deterministic)
+    deterministic = static_bool("deterministic", deterministic)
     slopes = alibi_slopes(alibi, batch, num_heads)
     spec = score_spec(head_dim=head_dim, softmax_scale=softmax_scale, causal=causal,
                       window=window_size, softcap=softcap, has_alibi=slopes is not None,
-                      dropout_p=dropout_p, longest=longest)
+                      dropout_p=dropout_p, longest=longest, deterministic=deterministic)
     return slopes, spec, seed
 
 

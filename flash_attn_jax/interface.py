@@ -33,7 +33,10 @@ _COMMON_ARGS_DOC = """
       softcap: > 0 replaces the scaled score x by softcap * tanh(x / softcap); <= 0 disables it.
       alibi_slopes: float32 (nheads,) or (batch, nheads): adds -slope * |i + seqlen_k - seqlen_q - j|
         to the scores of each query head (after softcap).
-      deterministic: accepted for compatibility; the forward pass is always deterministic.
+      deterministic: True makes the backward bitwise reproducible. With False (flash-attn's
+        default) the Mosaic GPU backward on Hopper may sum dQ with float32 atomics (equal to
+        rounding run to run); every other path is bitwise reproducible either way, and the
+        forward always is.
       return_attn_probs: also return the logsumexp and the attention probabilities.
       dropout_key: a jax PRNG key (jax.random.key, or raw uint32[2] key data as from
         jax.random.PRNGKey), required when dropout_p > 0 (keyword only).

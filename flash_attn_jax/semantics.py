@@ -46,6 +46,9 @@ class ScoreSpec:
       has_alibi: an ALiBi bias with per-(batch, head) slopes is added.
       dropout_p: after the softmax, probabilities are dropped with this probability (the keep mask
         of ``dropout_keep``) and the kept ones scaled by 1 / (1 - dropout_p); 0 disables it.
+      deterministic: the backward must be bitwise reproducible (flash-attn's flag). Not part of
+        the scores: with False a kernel may sum dQ in any order (float32 atomics), within
+        rounding of the deterministic result.
     """
 
     softmax_scale: float
@@ -54,10 +57,11 @@ class ScoreSpec:
     window_right: int = -1
     has_alibi: bool = False
     dropout_p: float = 0.0
+    deterministic: bool = False
 
     @classmethod
     def create(cls, *, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,
-               has_alibi=False, dropout_p=0.0):
+               has_alibi=False, dropout_p=0.0, deterministic=False):
         """Builds a spec from the flash-attn arguments (already validated)."""
         left, right = (int(w) for w in window_size)
         if causal:
@@ -65,7 +69,7 @@ class ScoreSpec:
         return cls(softmax_scale=float(softmax_scale),
                    softcap=float(softcap) if softcap > 0 else 0.0,
                    window_left=left, window_right=right, has_alibi=bool(has_alibi),
-                   dropout_p=float(dropout_p))
+                   dropout_p=float(dropout_p), deterministic=bool(deterministic))
 
     @property
     def has_dropout(self) -> bool:

@@ -3,6 +3,7 @@ and on a Hopper GPU its results against the reference (flash-attn's tolerance ru
 determinism. Elsewhere the GPU cases are skipped; the lowering runs everywhere, and without a GPU
 JAX's GPU interpret mode runs the kernels for a set of reference cases."""
 
+import contextlib
 import dataclasses
 import re
 
@@ -113,17 +114,30 @@ FEATURES = {
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_kernels_lower_for_an_h100(feature, dtype, head_dim):
     forward = mosaic_gpu.forward_config(head_dim)
+    deterministic = dtype == jnp.float16  # the two backwards, each at every feature and head dim
     for backward in mosaic_gpu.backward_configs(head_dim):
         # An odd number of each config's programs, so that each backward config gets chosen.
         rows = max(forward.rows_per_program, backward.rows_per_program)
         keys = max(forward.block_k, backward.keys_per_program)
-        assert mosaic_gpu.backward_config(head_dim, 3 * rows, 5 * keys) == backward
-        kernels = 1 + len(backward.dkdv_parts) + 1  # forward, dK/dV pass(es), dQ
-        _lower_for_an_h100(feature, dtype, head_dim, 3 * rows, 5 * keys, kernels)
+        # Enough keys for the dK/dV kernel to add dQ (where it can).
+        key_programs = max(5, -(-backward.fuse_dq_from // keys))
+        seqlen_k = keys * (key_programs + 1 - key_programs % 2)
+        assert mosaic_gpu.backward_config(head_dim, 3 * rows, seqlen_k) == backward
+        _lower_for_an_h100(feature, dtype, head_dim, 3 * rows, seqlen_k,
+                           _kernels(backward, head_dim, seqlen_k, deterministic), deterministic)
 
 
-def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, kernels):
-    options = dict(FEATURES[feature])
+def _kernels(backward, head_dim, seqlen_k, deterministic):
+    """Kernels of a forward + backward: the forward, the dK/dV pass(es), dQ (unless the dK/dV
+    kernel adds it)."""
+    if not deterministic and backward.fuses_dq(head_dim, seqlen_k):
+        return 2
+    return 1 + len(backward.dkdv_parts) + 1
+
+
+def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, kernels,
+                       deterministic=False):
+    options = dict(FEATURES[feature], deterministic=deterministic)
     alibi = options.pop("alibi", False)
     q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=4,
                                   nheads_k=2, head_dim=head_dim, dtype=dtype, alibi=alibi)
@@ -144,7 +158,9 @@ def _lower_for_an_h100(feature, dtype, head_dim, seqlen_q, seqlen_k, kernels):
 @pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
 def test_partial_tiles_lower(head_dim):
     backward = mosaic_gpu.backward_config(head_dim, 104, 336)
-    _lower_for_an_h100("all", jnp.bfloat16, head_dim, 104, 336, 2 + len(backward.dkdv_parts))
+    for deterministic in (False, True):
+        _lower_for_an_h100("all", jnp.bfloat16, head_dim, 104, 336,
+                           _kernels(backward, head_dim, 336, deterministic), deterministic)
 
 
 def test_kernels_lower_under_x64():
@@ -154,7 +170,7 @@ def test_kernels_lower_under_x64():
         with jax.sharding.use_abstract_mesh(H100_MESH):
             hlo = jax.jit(_grad_fn(causal=True)).trace(q, k, v).lower(
                 lowering_platforms=("cuda",)).as_text()
-    assert hlo.count("custom_call @mosaic_gpu_v2") == 3
+    assert hlo.count("custom_call @mosaic_gpu_v2") == 2  # forward, dK/dV adding dQ
 
 
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
@@ -169,12 +185,25 @@ SEQLENS = [(128, 128), (256, 512), (512, 256), (384, 1024), (104, 336), (264, 13
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("seqlens", SEQLENS)
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_against_the_reference(feature, dtype, head_dim, seqlens):
+def test_against_the_reference(feature, dtype, head_dim, seqlens, monkeypatch):
     index = list(FEATURES).index(feature) + SEQLENS.index(seqlens)
+    if dtype == jnp.bfloat16:  # dQ added by the dK/dV kernel at these lengths too
+        _add_dq_at_any_length(monkeypatch)
     with fa.use_backend("mosaic-gpu"):
+        # float16 with the deterministic backward, bfloat16 with dQ added by the dK/dV kernel
+        # (where its blocks allow).
         run_case(index, seqlen_q=seqlens[0], seqlen_k=seqlens[1], head_dim=head_dim,
                  dtype=dtype, nheads=4, nheads_k=(4, 2, 1)[index % 3],
-                 q_scale=5.0 if "softcap" in FEATURES[feature] else 1.0, **FEATURES[feature])
+                 q_scale=5.0 if "softcap" in FEATURES[feature] else 1.0,
+                 deterministic=dtype == jnp.float16, **FEATURES[feature])
+
+
+def _add_dq_at_any_length(monkeypatch):
+    """The backend's backward configs with ``fuse_dq_from`` 0, so that short test lengths take
+    the dK/dV kernel that adds dQ (the tables keep it for long ones)."""
+    chosen = mosaic_gpu.backward_config
+    monkeypatch.setattr(mosaic_gpu, "backward_config", lambda *args: dataclasses.replace(
+        chosen(*args), fuse_dq_from=0))
 
 
 # Forward schedules besides the tables' (ForwardConfig's flags): each lowered, and on Hopper
@@ -214,18 +243,21 @@ def test_forward_schedules(schedule, feature, seqlens, head_dim):
 # not): their semantics against the reference in CI, forward and backward, at each head dim's
 # backward blocks, lengths that end inside tiles, and every feature.
 INTERPRETED = [
-    (64, (256, 256), "causal"),  # the (128, 64, 2) backward
-    (64, (104, 336), "all"),
-    (128, (264, 136), "window"),
-    (256, (128, 128), "causal"),  # dV and dK in two passes
-    (256, (104, 336), "all"),
+    (64, (256, 256), "causal", True),  # the (128, 64, 2) backward
+    (64, (256, 256), "causal", False),  # the same adding dQ by row halves
+    (64, (104, 336), "all", True),
+    (128, (264, 136), "window", True),
+    (128, (264, 136), "all", False),  # adding dQ by column halves
+    (256, (128, 128), "causal", True),  # dV and dK in two passes
+    (256, (104, 336), "all", True),
 ]
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (above)")
-@pytest.mark.parametrize("head_dim,seqlens,feature", INTERPRETED,
-                         ids=[f"d{d}-{q}x{k}-{f}" for d, (q, k), f in INTERPRETED])
-def test_interpreted_against_the_reference(head_dim, seqlens, feature):
+@pytest.mark.parametrize("head_dim,seqlens,feature,deterministic", INTERPRETED,
+                         ids=[f"d{d}-{q}x{k}-{f}" + ("" if det else "-dq-added")
+                              for d, (q, k), f, det in INTERPRETED])
+def test_interpreted_against_the_reference(head_dim, seqlens, feature, deterministic):
     options = dict(FEATURES[feature])
     alibi = options.pop("alibi", False)
     seqlen_q, seqlen_k = seqlens
@@ -237,9 +269,12 @@ def test_interpreted_against_the_reference(head_dim, seqlens, feature):
     with plgpu.force_gpu_interpret_mode():
         out, lse = mosaic_forward.forward(q, k, v, slopes, spec,
                                           mosaic_gpu.forward_config(head_dim))
-        grads = mosaic_backward.backward(
-            q, k, v, slopes, out, lse, dout, dlse, spec,
-            mosaic_gpu.backward_config(head_dim, seqlen_q, seqlen_k))
+        config = mosaic_gpu.backward_config(head_dim, seqlen_q, seqlen_k)
+        if not deterministic:  # dQ added by the dK/dV kernel at these short lengths too
+            config = dataclasses.replace(config, fuse_dq_from=0)
+            assert config.fuses_dq(head_dim, seqlen_k)
+        grads = mosaic_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
+                                         deterministic=deterministic)
         out, lse, grads = jax.tree.map(np.asarray, (out, lse, grads))
     ref, pt = references(q, k, v, slopes, dout, dlse, **options)
     assert_within_tolerance("out", out, ref[0], pt[0])
@@ -259,3 +294,40 @@ def test_deterministic_and_the_backend_ran():
         first, second = attend(q, k, v), attend(q, k, v)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _vmapped_grads_and_loop(interpret):
+    """Gradients of a batch of two attention calls under jax.vmap, and one call at a time,
+    through the backward that adds dQ in the dK/dV kernel (whose batching rule folds the
+    vmapped axis into the batch)."""
+    inputs = [make_inputs(80 + i, batch=1, seqlen_q=128, seqlen_k=192, nheads=2, nheads_k=1,
+                          head_dim=128, dtype=jnp.bfloat16)[:3] for i in range(2)]
+    q, k, v = (jnp.stack(x) for x in zip(*inputs))
+    spec = ScoreSpec.create(softmax_scale=128 ** -0.5, causal=True)
+    config = dataclasses.replace(mosaic_gpu.backward_config(128, 128, 192), fuse_dq_from=0)
+    assert config.fuses_dq(128, 192)
+
+    def grads(q, k, v):
+        out, lse = mosaic_forward.forward(q, k, v, None, spec, mosaic_gpu.forward_config(128))
+        return mosaic_backward.backward(q, k, v, None, out, lse, q, jnp.zeros_like(lse), spec,
+                                        config, deterministic=False)
+
+    context = plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext()
+    with context:
+        batched = jax.tree.map(np.asarray, jax.jit(jax.vmap(grads))(q, k, v))
+        singles = [jax.tree.map(np.asarray, jax.jit(grads)(q[i], k[i], v[i])) for i in range(2)]
+    for i, single in enumerate(singles):
+        for name, a, b in zip(("dq", "dk", "dv"), batched, single):
+            # dQ: float32 sums in any order, rounded to bfloat16 (one unit in the last place).
+            np.testing.assert_allclose(a[i].astype(np.float32), b.astype(np.float32),
+                                       rtol=2.0 ** -7, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (below)")
+def test_interpreted_vmap_of_the_backward_adding_dq():
+    _vmapped_grads_and_loop(interpret=True)
+
+
+@hopper_only
+def test_vmap_of_the_backward_adding_dq():
+    _vmapped_grads_and_loop(interpret=False)

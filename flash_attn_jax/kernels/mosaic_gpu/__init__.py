@@ -52,10 +52,14 @@ FORWARD_TABLE = TuningTable({
 # d 256, the two passes (H200, benchmarks/RESULTS.md section 1): forward + backward 390 / 344 at
 # S 4096, 408 / 378 at S 16384 (cuDNN 416 / 366 and 410 / 412; with the Triton backward it was
 # 270 / 239 and 256 / 256).
+# deterministic=False (flash-attn's default) adds dQ in the dK/dV kernel (5 matmuls a tile, not
+# 7) where the blocks allow; forward + backward on the H200 (RESULTS.md section 1), TFLOP/s
+# added / separate dQ kernel, S 1k, 4k, 16k non-causal: d 64 340 / 325, 402 / 368, 432 / 379;
+# d 128 372 / 392, 448 / 445, 487 / 471: at head dim 128 from 4096 keys only.
 BACKWARD_TABLE = TuningTable({
     64: (_backward.BackwardConfig(block_q=128, block_k=64, stages=2),
          _backward.BackwardConfig(block_q=64, block_k=64, stages=2)),
-    128: (_backward.BackwardConfig(block_q=64, block_k=64, stages=2),),
+    128: (_backward.BackwardConfig(block_q=64, block_k=64, stages=2, fuse_dq_from=4096),),
     256: (_backward.BackwardConfig(block_q=64, block_k=64, stages=2, split_dkdv=True,
                                    dk_block_q=32, dq_block_k=32),),
 })
@@ -128,4 +132,4 @@ class MosaicGPU(Backend):
                  placement=None, grad_dtype=None, delta=None):
         config = backward_config(q.shape[-1], q.shape[1], k.shape[1])
         return _backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
-                                  delta=delta)
+                                  delta=delta, deterministic=spec.deterministic)

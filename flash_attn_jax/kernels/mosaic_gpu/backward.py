@@ -1,5 +1,8 @@
-"""Attention backward for Hopper GPUs in Pallas Mosaic GPU: kernels without atomics, so the
-gradients are bitwise reproducible.
+"""Attention backward for Hopper GPUs in Pallas Mosaic GPU. Deterministic (bitwise reproducible)
+as two kernels, dK/dV and dQ, without atomics; or, with ``deterministic=False`` (flash-attn's
+default), one kernel: the dK/dV kernel also adds each tile's dQ = dS K into a float32 sum by TMA
+reductions (five matmuls a tile instead of the two kernels' seven; dQ then reproducible to
+rounding only, dK and dV still bitwise).
 
 - dK/dV: one program per (kv head, 2 * block_k keys, batch row). Two compute warpgroups own
   block_k keys each and keep dK and dV in registers; a producer warpgroup streams the query
@@ -9,6 +12,9 @@ gradients are bitwise reproducible.
   accumulators do not fit the registers together: the kernel runs twice (``split_dkdv``), once
   for dV (keys only held) and once for dK (keys and values held, 32-query streams so that the
   shared memory holds them), recomputing S^T.
+- dK/dV adding dQ (``_add_dq``): each step the two warpgroups store their dS^T tiles to shared
+  memory, meet at a barrier, and each computes one 64 x 64 tile of the query block's dQ over
+  both warpgroups' keys, which a TMA reduction adds to the sum.
 - dQ: one program per (query head, 2 * block_q rows, batch row), the forward's shape: two compute
   warpgroups own block_q rows each with dQ in registers, the producer streams key and value
   blocks. S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
@@ -22,10 +28,13 @@ warpgroup attends in full. ``delta`` = rowsum(dO * O) - dlse (the lse cotangent)
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import config as jax_config  # _check_vma, as plgpu.kernel uses it
+from jax._src.pallas import mpmd as pallas_mpmd  # input_output_aliases (see _dkdv_dq)
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -33,7 +42,7 @@ from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks, query_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
                                                       BlockConfig, accumulate, broadcast,
-                                                      check_owned,
+                                                      check_owned, interpreting,
                                                       masked_full_masked,
                                                       matmul_transposed, produce, produce_keys,
                                                       stage_smem, swizzle_for, swizzled_smem,
@@ -51,11 +60,12 @@ class BackwardConfig(BlockConfig):
     dK/dV kernel, each keeping one accumulator in registers (at head dim 256 dK and dV together
     would need 256 registers a thread); the dK pass, which holds keys and values, streams
     ``dk_block_q`` queries (default block_q) to stay within shared memory, and the dQ kernel
-    streams ``dq_block_k`` keys (default block_k)."""
+    streams ``dq_block_k`` keys (default block_k). ``fuse_dq_from``: see ``fuses_dq``."""
 
     split_dkdv: bool = False
     dk_block_q: int | None = None
     dq_block_k: int | None = None
+    fuse_dq_from: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,6 +82,15 @@ class BackwardConfig(BlockConfig):
         if not self.split_dkdv:
             return (("dkdv", self.block_q),)
         return (("dv", self.block_q), ("dk", self.dk_block_q or self.block_q))
+
+    def fuses_dq(self, head_dim: int, seqlen_k: int) -> bool:
+        """Whether the dK/dV kernel adds dQ too (``backward(deterministic=False)``): one pass,
+        dQ's block_q x head_dim splits into one 64 x 64 tile per compute warpgroup, and at least
+        ``fuse_dq_from`` keys (the float32 sum's zeroing and rounding cost the same per query
+        at any length, the matmuls saved grow with the keys)."""
+        return (not self.split_dkdv and not self.block_q % 64 and not head_dim % 64
+                and (self.block_q // 64) * (head_dim // 64) == COMPUTE_WARPGROUPS
+                and seqlen_k >= self.fuse_dq_from)
 
     @property
     def dq_blocks(self) -> BlockConfig:
@@ -96,12 +115,13 @@ def _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope, masked, l
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dk_ref, dv_ref,
-                 scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str, block_q: int,
-                 group: int, seqlen_q: int, seqlen_k: int):
+                 dq_sum_ref, scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str,
+                 block_q: int, group: int, seqlen_q: int, seqlen_k: int):
     """``part``: "dkdv" (both), "dv" or "dk"; ``block_q``: the streamed query block. Buffers and
-    outputs a part does not use are None."""
-    ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem, stage),
-     (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free) = scoped
+    outputs a part does not use are None. With ``dq_sum_ref`` (float32, q's shape; "dkdv" only)
+    each step also adds its dQ = dS K to it (``_add_dq``)."""
+    ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem, stage, ds_smem, dq_smem),
+     (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free, pair) = scoped
     with_dv, with_dk = part in ("dkdv", "dv"), part in ("dkdv", "dk")
     block_k, stages = config.block_k, config.stages
     dtype = k_smem.dtype
@@ -179,7 +199,18 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                     def dk_matmul(acc_ref):
                         wgmma_registers(acc_ref, ds_t.astype(dtype), q, own_stage)
 
+                    if dq_sum_ref is not None:
+                        # Both warpgroups' dS^T tiles in shared memory (two buffers: the other
+                        # warpgroup may still read the last step's).
+                        parity = irem(member * blocks_per_head + query_block - first, 2)
+                        ds_smem.at[parity, warpgroup][...] = ds_t.astype(dtype)
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(pair.at[parity])
                     dk = accumulate(dk, dk_matmul)
+                    if dq_sum_ref is not None:
+                        plgpu.barrier_wait(pair.at[parity])
+                        _add_dq(dq_sum_ref, ds_smem.at[parity], k_smem, dq_smem.at[warpgroup],
+                                warpgroup, rows=(batch, query_block * block_q, head))
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
@@ -188,6 +219,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
         zeros = zeros_tile((block_k, head_dim))
         dk, dv = lax.fori_loop(0, group, head_body, (zeros if with_dk else None,
                                                       zeros if with_dv else None))
+        if dq_sum_ref is not None:  # until the other warpgroup's last dQ has read our keys
+            plgpu.barrier_arrive(pair.at[2])
+            plgpu.barrier_wait(pair.at[2])
         # The keys and values are no longer read: their buffers stage the gradients' stores.
         stores = [(dk, own_k, dk_ref)] if with_dk else []
         if with_dv:
@@ -215,6 +249,34 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                                         delta_ready.at[slot])
 
         produce(0, num_steps, stages, load, (free,))
+
+
+def _add_dq(dq_sum_ref, ds_tiles, k_smem, dq_tile, warpgroup, *, rows):
+    """Adds the dQ of one streamed query block, dS (block_q x both warpgroups' keys) K, to
+    ``dq_sum_ref`` (float32) by TMA reductions. ``ds_tiles``: (warpgroups, keys, block_q), each
+    warpgroup's dS^T. The warpgroups split dQ's block_q x head_dim into one 64 x 64 tile each."""
+    batch, row_lo, head = rows
+    col_tiles = k_smem.shape[-1] // 64
+    for owner in range(COMPUTE_WARPGROUPS):
+        row, col = (64 * i for i in divmod(owner, col_tiles))
+
+        @pl.when(warpgroup == owner)
+        def _tile(row=row, col=col):
+            def dq_matmul(acc_ref):
+                for keys in range(COMPUTE_WARPGROUPS):  # contract over each warpgroup's keys
+                    plgpu.wgmma(acc_ref, ds_tiles.at[keys, :, pl.ds(row, 64)].T,
+                                k_smem.at[keys, :, pl.ds(col, 64)])
+                return acc_ref[...]
+
+            dq = pl.run_scoped(dq_matmul, plgpu.ACC((64, 64), jnp.float32))
+            target = dq_sum_ref.at[batch, pl.ds(row_lo + row, 64), head, pl.ds(col, 64)]
+            if interpreting():  # no TMA reductions there; the programs run one at a time
+                target[...] = target[...] + dq
+                return
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction read dq_tile
+            dq_tile[...] = dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dq_tile, target, reduction_op="add")
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq_ref, scoped, *,
@@ -291,11 +353,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: BackwardConfig, *,
-             delta=None):
+             delta=None, deterministic: bool = True):
     """(dq, dk, dv) in the inputs' dtype. q, out, dout (B, Sq, H, D), k, v (B, Sk, H_k, D),
     16-bit; lse and dlse (B, H, Sq) float32; lengths in 8s (read past the ends of partial tiles
     as zeros, writes clipped, as in the forward). ``delta``: rowsum(dout * out) - dlse when
-    the caller has it."""
+    the caller has it. ``deterministic=False`` lets the dK/dV kernel add dQ into a float32 sum by
+    TMA reductions (``config.fuses_dq``), in whatever order the programs run: one kernel of
+    five matmuls a tile instead of two kernels of seven, with dQ reproducible only to rounding."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if delta is None:
@@ -309,69 +373,128 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
     slopes = slopes.astype(jnp.float32)
     statics = dict(spec=spec, group=num_heads // num_heads_k, seqlen_q=seqlen_q,
                    seqlen_k=seqlen_k)
-    block_k, stages = config.block_k, config.stages
-    params = plgpu.CompilerParams(approx_math=True)
-    mesh = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
+    operands = (q, k, v, dout, lse, delta, slopes)
+    if not deterministic and config.fuses_dq(head_dim, seqlen_k):
+        dk, dv, dq_sum = _dkdv_dq(*operands, config=config, **statics)
+        return dq_sum[:, :seqlen_q].astype(q.dtype), dk, dv
     grads = {}
     for part, block_q in config.dkdv_parts:
-        with_dk = part in ("dkdv", "dk")
-        outputs = [name for name in ("dk", "dv") if name in part]
-
-        def dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, *out_refs,
-                       part=part, block_q=block_q, with_dk=with_dk, outputs=outputs):
-            named = dict(zip(outputs, out_refs))
-            swizzle = swizzle_for(block_q, q.dtype)  # dK += dS^T Q contracts over block_q
-            buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), k.dtype, swizzle),
-                       swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), v.dtype, swizzle)
-                       if with_dk else None,
-                       swizzled_smem((stages, block_q, head_dim), q.dtype, swizzle),
-                       swizzled_smem((stages, block_q, head_dim), dout.dtype, swizzle),
-                       plgpu.SMEM((stages, block_q), jnp.float32),
-                       plgpu.SMEM((stages, block_q), jnp.float32) if with_dk else None,
-                       stage_smem((block_k, block_q), q.dtype))
-            own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
-                   plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if with_dk else None)
-            ready = (plgpu.Barrier(num_barriers=stages),) * 3 + (
-                plgpu.Barrier(num_barriers=stages) if with_dk else None,)
-            free = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)
-            pl.run_scoped(
-                lambda *scoped: _dkdv_kernel(
-                    q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref,
-                    named.get("dk"), named.get("dv"), scoped, config=config, part=part,
-                    block_q=block_q, **statics),
-                buffers, own, ready, free, collective_axes="wg")
-
-        shapes = dict(dk=jax.ShapeDtypeStruct(k.shape, k.dtype),
-                      dv=jax.ShapeDtypeStruct(v.shape, v.dtype))
-        results = plgpu.kernel(
-            dkdv_entry, out_type=tuple(shapes[name] for name in outputs),
-            grid=(num_heads_k, pl.cdiv(seqlen_k, config.keys_per_program), batch),
-            grid_names=("heads", "k_tiles", "batch"), compiler_params=params, **mesh,
-        )(q, k, v, dout, lse, delta, slopes)
-        grads.update(zip(outputs, results))
-    dk, dv = grads["dk"], grads["dv"]
-
-    dq_config = config.dq_blocks
-
-    def dq_entry(*refs):
-        swizzle = swizzle_for(dq_config.block_k, k.dtype)  # dQ += dS K contracts over block_k
-        rows, keys = dq_config.block_q, dq_config.block_k
-        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, rows, head_dim), q.dtype, swizzle),
-                   swizzled_smem((COMPUTE_WARPGROUPS, rows, head_dim), dout.dtype, swizzle),
-                   plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
-                   plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
-                   swizzled_smem((stages, keys, head_dim), k.dtype, swizzle),
-                   swizzled_smem((stages, keys, head_dim), v.dtype, swizzle),
-                   stage_smem((rows, keys), q.dtype))
-        own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),) * 4
-        ready = (plgpu.Barrier(num_barriers=stages),) * 2
-        free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
-        pl.run_scoped(lambda *scoped: _dq_kernel(*refs, scoped, config=dq_config, **statics),
-                      buffers, own, ready, free, collective_axes="wg")
-
+        outputs = tuple(name for name in ("dk", "dv") if name in part)
+        grads.update(zip(outputs, plgpu.kernel(
+            functools.partial(_dkdv_entry, outputs=outputs, part=part, block_q=block_q,
+                              config=config, statics=statics),
+            out_type=tuple(jax.ShapeDtypeStruct(k.shape, k.dtype) for _ in outputs),
+            **_dkdv_grid(k.shape, config))(*operands)))
     dq = plgpu.kernel(
-        dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(num_heads, pl.cdiv(seqlen_q, dq_config.rows_per_program), batch),
-        grid_names=("heads", "q_tiles", "batch"), compiler_params=params, **mesh,
-    )(q, k, v, dout, lse, delta, slopes)
-    return dq, dk, dv
+        functools.partial(_dq_entry, config=config.dq_blocks, statics=statics),
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(num_heads, pl.cdiv(seqlen_q, config.dq_blocks.rows_per_program), batch),
+        grid_names=("heads", "q_tiles", "batch"), **_LAUNCH)(*operands)
+    return dq, grads["dk"], grads["dv"]
+
+
+_LAUNCH = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+               num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
+
+
+def _dkdv_grid(k_shape, config):
+    batch, seqlen_k, num_heads_k, _ = k_shape
+    return dict(grid=(num_heads_k, pl.cdiv(seqlen_k, config.keys_per_program), batch),
+                grid_names=("heads", "k_tiles", "batch"), **_LAUNCH)
+
+
+def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, *out_refs,
+                outputs, part, block_q, config, statics, dq_sum_ref=None):
+    """One dK/dV pass: its shared memory and barriers around ``_dkdv_kernel``; ``outputs``
+    names ``out_refs`` ("dk", "dv")."""
+    named = dict(zip(outputs, out_refs))
+    with_dk = part in ("dkdv", "dk")
+    block_k, stages = config.block_k, config.stages
+    q_dtype, head_dim = q_ref.dtype, q_ref.shape[-1]
+    swizzle = swizzle_for(block_q, q_dtype)  # dK += dS^T Q contracts over block_q
+    fused = dq_sum_ref is not None
+    buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), q_dtype, swizzle),
+               swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), q_dtype, swizzle)
+               if with_dk else None,
+               swizzled_smem((stages, block_q, head_dim), q_dtype, swizzle),
+               swizzled_smem((stages, block_q, head_dim), q_dtype, swizzle),
+               plgpu.SMEM((stages, block_q), jnp.float32),
+               plgpu.SMEM((stages, block_q), jnp.float32) if with_dk else None,
+               stage_smem((block_k, block_q), q_dtype),
+               # dS^T of both warpgroups, twice (the other warpgroup may read the last step's)
+               swizzled_smem((2, COMPUTE_WARPGROUPS, block_k, block_q), q_dtype, swizzle)
+               if fused else None,
+               plgpu.SMEM((COMPUTE_WARPGROUPS, 64, 64), jnp.float32) if fused else None)
+    own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
+           plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if with_dk else None)
+    ready = (plgpu.Barrier(num_barriers=stages),) * 3 + (
+        plgpu.Barrier(num_barriers=stages) if with_dk else None,)
+    free = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages)
+    # The compute warpgroups' meetings: [parity] both dS^T tiles of a step stored, [2] both done.
+    pair = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=3) if fused else None
+    pl.run_scoped(
+        lambda *scoped: _dkdv_kernel(
+            q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, named.get("dk"),
+            named.get("dv"), dq_sum_ref, scoped, config=config, part=part, block_q=block_q,
+            **statics),
+        buffers, own, ready, free, pair, collective_axes="wg")
+
+
+def _dq_entry(*refs, config, statics):
+    q_ref, dout_ref = refs[0], refs[3]
+    q_dtype, head_dim = q_ref.dtype, q_ref.shape[-1]
+    stages = config.stages
+    swizzle = swizzle_for(config.block_k, q_dtype)  # dQ += dS K contracts over block_k
+    rows, keys = config.block_q, config.block_k
+    buffers = (swizzled_smem((COMPUTE_WARPGROUPS, rows, head_dim), q_dtype, swizzle),
+               swizzled_smem((COMPUTE_WARPGROUPS, rows, head_dim), dout_ref.dtype, swizzle),
+               plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
+               plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32),
+               swizzled_smem((stages, keys, head_dim), q_dtype, swizzle),
+               swizzled_smem((stages, keys, head_dim), q_dtype, swizzle),
+               stage_smem((rows, keys), q_dtype))
+    own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),) * 4
+    ready = (plgpu.Barrier(num_barriers=stages),) * 2
+    free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
+    pl.run_scoped(lambda *scoped: _dq_kernel(*refs, scoped, config=config, **statics),
+                  buffers, own, ready, free, collective_axes="wg")
+
+
+def _dkdv_dq(q, k, v, dout, lse, delta, slopes, *, config, **statics):
+    """(dk, dv, dq_sum float32, query rows in whole blocks): the fused pass, dQ added into a
+    zeroed float32 array aliased to the kernel's output."""
+
+    @jax.custom_batching.custom_vmap
+    def run(*operands):
+        # In whole query blocks: the interpret-mode stand-in for the TMA reductions reads it.
+        q_shape = operands[0].shape
+        dq_sum = jnp.zeros((q_shape[0], pl.cdiv(q_shape[1], config.block_q) * config.block_q,
+                            *q_shape[2:]), jnp.float32)
+        entry = functools.partial(_dkdv_entry, outputs=("dk", "dv"), part="dkdv",
+                                  block_q=config.block_q, config=config, statics=statics)
+        k_like = jax.ShapeDtypeStruct(operands[1].shape, operands[1].dtype)
+        launch = _dkdv_grid(operands[1].shape, config)
+        params = launch.pop("compiler_params")
+        # JAX's kernel launcher with an input aliased to an output (the zeroed sum), which
+        # plgpu.kernel does not expose (nor a mutable reference inside a custom_vjp); the
+        # varying-axes check off as plgpu.kernel has it, for calls in the partitioner's shard_map.
+        with jax_config._check_vma(False):
+            dq_sum, dk, dv = pallas_mpmd._mpmd_map(
+                [(plgpu.Mesh(**launch),
+                  lambda *refs: entry(*refs[:7], refs[9], refs[10], dq_sum_ref=refs[8]))],
+                (jax.ShapeDtypeStruct(dq_sum.shape, jnp.float32), k_like, k_like),
+                input_output_aliases={7: 0}, compiler_params=params,
+                interpret=jax_config.pallas_tpu_interpret_mode_context_manager.value or False,
+                name="dkdv_dq")(*operands, dq_sum)
+        return dk, dv, dq_sum
+
+    @run.def_vmap
+    def _vmapped(axis_size, in_batched, *operands):
+        # The vmapped axis joins the batch axis (every operand leads with the batch).
+        stacked = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                   for x, batched in zip(operands, in_batched)]
+        merged = [x.reshape(-1, *x.shape[2:]) for x in stacked]
+        outs = _dkdv_dq(*merged, config=config, **statics)
+        return tuple(x.reshape(axis_size, -1, *x.shape[1:]) for x in outs), (True,) * 3
+
+    return run(q, k, v, dout, lse, delta, slopes)
