@@ -163,6 +163,25 @@ def test_partial_tiles_lower(head_dim):
                            _kernels(backward, head_dim, 336, deterministic), deterministic)
 
 
+def test_backward_adding_dq_lowers_sharded():
+    """Batch and heads split over a mesh of eight H100s (Explicit axes: the library's shard_map):
+    the forward and the dK/dV kernel adding dQ (its aliased float32 sum inside the shard_map),
+    no collective."""
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "model"),
+                                     (jax.sharding.AxisType.Explicit,) * 2, abstract_device=H100)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, "model"))
+    q, kv = (jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rows)
+             for shape in ((4, 512, 8, 64), (4, 512, 4, 64)))
+    assert mosaic_gpu.backward_config(64, 512, 512).fuses_dq(64, 512)
+    fn = jax.grad(lambda q, k, v: jnp.sum(fa.flash_attn_func(q, k, v, causal=True).astype(
+        jnp.float32)), argnums=(0, 1, 2))
+    with fa.use_backend("mosaic-gpu"), jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["mosaic_gpu_v2"] * 2
+    assert not re.search(r"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|"
+                         r"collective_permute)", text)
+
+
 def test_kernels_lower_under_x64():
     q, k, v = make_inputs(2, batch=1, seqlen_q=256, seqlen_k=256, nheads=2, head_dim=64,
                           dtype=jnp.bfloat16)[:3]
