@@ -3,7 +3,8 @@
 64 sequences of random lengths 1..2048 (a fixed seed), nheads x headdim = 16 x 128, bf16, causal
 and not, forward and forward + backward. Each implementation gets the same data:
 
-* flash_attn_jax varlen: the sequences packed into (total, H, D) with cu_seqlens.
+* flash_attn_jax varlen: the sequences packed into (total, H, D) with cu_seqlens (the backend
+  chosen automatically: mosaic-gpu on Hopper), and the same with each GPU backend chosen.
 * flash_attn_jax dense (padded): the sequences padded to (64, 2048, H, D), no length information,
   so it computes the full 64 x 2048^2 (what the lengths save).
 * cudnn: jax.nn.dot_product_attention on the padded data with query_seq_lengths and
@@ -34,6 +35,8 @@ import flash_attn_jax as fa
 from timing import report, seconds_per_call
 
 NUM_SEQS, MAX_LEN, NHEADS, HEAD_DIM = 64, 2048, 16, 128
+CHOSEN = {"flash_attn_jax varlen pallas-triton": "pallas-triton",
+          "flash_attn_jax varlen mosaic-gpu": "mosaic-gpu"}
 
 
 def lengths(seed=0):
@@ -58,6 +61,8 @@ def implementations(cu, seq_lengths, causal):
     return {
         "flash_attn_jax varlen": ("packed", lambda q, k, v: fa.flash_attn_varlen_func(
             q, k, v, cu, cu, MAX_LEN, MAX_LEN, causal=causal)),
+        **{name: ("packed", lambda q, k, v: fa.flash_attn_varlen_func(
+            q, k, v, cu, cu, MAX_LEN, MAX_LEN, causal=causal)) for name in CHOSEN},
         "flash_attn_jax dense (padded)": ("padded", lambda q, k, v: fa.flash_attn_func(
             q, k, v, causal=causal)),
         "cudnn (seq lengths)": ("padded", lambda q, k, v: jax.nn.dot_product_attention(
@@ -106,8 +111,14 @@ def main():
             cells = []
             rows.append({"phase": phase, "causal": causal, "ms": {}, "tflops": {}})
             for name, (layout, fn) in impls.items():
+                inputs = packed if layout == "packed" else padded
                 try:
-                    seconds = seconds_per_call(timed(fn, phase), *(packed if layout == "packed" else padded))
+                    with fa.use_backend(CHOSEN.get(name)):  # part of the jit cache key
+                        used = set(fa.backends_used(timed(fn, phase), *inputs).values())
+                        if name in CHOSEN and used != {CHOSEN[name]}:
+                            cells.append(f"not run ({', '.join(sorted(used))} ran)")
+                            continue
+                        seconds = seconds_per_call(timed(fn, phase), *inputs)
                     rate = real_flops(seq_lengths, causal, phase) / seconds / 1e12
                     cells.append(f"{seconds * 1e3:.2f} ({rate:.0f})")
                     rows[-1]["ms"][name], rows[-1]["tflops"][name] = seconds * 1e3, rate

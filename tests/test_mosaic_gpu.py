@@ -15,12 +15,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import flash_attn_jax as fa
 from conftest import ON_GPU
-from flash_attn_jax.kernels import mosaic_gpu, tuning
+from flash_attn_jax.kernels import Varlen, mosaic_gpu, tuning
 from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
 from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
+from flash_attn_jax.kernels.mosaic_gpu import varlen as mosaic_varlen
 from flash_attn_jax.kernels.registry import Request
 from flash_attn_jax.semantics import ScoreSpec
 from helpers import assert_within_tolerance, cotangents, make_inputs, references, run_case
+from test_varlen import make_varlen, run_varlen_case, sequence_references
 
 ON_HOPPER = ON_GPU and tuning.gpu_generation() == tuning.HOPPER
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
@@ -53,7 +55,10 @@ def _request(**changes):
     (dict(op="kvcache_attention"), "no kvcache_attention kernel yet"),
     (dict(dtype=jnp.dtype(jnp.float32)), "float16 and bfloat16 only"),
     (dict(head_dim=96), "head dims"),
-    (dict(varlen=True), "dense layout only"),
+    (dict(varlen=True, q_shape=(300, 4, 128), k_shape=(301, 2, 128)), None),
+    (dict(op="backward", varlen=True, q_shape=(300, 4, 128), k_shape=(301, 2, 128)), None),
+    (dict(varlen=True, paged=True, q_shape=(300, 4, 128), k_shape=(8, 16, 2, 128)),
+     "contiguous keys only"),
     (dict(spec=ScoreSpec(softmax_scale=0.1, dropout_p=0.1)), "no dropout"),
     (dict(placed=True, positions=True), "no sequence shards"),
     (dict(out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
@@ -220,9 +225,9 @@ def test_against_the_reference(feature, dtype, head_dim, seqlens, monkeypatch):
 def _add_dq_at_any_length(monkeypatch):
     """The backend's backward configs with ``fuse_dq_from`` 0, so that short test lengths take
     the dK/dV kernel that adds dQ (the tables keep it for long ones)."""
-    chosen = mosaic_gpu.backward_config
-    monkeypatch.setattr(mosaic_gpu, "backward_config", lambda *args: dataclasses.replace(
-        chosen(*args), fuse_dq_from=0))
+    chosen = mosaic_gpu.backward_configs
+    monkeypatch.setattr(mosaic_gpu, "backward_configs", lambda head_dim: tuple(
+        dataclasses.replace(config, fuse_dq_from=0) for config in chosen(head_dim)))
 
 
 # Forward schedules besides the tables' (ForwardConfig's flags): each lowered, and on Hopper
@@ -350,3 +355,123 @@ def test_interpreted_vmap_of_the_backward_adding_dq():
 @hopper_only
 def test_vmap_of_the_backward_adding_dq():
     _vmapped_grads_and_loop(interpret=False)
+
+
+# Varlen: the sequences packed at tile-aligned offsets (mosaic_gpu.varlen), the dense kernels
+# reading each program's sequence from a tile table. (seqlen_q, seqlen_k) of each sequence and
+# the padding tokens after the last: empty sequences both ways, sequences longer than a tile,
+# one shorter than max_seqlen and lengths off every tile.
+VARLEN_LENGTHS = {
+    "short": ([(5, 7), (0, 3), (17, 0), (33, 40)], (3, 2)),
+    "long": ([(70, 300), (0, 30), (300, 20), (129, 257), (8, 8)], (5, 3)),
+}
+
+
+def test_packing_places_each_sequence_at_aligned_rows():
+    cu = jnp.asarray([0, 5, 5, 140, 141, 300], jnp.int32)
+    packing = mosaic_varlen.Packing(cu, max_seqlen=150, total=310, align=64)
+    lengths = np.asarray([5, 0, 135, 1, 150])  # the last one clipped to max_seqlen
+    np.testing.assert_array_equal(np.asarray(packing.lengths), lengths)
+    starts = np.asarray(packing.starts)
+    assert np.all(starts % 64 == 0) and packing.size >= starts[-1] + 150
+    tokens = jnp.arange(1, 311, dtype=jnp.float32)[:, None]
+    packed = np.asarray(packing.pack(tokens))[:, 0]
+    for b, (lo, length) in enumerate(zip(cu[:-1], lengths)):
+        np.testing.assert_array_equal(packed[starts[b]:starts[b] + length],
+                                      np.arange(lo + 1, lo + length + 1))
+    assert np.count_nonzero(packed) == lengths.sum()  # every other row padding
+    back = np.asarray(packing.unpack(jnp.asarray(packed)[:, None], -1.0))[:, 0]
+    inside = np.arange(310) < 291  # the last sequence's tokens past 150, and the tail, dropped
+    np.testing.assert_array_equal(back[inside], np.arange(1, 292))
+    assert np.all(back[~inside] == -1.0)
+    table = np.asarray(mosaic_varlen.tile_table(packing, packing, 64, queries=True, causal=True))
+    assert table.shape == (packing.size // 64, 6)
+    # Each of the sequences' tiles once (the heaviest first), and the rest past every sequence.
+    unit = mosaic_gpu.common.TABLE_UNIT
+    covered = sorted((row[1] + row[5]) * unit // 64 for row in table)
+    assert covered == list(range(packing.size // 64))
+    work = [min(row[5] * unit + 64 + row[4] - row[3], row[4]) for row in table]
+    assert work == sorted(work, reverse=True)
+
+
+def _varlen_grad_fn(cu_q, cu_k, max_q, max_k, **options):
+    def loss(q, k, v, slopes):
+        return fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,
+                                         **options).astype(jnp.float32).sum()
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+def test_varlen_lowers(head_dim):
+    seqlens, tail = VARLEN_LENGTHS["long"]
+    q, k, v, cu_q, cu_k, slopes, _ = make_varlen(0, seqlens, tail, nheads=4, nheads_k=2,
+                                                 head_dim=head_dim, dtype=jnp.bfloat16,
+                                                 alibi=True)
+    backward = mosaic_gpu.backward_configs(head_dim)[0]
+    for deterministic in (False, True):
+        options = {name: value for name, value in FEATURES["all"].items() if name != "alibi"}
+        fn = _varlen_grad_fn(jnp.asarray(cu_q), jnp.asarray(cu_k), 300, 300, **options,
+                             deterministic=deterministic)
+        with fa.use_backend("mosaic-gpu"):
+            assert fa.backends_used(fn, q, k, v, slopes) == {"forward": "mosaic-gpu",
+                                                             "backward": "mosaic-gpu"}
+            with jax.sharding.use_abstract_mesh(H100_MESH):
+                hlo = jax.jit(fn).trace(q, k, v, slopes).lower(
+                    lowering_platforms=("cuda",)).as_text()
+        kernels = re.findall(r"custom_call @(\w+)", hlo)
+        assert kernels == ["mosaic_gpu_v2"] * _kernels(backward, head_dim, 300, deterministic)
+
+
+INTERPRETED_VARLEN = [(64, "all", True), (128, "causal", False), (256, "window", True)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (below)")
+@pytest.mark.parametrize("head_dim,feature,deterministic", INTERPRETED_VARLEN,
+                         ids=[f"d{d}-{f}" + ("" if det else "-dq-added")
+                              for d, f, det in INTERPRETED_VARLEN])
+def test_interpreted_varlen_against_the_reference(head_dim, feature, deterministic):
+    options = dict(FEATURES[feature])
+    alibi = options.pop("alibi", False)
+    seqlens, tail = VARLEN_LENGTHS["long"]
+    q, k, v, cu_q, cu_k, slopes, dout = make_varlen(
+        6, seqlens, tail, nheads=4, nheads_k=2, head_dim=head_dim, dtype=jnp.bfloat16,
+        alibi=alibi, q_scale=5.0 if "softcap" in options else 1.0)
+    max_q, max_k = 300, 300
+    layout = Varlen(jnp.asarray(cu_q), jnp.asarray(cu_k), None, max_q, max_k)
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, has_alibi=alibi, **options)
+    config = mosaic_gpu.backward_configs(head_dim)[0]
+    if not deterministic:
+        config = dataclasses.replace(config, fuse_dq_from=0)
+        assert config.fuses_dq(head_dim, max_k)
+    with plgpu.force_gpu_interpret_mode():
+        out, lse = mosaic_varlen.forward(q, k, v, slopes, spec, layout,
+                                         mosaic_gpu.forward_config(head_dim))
+        dlse = jnp.zeros(lse.shape, jnp.float32)
+        grads = mosaic_varlen.backward(q, k, v, slopes, out, lse, dout, dlse, spec, layout,
+                                       config, deterministic=deterministic)
+        out, lse, grads = jax.tree.map(np.asarray, (out, lse, grads))
+    ref, pt = sequence_references(q, k, v, cu_q, cu_k, slopes, dout, max_q, max_k, **options)
+    assert_within_tolerance("out", out, ref[0], pt[0])
+    assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
+    for name, grad, r, p in zip(("dq", "dk", "dv"), grads, ref[3], pt[3]):
+        assert_within_tolerance(name, grad, r, p, factor=3.0)
+
+
+@hopper_only
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("lengths", list(VARLEN_LENGTHS))
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_varlen_against_the_reference(feature, lengths, dtype, head_dim, monkeypatch):
+    """flash_attn_varlen_func forward and backward with the backend chosen (S_dmask from the
+    next backend), float16 deterministic, bfloat16 with dQ added by the dK/dV kernel."""
+    if dtype == jnp.bfloat16:
+        _add_dq_at_any_length(monkeypatch)
+    options = dict(FEATURES[feature])
+    index = list(FEATURES).index(feature)
+    with fa.use_backend("mosaic-gpu"):
+        run_varlen_case(index, *VARLEN_LENGTHS[lengths], dtype=dtype, head_dim=head_dim,
+                        heads=((4, 4), (4, 2), (4, 1))[index % 3],
+                        q_scale=5.0 if "softcap" in options else 1.0,
+                        deterministic=dtype == jnp.float16, **options)

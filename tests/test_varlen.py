@@ -281,10 +281,12 @@ def test_lse_cotangent_reaches_the_inputs():
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_is_bitwise_reproducible(deterministic):
-    # The real check is on the GPU (scheduling varies run to run); the kernels use no atomics.
+    """As test_backward's: deterministic=True every gradient bitwise run to run (the real check is
+    on the GPU, where scheduling varies); False: dK and dV bitwise, dQ within rounding (on Hopper,
+    head dim 64 takes the Mosaic backward that adds dQ by float32 TMA reductions)."""
     seqlens = [(700, 900), (1024, 1024), (1, 300), (513, 129)] if ON_GPU else LENGTHS["ragged"][0]
     q, k, v, cu_q, cu_k, _, dout = make_varlen(9, seqlens, (0, 0), nheads=8, nheads_k=2,
-                                               head_dim=128 if ON_GPU else 40, dtype=jnp.bfloat16)
+                                               head_dim=64 if ON_GPU else 40, dtype=jnp.bfloat16)
     max_q, max_k = (max(s[i] for s in seqlens) for i in (0, 1))
     attend = functools.partial(fa.flash_attn_varlen_func, cu_seqlens_q=jnp.asarray(cu_q),
                                cu_seqlens_k=jnp.asarray(cu_k), max_seqlen_q=max_q,
@@ -292,5 +294,12 @@ def test_backward_is_bitwise_reproducible(deterministic):
     step = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](dout))
     first = [np.asarray(g) for g in step(q, k, v)]
     for _ in range(10 if ON_GPU else 2):
-        for a, b in zip(first, step(q, k, v)):
+        (dq, *dkdv) = step(q, k, v)
+        for a, b in zip(first[1:], dkdv):
             np.testing.assert_array_equal(np.asarray(b).view(np.uint16), a.view(np.uint16))
+        if deterministic:
+            np.testing.assert_array_equal(np.asarray(dq).view(np.uint16), first[0].view(np.uint16))
+        else:  # float32 sums in another order, rounded to bfloat16: one unit in the last place
+            expected = np.asarray(first[0], np.float64)
+            np.testing.assert_allclose(np.asarray(dq, np.float64), expected, rtol=2.0 ** -7,
+                                       atol=1e-6 * np.abs(expected).max())

@@ -1,18 +1,21 @@
 """The Pallas Mosaic GPU kernels for Hopper (sm90): TMA loads, asynchronous wgmma,
 warp-specialized producer and compute warpgroups.
 
-Backend ``mosaic-gpu``. Covers today: the dense forward and backward (deterministic: no atomics)
-in float16 and bfloat16 at head dims 64, 128 and 256, with every mask (causal, windows),
-softcap, ALiBi, GQA/MQA and the lse and its cotangent, at sequence lengths in 8s (the last
-tiles read zeros past the ends and their writes are clipped); every other call (dropout, varlen,
-sequence shards, the KV cache, S_dmask) goes to the next backend. It is the automatic choice on
-Hopper for what it covers: on an H200 its tests pass, the head dim 256 backward and lengths
-that end inside tiles included (tests/test_mosaic_gpu.py: 314 passed, 5 skipped, the skipped
-ones the interpret-mode cases), and so do the dense and backward files of the suite with it chosen
+Backend ``mosaic-gpu``. Covers today: the dense and varlen forward and backward (deterministic:
+no atomics; or dQ added by TMA reductions) in float16 and bfloat16 at head dims 64, 128 and 256,
+with every mask (causal, windows), softcap, ALiBi, GQA/MQA and the lse and its cotangent; dense
+sequence lengths in 8s (the last tiles read zeros past the ends and their writes are clipped),
+varlen ones of any length (``varlen``: the sequences gathered at tile-aligned offsets, contiguous
+keys only); every other call (dropout, paged keys, sequence shards, the KV cache, S_dmask) goes
+to the next backend. It is the automatic choice on Hopper for what it covers: on an H200 its
+tests pass, the head dim 256 backward, lengths that end inside tiles and varlen included
+(tests/test_mosaic_gpu.py with tests/test_varlen.py: 414 passed, 11 skipped, the skipped ones
+the interpret-mode cases), and so do the dense and backward files of the suite with it chosen
 (350 passed; the hardening and x64 files passed with it before). Its kernels lower on a machine
 without a GPU when the CUDA plugin's Python extensions are installed (``jax-cuda13-plugin``),
 which the lowering tests use, and run on a CPU under JAX's GPU interpret mode
-(``plgpu.force_gpu_interpret_mode()``; test_interpreted_against_the_reference).
+(``plgpu.force_gpu_interpret_mode()``; test_interpreted_against_the_reference and
+test_interpreted_varlen_against_the_reference).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 
 from flash_attn_jax.kernels.mosaic_gpu import backward as _backward
 from flash_attn_jax.kernels.mosaic_gpu import forward as _forward
+from flash_attn_jax.kernels.mosaic_gpu import varlen as _varlen
 from flash_attn_jax.kernels.registry import Backend, Request
 from flash_attn_jax.kernels.tuning import HOPPER, TuningTable, gpu_generation
 
@@ -90,14 +94,16 @@ def _unsupported(request: Request) -> str | None:
         return "float16 and bfloat16 only"
     if request.head_dim not in HEAD_DIMS:
         return f"head dims {HEAD_DIMS} only"
-    if request.varlen or request.paged:
-        return "the dense layout only"
+    if request.paged:
+        return "contiguous keys only (no block table)"
     if request.spec is not None and request.spec.has_dropout:
         return "no dropout yet"
     if request.positions:
         return "no sequence shards yet"
     if request.out_dtype not in (None, request.dtype):
         return "output in the inputs' dtype only"
+    if request.varlen:  # packed at tile-aligned offsets: any lengths
+        return None
     if len(request.q_shape) != 4 or len(request.k_shape) != 4:
         return "the dense layout only"
     if not request.q_shape[1] or not request.k_shape[1]:
@@ -126,10 +132,17 @@ class MosaicGPU(Backend):
 
     def forward(self, q, k, v, slopes, spec, varlen=None, seed=None, *, placement=None,
                 out_dtype=None):
-        return _forward.forward(q, k, v, slopes, spec, forward_config(q.shape[-1]))
+        config = forward_config(q.shape[-1])
+        if varlen is not None:
+            return _varlen.forward(q, k, v, slopes, spec, varlen, config)
+        return _forward.forward(q, k, v, slopes, spec, config)
 
     def backward(self, q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None, *,
                  placement=None, grad_dtype=None, delta=None):
+        if varlen is not None:
+            config = backward_configs(q.shape[-1])[0]  # the packing aligns to its tiles
+            return _varlen.backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen, config,
+                                    delta=delta, deterministic=spec.deterministic)
         config = backward_config(q.shape[-1], q.shape[1], k.shape[1])
         return _backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
                                   delta=delta, deterministic=spec.deterministic)

@@ -41,8 +41,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks, query_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig, accumulate, broadcast,
-                                                      check_owned, interpreting,
+                                                      TABLE_COLUMNS, BlockConfig, accumulate,
+                                                      broadcast, check_owned, interpreting, locate,
                                                       masked_full_masked,
                                                       matmul_transposed, produce, produce_keys,
                                                       stage_smem, swizzle_for, swizzled_smem,
@@ -114,8 +114,8 @@ def _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope, masked, l
     return p, semantics.logits_derivative(x, spec, unit=LOG2E)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dk_ref, dv_ref,
-                 dq_sum_ref, scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str,
+def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref, dk_ref,
+                 dv_ref, dq_sum_ref, scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str,
                  block_q: int, group: int, seqlen_q: int, seqlen_k: int):
     """``part``: "dkdv" (both), "dv" or "dk"; ``block_q``: the streamed query block. Buffers and
     outputs a part does not use are None. With ``dq_sum_ref`` (float32, q's shape; "dkdv" only)
@@ -129,9 +129,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
     head_k, tile = lax.axis_index("heads"), lax.axis_index("k_tiles")
     batch = lax.axis_index("batch")
     warpgroup = lax.axis_index("wg")
-    offset = seqlen_k - seqlen_q
-    span = dict(offset=offset, seqlen_k=seqlen_k)
-    program_lo = tile * config.keys_per_program
+    program = locate(tiles_ref, tile, batch, tile_size=config.keys_per_program,
+                     seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    span = program.span
+    offset, seqlen_q = span["offset"], program.seqlen_q
+    program_lo = program.lo
     first, _, _, end = query_blocks(program_lo, program_lo + config.keys_per_program,
                                     block_q, spec, offset=offset, seqlen_q=seqlen_q)
     blocks_per_head = end - first
@@ -142,7 +144,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
     def _compute():
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         col_lo = program_lo + warpgroup * block_k
-        keys = (batch, pl.ds(col_lo, block_k), head_k)
+        keys = (batch, pl.ds(program.k_base + col_lo, block_k), head_k)
         own_k = k_smem.at[warpgroup]
         own_v = v_smem.at[warpgroup] if with_dk else None
         own_stage = stage.at[warpgroup] if stage is not None else None
@@ -157,7 +159,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
 
         def head_body(member, carry):
             head = head_k * group + member
-            slope = slopes_ref[batch, head] if spec.has_alibi else None
+            slope = slopes_ref[program.sequence, head] if spec.has_alibi else None
 
             def step_body(query_block, carry, *, masked):
                 dk, dv = carry
@@ -210,7 +212,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                     if dq_sum_ref is not None:
                         plgpu.barrier_wait(pair.at[parity])
                         _add_dq(dq_sum_ref, ds_smem.at[parity], k_smem, dq_smem.at[warpgroup],
-                                warpgroup, rows=(batch, query_block * block_q, head))
+                                warpgroup,
+                                rows=(batch, program.q_base + query_block * block_q, head))
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
@@ -238,7 +241,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
         def load(step, slot):
             blocks = jnp.maximum(blocks_per_head, 1)
             head = head_k * group + idiv(step, blocks)
-            row_lo = (first + irem(step, blocks)) * block_q
+            row_lo = program.q_base + (first + irem(step, blocks)) * block_q
             rows = (batch, pl.ds(row_lo, block_q), head)
             stats = (batch, head, pl.ds(row_lo, block_q))
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
@@ -279,7 +282,8 @@ def _add_dq(dq_sum_ref, ds_tiles, k_smem, dq_tile, warpgroup, *, rows):
             plgpu.copy_smem_to_gmem(dq_tile, target, reduction_op="add")
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq_ref, scoped, *,
+def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref, dq_ref,
+               scoped, *,
                spec: ScoreSpec, config: BlockConfig, group: int, seqlen_q: int,
                seqlen_k: int):
     ((q_smem, dout_smem, lse_smem, delta_smem, k_smem, v_smem, stage),
@@ -289,8 +293,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
     head_dim = q_smem.shape[-1]
     head, tile, batch = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
     warpgroup = lax.axis_index("wg")
-    span = dict(offset=seqlen_k - seqlen_q, seqlen_k=seqlen_k)
-    program_lo = tile * config.rows_per_program
+    program = locate(tiles_ref, tile, batch, tile_size=config.rows_per_program,
+                     seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    span = program.span
+    program_lo = program.lo
     first, _, _, end = key_blocks(program_lo, program_lo + config.rows_per_program, block_k,
                                   spec, **span)
 
@@ -298,8 +304,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
     def _compute():
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         row_lo = program_lo + warpgroup * block_q
-        rows_at = (batch, pl.ds(row_lo, block_q), head)
-        stats_at = (batch, head, pl.ds(row_lo, block_q))
+        rows_at = (batch, pl.ds(program.q_base + row_lo, block_q), head)
+        stats_at = (batch, head, pl.ds(program.q_base + row_lo, block_q))
         own = [buffer.at[warpgroup] for buffer in (q_smem, dout_smem, lse_smem, delta_smem)]
         sources = (q_ref.at[rows_at], dout_ref.at[rows_at], lse_ref.at[stats_at],
                    delta_ref.at[stats_at])
@@ -312,7 +318,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
         lse2 = _lse_in_base2(plgpu.load(lse_buffer, layout=plgpu.Layout.WGMMA.reduce(1)))
         delta = plgpu.load(delta_buffer, layout=plgpu.Layout.WGMMA.reduce(1))
         _, inner_first, inner_end, _ = key_blocks(row_lo, row_lo + block_q, block_k, spec, **span)
-        slope = slopes_ref[batch, head] if spec.has_alibi else None
+        slope = slopes_ref[program.sequence, head] if spec.has_alibi else None
 
         def step_body(step, dq, *, masked):
             slot = irem(step - first, stages)
@@ -349,17 +355,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, dq
     def _produce():
         produce_keys(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready), (k_free, v_free),
                      batch=batch, head_k=idiv(head, group), first=first, end=end,
-                     block_k=block_k, stages=stages)
+                     block_k=block_k, stages=stages, key_base=program.k_base)
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: BackwardConfig, *,
-             delta=None, deterministic: bool = True):
+             delta=None, deterministic: bool = True, tiles=None, max_seqlen_k=None):
     """(dq, dk, dv) in the inputs' dtype. q, out, dout (B, Sq, H, D), k, v (B, Sk, H_k, D),
     16-bit; lse and dlse (B, H, Sq) float32; lengths in 8s (read past the ends of partial tiles
     as zeros, writes clipped, as in the forward). ``delta``: rowsum(dout * out) - dlse when
     the caller has it. ``deterministic=False`` lets the dK/dV kernel add dQ into a float32 sum by
     TMA reductions (``config.fuses_dq``), in whatever order the programs run: one kernel of
-    five matmuls a tile instead of two kernels of seven, with dQ reproducible only to rounding."""
+    five matmuls a tile instead of two kernels of seven, with dQ reproducible only to rounding.
+
+    ``tiles``: a packed layout (``varlen.Packing``, as in ``forward``): the tile tables of the
+    dK/dV kernel's key tiles (keys_per_program) and the dQ kernel's query tiles (its
+    rows_per_program); ``max_seqlen_k`` then stands for the key length in ``fuses_dq``."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if delta is None:
@@ -372,9 +382,11 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
         slopes = jnp.zeros((batch, num_heads), jnp.float32)  # unread: keeps one signature
     slopes = slopes.astype(jnp.float32)
     statics = dict(spec=spec, group=num_heads // num_heads_k, seqlen_q=seqlen_q,
-                   seqlen_k=seqlen_k)
-    operands = (q, k, v, dout, lse, delta, slopes)
-    if not deterministic and config.fuses_dq(head_dim, seqlen_k):
+                   seqlen_k=seqlen_k, packed=tiles is not None)
+    if tiles is None:
+        tiles = (jnp.zeros((1, TABLE_COLUMNS), jnp.int32),) * 2  # unread: keeps one signature
+    operands = (q, k, v, dout, lse, delta, slopes, *tiles)
+    if not deterministic and config.fuses_dq(head_dim, max_seqlen_k or seqlen_k):
         dk, dv, dq_sum = _dkdv_dq(*operands, config=config, **statics)
         return dq_sum[:, :seqlen_q].astype(q.dtype), dk, dv
     grads = {}
@@ -403,10 +415,12 @@ def _dkdv_grid(k_shape, config):
                 grid_names=("heads", "k_tiles", "batch"), **_LAUNCH)
 
 
-def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, *out_refs,
-                outputs, part, block_q, config, statics, dq_sum_ref=None):
+def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k_tiles_ref,
+                q_tiles_ref, *out_refs, outputs, part, block_q, config, statics, dq_sum_ref=None):
     """One dK/dV pass: its shared memory and barriers around ``_dkdv_kernel``; ``outputs``
-    names ``out_refs`` ("dk", "dv")."""
+    names ``out_refs`` ("dk", "dv"). The key tiles' table is read when ``statics["packed"]``."""
+    statics = dict(statics)
+    tiles_ref = k_tiles_ref if statics.pop("packed") else None
     named = dict(zip(outputs, out_refs))
     with_dk = part in ("dkdv", "dk")
     block_k, stages = config.block_k, config.stages
@@ -434,13 +448,17 @@ def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, *
     pair = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=3) if fused else None
     pl.run_scoped(
         lambda *scoped: _dkdv_kernel(
-            q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, named.get("dk"),
-            named.get("dv"), dq_sum_ref, scoped, config=config, part=part, block_q=block_q,
+            q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref,
+            named.get("dk"), named.get("dv"), dq_sum_ref, scoped, config=config, part=part,
+            block_q=block_q,
             **statics),
         buffers, own, ready, free, pair, collective_axes="wg")
 
 
 def _dq_entry(*refs, config, statics):
+    statics = dict(statics)
+    # refs: the seven operands, the two tile tables (the query tiles' read when packed), dQ.
+    refs = (*refs[:7], refs[8] if statics.pop("packed") else None, refs[9])
     q_ref, dout_ref = refs[0], refs[3]
     q_dtype, head_dim = q_ref.dtype, q_ref.shape[-1]
     stages = config.stages
@@ -460,7 +478,7 @@ def _dq_entry(*refs, config, statics):
                   buffers, own, ready, free, collective_axes="wg")
 
 
-def _dkdv_dq(q, k, v, dout, lse, delta, slopes, *, config, **statics):
+def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, *, config, **statics):
     """(dk, dv, dq_sum float32, query rows in whole blocks): the fused pass, dQ added into a
     zeroed float32 array aliased to the kernel's output."""
 
@@ -481,20 +499,23 @@ def _dkdv_dq(q, k, v, dout, lse, delta, slopes, *, config, **statics):
         with jax_config._check_vma(False):
             dq_sum, dk, dv = pallas_mpmd._mpmd_map(
                 [(plgpu.Mesh(**launch),
-                  lambda *refs: entry(*refs[:7], refs[9], refs[10], dq_sum_ref=refs[8]))],
+                  lambda *refs: entry(*refs[:9], refs[11], refs[12], dq_sum_ref=refs[10]))],
                 (jax.ShapeDtypeStruct(dq_sum.shape, jnp.float32), k_like, k_like),
-                input_output_aliases={7: 0}, compiler_params=params,
+                input_output_aliases={9: 0}, compiler_params=params,
                 interpret=jax_config.pallas_tpu_interpret_mode_context_manager.value or False,
                 name="dkdv_dq")(*operands, dq_sum)
         return dk, dv, dq_sum
 
     @run.def_vmap
     def _vmapped(axis_size, in_batched, *operands):
-        # The vmapped axis joins the batch axis (every operand leads with the batch).
         stacked = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
                    for x, batched in zip(operands, in_batched)]
-        merged = [x.reshape(-1, *x.shape[2:]) for x in stacked]
-        outs = _dkdv_dq(*merged, config=config, **statics)
+        if statics["packed"]:  # the slopes' rows are sequences: one call after another
+            return lax.map(lambda xs: _dkdv_dq(*xs, config=config, **statics), stacked), (True,) * 3
+        # The vmapped axis joins the batch axis (every array leads with the batch; the tables
+        # are the unread placeholders).
+        merged = [x.reshape(-1, *x.shape[2:]) for x in stacked[:7]]
+        outs = _dkdv_dq(*merged, *operands[7:], config=config, **statics)
         return tuple(x.reshape(axis_size, -1, *x.shape[1:]) for x in outs), (True,) * 3
 
-    return run(q, k, v, dout, lse, delta, slopes)
+    return run(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles)

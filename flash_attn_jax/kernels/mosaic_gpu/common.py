@@ -86,14 +86,14 @@ def produce(first, end, stages, load, free_barriers):
 
 
 def produce_keys(k_ref, v_ref, k_smem, v_smem, ready, free, *, batch, head_k, first, end,
-                 block_k, stages):
+                 block_k, stages, key_base=0):
     """The producer of a kernel that walks key blocks ``[first, end)`` (the forward, dQ): each
     block's keys and values by TMA into their slots, ``ready`` and ``free`` each a (keys, values)
-    pair of barriers."""
+    pair of barriers. Key 0 is row ``key_base`` of the arrays."""
     (k_ready, v_ready), (k_free, v_free) = ready, free
 
     def load(step, slot):
-        keys = (batch, pl.ds(step * block_k, block_k), head_k)
+        keys = (batch, pl.ds(key_base + step * block_k, block_k), head_k)
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
@@ -195,3 +195,46 @@ class BlockConfig:
     def keys_per_program(self) -> int:
         """Keys of a dK/dV program."""
         return COMPUTE_WARPGROUPS * self.block_k
+
+
+# Columns of a packed layout's tile table (``varlen.tile_table``), one row per program. The
+# rows it names (Q_BASE, K_BASE, TILE_LO) are in units of TABLE_UNIT rows, so that the compiler
+# sees the TMA copies' offsets as multiples of the shared memory's tiles.
+SEQUENCE, Q_BASE, K_BASE, SEQLEN_Q, SEQLEN_K, TILE_LO = range(6)
+TABLE_COLUMNS = 6
+TABLE_UNIT = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Where a program's tile lies. ``batch``: the arrays' batch row; ``sequence``: the ALiBi
+    slopes' row; ``q_base``/``k_base``: the array rows of the sequence's query 0 and key 0;
+    ``seqlen_q``/``seqlen_k``: its lengths (Python ints for the dense layout, traced for a packed
+    one); ``lo``: the score position (query row, or key column for the dK/dV kernel) of the tile's
+    first row within the sequence."""
+
+    batch: object
+    sequence: object
+    q_base: object
+    k_base: object
+    seqlen_q: object
+    seqlen_k: object
+    lo: object
+
+    @property
+    def span(self):
+        """The semantics' bottom-right ``offset`` and ``seqlen_k`` of the sequence."""
+        return dict(offset=self.seqlen_k - self.seqlen_q, seqlen_k=self.seqlen_k)
+
+
+def locate(tiles_ref, tile, batch, *, tile_size, seqlen_q, seqlen_k):
+    """The ``Program`` of grid tile ``tile`` (of ``tile_size`` rows or keys) in batch row
+    ``batch``: in the dense layout (``tiles_ref`` None) the batch row holds one sequence of the
+    arrays' lengths; in a packed layout (one batch row of sequences at aligned offsets) the
+    tile's row of ``tiles_ref`` (int32, ``TABLE_COLUMNS`` wide) says which sequence and where."""
+    if tiles_ref is None:
+        return Program(batch, batch, 0, 0, seqlen_q, seqlen_k, tile * tile_size)
+    entry = [tiles_ref[tile, column] for column in range(TABLE_COLUMNS)]
+    return Program(batch, entry[SEQUENCE], entry[Q_BASE] * TABLE_UNIT,
+                   entry[K_BASE] * TABLE_UNIT, entry[SEQLEN_Q], entry[SEQLEN_K],
+                   entry[TILE_LO] * TABLE_UNIT)

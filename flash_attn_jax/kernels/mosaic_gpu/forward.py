@@ -30,8 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      BlockConfig, accumulate, broadcast,
-                                                      check_owned,
+                                                      TABLE_COLUMNS, BlockConfig, accumulate,
+                                                      broadcast, check_owned, locate,
                                                       masked_full_masked,
                                                       produce_keys, row_vector, stage_smem,
                                                       swizzled_smem, wgmma_iota, wgmma_registers,
@@ -57,21 +57,23 @@ class ForwardConfig(BlockConfig):
         check_owned(self.block_q, "block_q")
 
 
-def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: ScoreSpec,
-            config: ForwardConfig, group: int, seqlen_q: int, seqlen_k: int):
+def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref, scoped, *,
+            spec: ScoreSpec, config: ForwardConfig, group: int, seqlen_q: int, seqlen_k: int):
     ((q_smem, k_smem, v_smem, lse_smem, stage_p), (k_ready, v_ready, q_ready), (k_free, v_free),
      turn) = scoped
     block_q, block_k, stages = config.block_q, config.block_k, config.stages
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]
     head, tile, batch = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
-    if spec.window_left < 0 <= spec.window_right:
-        # Causal-like: later rows see more keys. The heaviest tiles first, the light ones last.
+    if tiles_ref is None and spec.window_left < 0 <= spec.window_right:
+        # Causal-like: later rows see more keys. The heaviest tiles first, the light ones last
+        # (a packed layout's table lists its tiles in that order).
         tile = pl.cdiv(seqlen_q, config.rows_per_program) - 1 - tile
     warpgroup = lax.axis_index("wg")
-    offset = seqlen_k - seqlen_q
-    span = dict(offset=offset, seqlen_k=seqlen_k)
-    program_lo = tile * config.rows_per_program
+    program = locate(tiles_ref, tile, batch, tile_size=config.rows_per_program,
+                     seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    span = program.span
+    program_lo = program.lo
     first, _, _, end = key_blocks(program_lo, program_lo + config.rows_per_program, block_k, spec,
                                   **span)
 
@@ -91,10 +93,10 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         row_lo = program_lo + warpgroup * block_q
         rows_q = q_smem.at[warpgroup]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row_lo, block_q), head], rows_q,
-                                q_ready.at[warpgroup])
+        rows_at = (batch, pl.ds(program.q_base + row_lo, block_q), head)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows_at], rows_q, q_ready.at[warpgroup])
         _, inner_first, inner_end, _ = key_blocks(row_lo, row_lo + block_q, block_k, spec, **span)
-        slope = slopes_ref[batch, head] if spec.has_alibi else None
+        slope = slopes_ref[program.sequence, head] if spec.has_alibi else None
         plgpu.barrier_wait(q_ready.at[warpgroup])
 
         def step_body(step, carry, *, masked):
@@ -156,24 +158,28 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped, *, spec: 
                         -jnp.inf)
         lse_smem.at[warpgroup][...] = lse
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(rows_q, out_ref.at[batch, pl.ds(row_lo, block_q), head])
+        plgpu.copy_smem_to_gmem(rows_q, out_ref.at[rows_at])
         plgpu.copy_smem_to_gmem(lse_smem.at[warpgroup],
-                                lse_ref.at[batch, head, pl.ds(row_lo, block_q)])
+                                lse_ref.at[batch, head, pl.ds(program.q_base + row_lo, block_q)])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(warpgroup == COMPUTE_WARPGROUPS)
     def _produce():
         produce_keys(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready), (k_free, v_free),
                      batch=batch, head_k=idiv(head, group), first=first, end=end,
-                     block_k=block_k, stages=stages)
+                     block_k=block_k, stages=stages, key_base=program.k_base)
 
 
-def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
+def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None):
     """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 (natural log; -inf for rows with
     no key). q (B, Sq, H, D), k and v (B, Sk, H_k, D), 16-bit, lengths in 8s (whole rows of the
     shared memory's tiles; the backend checks): the TMA
     reads the rows and keys past the ends of a last, partial tile as zeros (the masks drop those
-    keys) and clips its writes. ``slopes`` (B, H) float32 when ``spec.has_alibi``."""
+    keys) and clips its writes. ``slopes`` (B, H) float32 when ``spec.has_alibi``.
+
+    ``tiles``: a packed layout (``varlen.Packing``): B is 1, Sq and Sk hold sequences at offsets
+    aligned to whole tiles, and ``tiles`` (Sq / rows_per_program, TABLE_COLUMNS) int32 says each
+    program's sequence (``common.locate``); ``slopes`` then has a row per sequence."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if slopes is None:
@@ -181,8 +187,11 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
     kernel = functools.partial(_kernel, spec=spec, config=config, group=num_heads // num_heads_k,
                                seqlen_q=seqlen_q, seqlen_k=seqlen_k)
     stages = config.stages
+    packed = tiles is not None
+    if not packed:
+        tiles = jnp.zeros((1, TABLE_COLUMNS), jnp.int32)  # unread: keeps one signature
 
-    def entry(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref):
         buffers = (swizzled_smem((COMPUTE_WARPGROUPS, config.block_q, head_dim), q.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), k.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), v.dtype),
@@ -192,7 +201,8 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
                  plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
         turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)  # unused without pingpong
-        pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref,
+        pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, slopes_ref,
+                                             tiles_ref if packed else None, out_ref, lse_ref,
                                              scoped),
                       buffers, ready, free, turn, collective_axes="wg")
 
@@ -207,5 +217,5 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig):
         grid_names=("heads", "q_tiles", "batch"),
         num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, slopes.astype(jnp.float32))
+    )(q, k, v, slopes.astype(jnp.float32), tiles)
     return out, lse[..., :seqlen_q]
