@@ -458,6 +458,48 @@ def test_interpreted_varlen_against_the_reference(head_dim, feature, determinist
         assert_within_tolerance(name, grad, r, p, factor=3.0)
 
 
+def _vmapped_varlen_grads_and_loop(interpret):
+    """As ``_vmapped_grads_and_loop`` through the varlen path, each call with its own
+    cu_seqlens and ALiBi slopes (batched tile tables; the backward adding dQ then takes one
+    call after another)."""
+    seqlens = [[(70, 100), (58, 30)], [(128, 64), (0, 66)]]  # 128 queries, 130 keys each
+    data = [make_varlen(90 + i, lengths, (0, 0), nheads=2, nheads_k=1, head_dim=64,
+                        dtype=jnp.bfloat16, alibi=True) for i, lengths in enumerate(seqlens)]
+    q, k, v, cu_q, cu_k, slopes, dout = (jnp.stack([jnp.asarray(x) for x in arrays])
+                                         for arrays in zip(*data))
+    spec = ScoreSpec.create(softmax_scale=64 ** -0.5, causal=True, has_alibi=True)
+    config = mosaic_gpu.backward_configs(64)[0]
+    assert config.fuses_dq(64, 100)
+
+    def grads(q, k, v, cu_q, cu_k, slopes, dout):
+        layout = Varlen(cu_q, cu_k, None, 128, 100)
+        out, lse = mosaic_varlen.forward(q, k, v, slopes, spec, layout,
+                                         mosaic_gpu.forward_config(64))
+        return mosaic_varlen.backward(q, k, v, slopes, out, lse, dout, jnp.zeros_like(lse),
+                                      spec, layout, config, deterministic=False)
+
+    args = (q, k, v, cu_q, cu_k, slopes, dout)
+    context = plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext()
+    with context:
+        batched = jax.tree.map(np.asarray, jax.jit(jax.vmap(grads))(*args))
+        singles = [jax.tree.map(np.asarray, jax.jit(grads)(*(x[i] for x in args)))
+                   for i in range(2)]
+    for i, single in enumerate(singles):
+        for name, a, b in zip(("dq", "dk", "dv"), batched, single):
+            np.testing.assert_allclose(a[i].astype(np.float32), b.astype(np.float32),
+                                       rtol=2.0 ** -7, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (below)")
+def test_interpreted_vmap_of_varlen():
+    _vmapped_varlen_grads_and_loop(interpret=True)
+
+
+@hopper_only
+def test_vmap_of_varlen():
+    _vmapped_varlen_grads_and_loop(interpret=False)
+
+
 @hopper_only
 @pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

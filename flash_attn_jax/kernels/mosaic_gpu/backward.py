@@ -367,7 +367,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
     TMA reductions (``config.fuses_dq``), in whatever order the programs run: one kernel of
     five matmuls a tile instead of two kernels of seven, with dQ reproducible only to rounding.
 
-    ``tiles``: a packed layout (``varlen.Packing``, as in ``forward``): the tile tables of the
+    ``tiles``: a packed layout (``varlen``, as in ``forward``): the tile tables of the
     dK/dV kernel's key tiles (keys_per_program) and the dQ kernel's query tiles (its
     rows_per_program); ``max_seqlen_k`` then stands for the key length in ``fuses_dq``."""
     batch, seqlen_q, num_heads, head_dim = q.shape

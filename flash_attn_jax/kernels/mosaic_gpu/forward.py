@@ -177,7 +177,7 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None)
     reads the rows and keys past the ends of a last, partial tile as zeros (the masks drop those
     keys) and clips its writes. ``slopes`` (B, H) float32 when ``spec.has_alibi``.
 
-    ``tiles``: a packed layout (``varlen.Packing``): B is 1, Sq and Sk hold sequences at offsets
+    ``tiles``: a packed layout (``varlen``): B is 1, Sq and Sk hold sequences at offsets
     aligned to whole tiles, and ``tiles`` (Sq / rows_per_program, TABLE_COLUMNS) int32 says each
     program's sequence (``common.locate``); ``slopes`` then has a row per sequence."""
     batch, seqlen_q, num_heads, head_dim = q.shape
