@@ -517,3 +517,23 @@ def test_varlen_against_the_reference(feature, lengths, dtype, head_dim, monkeyp
                         heads=((4, 4), (4, 2), (4, 1))[index % 3],
                         q_scale=5.0 if "softcap" in options else 1.0,
                         deterministic=dtype == jnp.float16, **options)
+
+
+def test_varlen_lowers_with_heads_sharded():
+    """Heads split over a mesh of eight H100s (Explicit axes: the library's partitioning of the
+    varlen call), cu_seqlens replicated: the varlen forward and the backward adding dQ inside,
+    no collective."""
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "model"),
+                                     (jax.sharding.AxisType.Explicit,) * 2, abstract_device=H100)
+    heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    q, kv = (jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=heads)
+             for shape in ((600, 8, 64), (640, 4, 64)))
+    cu = jax.ShapeDtypeStruct((4,), jnp.int32, sharding=replicated)
+    fn = jax.grad(lambda q, k, v, cu_q, cu_k: jnp.sum(fa.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, 300, 320, causal=True).astype(jnp.float32)), argnums=(0, 1, 2))
+    with fa.use_backend("mosaic-gpu"), jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(q, kv, kv, cu, cu).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["mosaic_gpu_v2"] * 2
+    assert not re.search(r"stablehlo\.(all_gather|all_reduce|all_to_all|reduce_scatter|"
+                         r"collective_permute)", text)
