@@ -85,6 +85,12 @@ class ScoreSpec:
         return 1.0 / (1.0 - self.dropout_p)
 
     @property
+    def is_causal_like(self) -> bool:
+        """Whether later query rows see more keys (causal, or a window open on the left and
+        bounded on the right): the kernels take such tiles heaviest first."""
+        return self.window_left < 0 <= self.window_right
+
+    @property
     def is_masked(self) -> bool:
         """Whether any window bound exists (causal included)."""
         return self.window_left >= 0 or self.window_right >= 0

@@ -336,13 +336,20 @@ def _vmapped_grads_and_loop(interpret):
         return mosaic_backward.backward(q, k, v, None, out, lse, q, jnp.zeros_like(lse), spec,
                                         config, deterministic=False)
 
+    _assert_vmap_equals_loop(grads, (q, k, v), interpret)
+
+
+def _assert_vmap_equals_loop(grads, args, interpret):
+    """``grads`` (-> dq, dk, dv) under jax.vmap over the leading axis of ``args`` against one
+    call per element; dQ to rounding (float32 sums in any order, rounded to bfloat16: one unit
+    in the last place)."""
     context = plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext()
     with context:
-        batched = jax.tree.map(np.asarray, jax.jit(jax.vmap(grads))(q, k, v))
-        singles = [jax.tree.map(np.asarray, jax.jit(grads)(q[i], k[i], v[i])) for i in range(2)]
+        batched = jax.tree.map(np.asarray, jax.jit(jax.vmap(grads))(*args))
+        singles = [jax.tree.map(np.asarray, jax.jit(grads)(*(x[i] for x in args)))
+                   for i in range(len(args[0]))]
     for i, single in enumerate(singles):
         for name, a, b in zip(("dq", "dk", "dv"), batched, single):
-            # dQ: float32 sums in any order, rounded to bfloat16 (one unit in the last place).
             np.testing.assert_allclose(a[i].astype(np.float32), b.astype(np.float32),
                                        rtol=2.0 ** -7, atol=1e-6, err_msg=name)
 
@@ -478,16 +485,7 @@ def _vmapped_varlen_grads_and_loop(interpret):
         return mosaic_varlen.backward(q, k, v, slopes, out, lse, dout, jnp.zeros_like(lse),
                                       spec, layout, config, deterministic=False)
 
-    args = (q, k, v, cu_q, cu_k, slopes, dout)
-    context = plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext()
-    with context:
-        batched = jax.tree.map(np.asarray, jax.jit(jax.vmap(grads))(*args))
-        singles = [jax.tree.map(np.asarray, jax.jit(grads)(*(x[i] for x in args)))
-                   for i in range(2)]
-    for i, single in enumerate(singles):
-        for name, a, b in zip(("dq", "dk", "dv"), batched, single):
-            np.testing.assert_allclose(a[i].astype(np.float32), b.astype(np.float32),
-                                       rtol=2.0 ** -7, atol=1e-6, err_msg=name)
+    _assert_vmap_equals_loop(grads, (q, k, v, cu_q, cu_k, slopes, dout), interpret)
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (below)")

@@ -30,6 +30,12 @@ def irem(a, b):
     return lax.rem(i32(a), i32(b))
 
 
+def gather_rows(x, index, fill=0.0):
+    """``x[index]`` along the leading axis, where ``index == len(x)`` names a row of ``fill``
+    (the varlen layouts' slot for "no token")."""
+    return jnp.concatenate([x, jnp.full((1, *x.shape[1:]), fill, x.dtype)])[index]
+
+
 def fori_loop(lower, upper, body, carry):
     """lax.fori_loop with an int32 index whatever the bounds' types (see ``i32``)."""
     return lax.fori_loop(i32(lower), i32(upper), body, carry)

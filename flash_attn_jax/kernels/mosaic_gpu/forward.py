@@ -65,7 +65,7 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref, scoped
     dtype = q_smem.dtype
     head_dim = q_smem.shape[-1]
     head, tile, batch = lax.axis_index("heads"), lax.axis_index("q_tiles"), lax.axis_index("batch")
-    if tiles_ref is None and spec.window_left < 0 <= spec.window_right:
+    if tiles_ref is None and spec.is_causal_like:
         # Causal-like: later rows see more keys. The heaviest tiles first, the light ones last
         # (a packed layout's table lists its tiles in that order).
         tile = pl.cdiv(seqlen_q, config.rows_per_program) - 1 - tile

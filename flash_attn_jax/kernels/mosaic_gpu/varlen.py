@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from flash_attn_jax import semantics
-from flash_attn_jax.kernels.blocks import i32
+from flash_attn_jax.kernels.blocks import gather_rows, i32
 from flash_attn_jax.kernels.mosaic_gpu import backward as _backward
 from flash_attn_jax.kernels.mosaic_gpu import forward as _forward
 from flash_attn_jax.kernels.mosaic_gpu.common import (K_BASE, Q_BASE, SEQLEN_K, SEQLEN_Q,
@@ -41,7 +41,7 @@ class Packing:
         assert align % TABLE_UNIT == 0, align
         cu = i32(cu_seqlens)
         self.num_sequences = cu.shape[0] - 1
-        self.total, self.align = total, align
+        self.align = align
         self.lengths = jnp.clip(cu[1:] - cu[:-1], 0, max_seqlen)
         padded = (self.lengths + align - 1) // align * align
         self.ends = jnp.cumsum(padded, dtype=jnp.int32)
@@ -71,13 +71,11 @@ class Packing:
 
     def pack(self, x, fill=0.0):
         """(total, ...) -> (size, ...), ``fill`` in the rows no token holds."""
-        padded = jnp.concatenate([x, jnp.full((1, *x.shape[1:]), fill, x.dtype)])
-        return padded[self._source]
+        return gather_rows(x, self._source, fill)
 
     def unpack(self, x, fill=0.0):
         """(size, ...) -> (total, ...), ``fill`` for the tokens outside every sequence."""
-        padded = jnp.concatenate([x, jnp.full((1, *x.shape[1:]), fill, x.dtype)])
-        return padded[self._target]
+        return gather_rows(x, self._target, fill)
 
 
 def tile_table(tiled: Packing, other: Packing, tile: int, *, queries: bool, causal: bool):
@@ -110,10 +108,6 @@ def tile_table(tiled: Packing, other: Packing, tile: int, *, queries: bool, caus
     return table[jnp.argsort(-work, stable=True)]
 
 
-def _causal_like(spec):
-    return spec.window_left < 0 <= spec.window_right
-
-
 def forward(q, k, v, slopes, spec, varlen, config: _forward.ForwardConfig):
     """out (T, H, D), lse (H, T) float32 of the varlen layout's q (T, H, D), k, v (Tk, Hk, D);
     ``slopes`` (B, H) when ALiBi."""
@@ -122,7 +116,7 @@ def forward(q, k, v, slopes, spec, varlen, config: _forward.ForwardConfig):
     rows = Packing(varlen.cu_seqlens_q, varlen.max_seqlen_q, q.shape[0], config.rows_per_program)
     keys = Packing(varlen.cu_seqlens_k, varlen.max_seqlen_k, k.shape[0], config.block_k)
     tiles = tile_table(rows, keys, config.rows_per_program, queries=True,
-                       causal=_causal_like(spec))
+                       causal=spec.is_causal_like)
     out, lse = _forward.forward(rows.pack(q)[None], keys.pack(k)[None], keys.pack(v)[None],
                                 slopes, spec, config, tiles=tiles)
     return rows.unpack(out[0]), rows.unpack(lse[0].T, -jnp.inf).T
@@ -136,7 +130,7 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen,
     dq_rows = config.dq_blocks.rows_per_program  # the streamed query blocks divide it
     rows = Packing(varlen.cu_seqlens_q, varlen.max_seqlen_q, q.shape[0], dq_rows)
     keys = Packing(varlen.cu_seqlens_k, varlen.max_seqlen_k, k.shape[0], config.keys_per_program)
-    causal = _causal_like(spec)
+    causal = spec.is_causal_like
     tiles = (tile_table(keys, rows, config.keys_per_program, queries=False, causal=causal),
              tile_table(rows, keys, dq_rows, queries=True, causal=causal))
     if delta is None:  # from the tokens: the output need not be packed

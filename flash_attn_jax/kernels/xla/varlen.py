@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from flash_attn_jax.kernels.blocks import gather_rows
 from flash_attn_jax.kernels.xla import dense
 
 
@@ -18,11 +19,6 @@ def _rows(cu_seqlens, max_len, total):
     index = jnp.where(positions[None, :] < lengths[:, None],
                       cu_seqlens[:-1, None].astype(jnp.int32) + positions[None, :], total)
     return index, lengths
-
-
-def _gather(x, index, fill=0.0):
-    """(T, ...) -> (B, max_len, ...), ``fill`` at pad slots."""
-    return jnp.concatenate([x, jnp.full((1,) + x.shape[1:], fill, x.dtype)])[index]
 
 
 def _scatter(x, index, total, fill=0.0):
@@ -59,17 +55,17 @@ class _Layout:
 
     def keys(self, x):
         """Keys or values (Tk, Hk, D), or pages (num_pages, page, Hk, D) -> (B, max_len, Hk, D)."""
-        return x[self.pages, self.offsets] if self.paged else _gather(x, self.index_k)
+        return x[self.pages, self.offsets] if self.paged else gather_rows(x, self.index_k)
 
     def rows_stat(self, x, fill):
         """(H, T) -> (B, H, max_seqlen_q)."""
-        return _gather(x.T, self.index_q, fill).transpose(0, 2, 1)
+        return gather_rows(x.T, self.index_q, fill).transpose(0, 2, 1)
 
 
 def forward(q, k, v, slopes, spec, varlen, seed=None, *, placement=None, out_dtype=None):
     """out (T, H, D), lse (H, T) of the packed sequences."""
     layout = _Layout(q, k, varlen)
-    out, lse = dense.forward(_gather(q, layout.index_q), layout.keys(k), layout.keys(v), slopes,
+    out, lse = dense.forward(gather_rows(q, layout.index_q), layout.keys(k), layout.keys(v), slopes,
                              spec, seed, placement=placement, out_dtype=out_dtype,
                              lengths=layout.lengths)
     lse = _scatter(lse.transpose(0, 2, 1), layout.index_q, layout.total_q, -jnp.inf)
@@ -79,7 +75,7 @@ def forward(q, k, v, slopes, spec, varlen, seed=None, *, placement=None, out_dty
 def probabilities(q, k, lse, slopes, spec, varlen, seed=None, *, placement=None):
     """(B, H, max_seqlen_q, max_seqlen_k) float32, zero outside each row's lengths."""
     layout = _Layout(q, k, varlen)
-    probs = dense.probabilities(_gather(q, layout.index_q), layout.keys(k),
+    probs = dense.probabilities(gather_rows(q, layout.index_q), layout.keys(k),
                                 layout.rows_stat(lse, -jnp.inf), slopes, spec, seed,
                                 placement=placement, lengths=layout.lengths)
     lengths_q, lengths_k = layout.lengths
@@ -93,9 +89,9 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen, seed=None, *, 
     """(dq (T, H, D), dk, dv (Tk, Hk, D)); lse, dlse (and delta) in the (H, T) layout
     (contiguous keys: paged ones have no gradient)."""
     layout = _Layout(q, k, varlen)
-    gathered_q = lambda x: None if x is None else _gather(x, layout.index_q)
+    gathered_q = lambda x: None if x is None else gather_rows(x, layout.index_q)
     dq, dk, dv = dense.backward(
-        gathered_q(q), _gather(k, layout.index_k), _gather(v, layout.index_k), slopes,
+        gathered_q(q), gather_rows(k, layout.index_k), gather_rows(v, layout.index_k), slopes,
         gathered_q(out), layout.rows_stat(lse, -jnp.inf), gathered_q(dout),
         layout.rows_stat(dlse, 0.0), spec, seed, placement=placement, grad_dtype=grad_dtype,
         delta=None if delta is None else layout.rows_stat(delta, 0.0), lengths=layout.lengths)
