@@ -371,12 +371,26 @@ def _u32(x):
     return jnp.asarray(x).astype(jnp.uint32)
 
 
-def _dropout_words(key, batch, head, rows, lanes, mul_wide):
-    counter = (_u32(batch), _u32(rows), _u32(head), _u32(lanes))
-    return philox4x32(counter, (_u32(key[0]), _u32(key[1])), mul_wide=mul_wide)
+def dropout_words(key, batch, head, rows, lanes, *, mul_wide=mul_wide_u32, cast=_u32):
+    """The four hash words of the counters (batch row, rows, query head, ``lanes``), ``lanes``
+    from ``dropout_lane``. ``cast`` makes each input a uint32 value (a kernel passes its own
+    register type)."""
+    counter = (cast(batch), cast(rows), cast(head), cast(lanes))
+    return philox4x32(counter, (cast(key[0]), cast(key[1])), mul_wide=mul_wide)
 
 
-def _keeps(word, threshold):
+def dropout_lane(cols):
+    """The counter's last word for key columns ``cols``: 4 g + t of column 32 g + 8 m + 2 t + h."""
+    return (cols // _GROUP) * 4 + (cols // 2) % 4
+
+
+def dropout_word_index(cols):
+    """Which of the four hash words holds key column ``cols``'s bits: m of 32 g + 8 m + 2 t + h
+    (the low half for even columns)."""
+    return (cols // 8) % 4
+
+
+def word_keeps(word, threshold):
     """(low half kept, high half kept) of a uint32 word: half >= threshold, both compared as the
     word's high half (the low half shifted up; no masking)."""
     shifted = np.uint32(threshold << 16)
@@ -388,12 +402,11 @@ def dropout_keep(key, batch, head, rows, cols, threshold):
     (batch row, query head) are kept; ``key``: the dropout key's two uint32 words. One hash per
     element: the reference's form."""
     rows, cols = jnp.asarray(rows), jnp.asarray(cols)
-    lanes = (cols // _GROUP) * 4 + (cols // 2) % 4
-    words = _dropout_words(key, batch, head, rows, lanes, mul_wide_u32)
-    word_index = (cols // 8) % 4
+    words = dropout_words(key, batch, head, rows, dropout_lane(cols))
+    word_index = dropout_word_index(cols)
     word = jnp.where(word_index < 2, jnp.where(word_index == 0, words[0], words[1]),
                      jnp.where(word_index == 2, words[2], words[3]))
-    low, high = _keeps(word, threshold)
+    low, high = word_keeps(word, threshold)
     return jnp.where(cols % 2 == 0, low, high)
 
 
@@ -413,7 +426,7 @@ def dropout_tile_words(key, batch, head, rows, col_lo, block_k, *, mul_wide=mul_
     ``mul_wide`` as in ``philox4x32`` (a kernel passes its one-instruction form)."""
     groups = max(1, block_k // _GROUP)
     lanes = (col_lo // _GROUP) * 4 + jnp.arange(4 * groups, dtype=jnp.int32)
-    words = _dropout_words(key, batch, head, rows[:, None], lanes[None, :], mul_wide)
+    words = dropout_words(key, batch, head, rows[:, None], lanes[None, :], mul_wide=mul_wide)
     if block_k < _GROUP:  # columns 2t + 8m + h with m in {0, 1} (first half) or {2, 3}
         second_half = (col_lo // (_GROUP // 2)) % 2 == 1
         words = [jnp.where(second_half, words[m + 2], words[m]) for m in range(2)]
@@ -431,7 +444,7 @@ def column_tile(parts, block_k):
 
 def keep_tile(words, block_k, threshold):
     """The keep mask (R, block_k) of a tile from its ``dropout_tile_words``."""
-    return column_tile([keep for word in words for keep in _keeps(word, threshold)], block_k)
+    return column_tile([keep for word in words for keep in word_keeps(word, threshold)], block_k)
 
 
 def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *,

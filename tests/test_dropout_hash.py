@@ -46,7 +46,7 @@ def test_each_half_word_is_kept_at_or_above_the_threshold():
     threshold = semantics.dropout_threshold(0.1)
     halves = np.array([0, threshold - 1, threshold, threshold + 1, 0xFFFF], np.uint32)
     low, high = np.meshgrid(halves, halves, indexing="ij")
-    keep_low, keep_high = semantics._keeps(jnp.asarray((high << 16) | low), threshold)
+    keep_low, keep_high = semantics.word_keeps(jnp.asarray((high << 16) | low), threshold)
     np.testing.assert_array_equal(np.asarray(keep_low), low >= threshold)
     np.testing.assert_array_equal(np.asarray(keep_high), high >= threshold)
 

@@ -59,7 +59,11 @@ def _request(**changes):
     (dict(op="backward", varlen=True, q_shape=(300, 4, 128), k_shape=(301, 2, 128)), None),
     (dict(varlen=True, paged=True, q_shape=(300, 4, 128), k_shape=(8, 16, 2, 128)),
      "contiguous keys only"),
-    (dict(spec=ScoreSpec(softmax_scale=0.1, dropout_p=0.1)), "no dropout"),
+    (dict(spec=ScoreSpec(softmax_scale=0.1, dropout_p=0.1)), None),  # the forward
+    (dict(op="backward", spec=ScoreSpec(softmax_scale=0.1, dropout_p=0.1)),
+     "dropout's backward at this head dim"),
+    (dict(op="backward", spec=ScoreSpec(softmax_scale=0.1, dropout_p=0.1), head_dim=256,
+          q_shape=(2, 256, 4, 256), k_shape=(2, 384, 2, 256)), None),
     (dict(placed=True, positions=True), "no sequence shards"),
     (dict(out_dtype=jnp.dtype(jnp.float32)), "output in the inputs' dtype"),
     (dict(q_shape=(2, 200, 4, 128)), None),
@@ -85,22 +89,25 @@ def _grad_fn(**options):
 
 def test_automatic_on_hopper_and_the_rest_handed_on():
     """In the automatic choice on a Hopper GPU only; chosen or not, what it declines (here
-    dropout) goes to the next backend."""
+    dropout's backward at head dim 128) goes to the next backend."""
     q, k, v = make_inputs(0, batch=1, seqlen_q=200, seqlen_k=320, nheads=4, nheads_k=2,
                           head_dim=256, dtype=jnp.bfloat16)[:3]  # lengths in 8s, not in tiles
     automatic = fa.backends_used(_grad_fn(causal=True), q, k, v)
     key = jax.random.key(0)
     dropout = _grad_fn(causal=True, dropout_p=0.1, dropout_key=key)
-    dropout_automatic = fa.backends_used(dropout, q, k, v)
-    assert "mosaic-gpu" not in dropout_automatic.values()
+    q128, k128, v128 = (x[..., :128] for x in (q, k, v))
+    dropout_automatic = fa.backends_used(dropout, q128, k128, v128)
+    assert dropout_automatic["backward"] != "mosaic-gpu"
     if ON_HOPPER:
         assert automatic == {"forward": "mosaic-gpu", "backward": "mosaic-gpu"}
+        assert dropout_automatic["forward"] == "mosaic-gpu"
     else:
-        assert "mosaic-gpu" not in automatic.values()
+        assert "mosaic-gpu" not in (*automatic.values(), *dropout_automatic.values())
     with fa.use_backend("mosaic-gpu"):
         assert fa.backends_used(_grad_fn(causal=True), q, k, v) == {
             "forward": "mosaic-gpu", "backward": "mosaic-gpu"}
-        assert fa.backends_used(dropout, q, k, v) == dropout_automatic
+        assert fa.backends_used(dropout, q128, k128, v128) == {
+            "forward": "mosaic-gpu", "backward": dropout_automatic["backward"]}
 
 
 # Features that change the kernel's code, lowered at each dtype and head dim.

@@ -6,8 +6,10 @@ no atomics; or dQ added by TMA reductions) in float16 and bfloat16 at head dims 
 with every mask (causal, windows), softcap, ALiBi, GQA/MQA and the lse and its cotangent; dense
 sequence lengths in 8s (the last tiles read zeros past the ends and their writes are clipped),
 varlen ones of any length (``varlen``: the sequences gathered at tile-aligned offsets, contiguous
-keys only); every other call (dropout, paged keys, sequence shards, the KV cache, S_dmask) goes
-to the next backend. It is the automatic choice on Hopper for what it covers: on an H200 its
+keys only); dropout (``dropout``: ``semantics.py``'s keep mask bit for bit, hashed on the wgmma
+registers) in the forward, and in the backward at the head dims of
+``DROPOUT_BACKWARD_HEAD_DIMS``; every other call (paged keys, sequence shards, the KV cache,
+S_dmask) goes to the next backend. It is the automatic choice on Hopper for what it covers: on an H200 its
 tests pass, the head dim 256 backward, lengths that end inside tiles and varlen included
 (tests/test_mosaic_gpu.py with tests/test_varlen.py: 414 passed, 11 skipped, the skipped ones
 the interpret-mode cases), and so do the dense and backward files of the suite with it chosen
@@ -23,6 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from flash_attn_jax.kernels.mosaic_gpu import backward as _backward
+from flash_attn_jax.kernels.mosaic_gpu import dropout as _dropout
 from flash_attn_jax.kernels.mosaic_gpu import forward as _forward
 from flash_attn_jax.kernels.mosaic_gpu import varlen as _varlen
 from flash_attn_jax.kernels.registry import Backend, Request
@@ -88,6 +91,14 @@ def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int) -> _backward.Ba
     return configs[-1]
 
 
+# Head dims whose backward with dropout runs here. The dK/dV kernel's tiles are keys x queries,
+# so a thread's mask bits come one hash per 2 elements (per 8 in the forward and dQ kernels):
+# on the H200 (RESULTS.md 8.1) forward + backward with dropout 0.1 at head dims 64 / 128 ran at
+# 135 / 247 TFLOP/s (S 4096, non-causal) against 228 / 325 with the Triton backward, and at 256
+# at 277 (the Triton backward without dropout: 270).
+DROPOUT_BACKWARD_HEAD_DIMS = (256,)
+
+
 def _unsupported(request: Request) -> str | None:
     """Why the kernels cannot run ``request`` (None if they can)."""
     if request.dtype not in _DTYPES:
@@ -96,8 +107,9 @@ def _unsupported(request: Request) -> str | None:
         return f"head dims {HEAD_DIMS} only"
     if request.paged:
         return "contiguous keys only (no block table)"
-    if request.spec is not None and request.spec.has_dropout:
-        return "no dropout yet"
+    if (request.op == "backward" and request.spec is not None and request.spec.has_dropout
+            and request.head_dim not in DROPOUT_BACKWARD_HEAD_DIMS):
+        return "dropout's backward at this head dim is faster on the next backend"
     if request.positions:
         return "no sequence shards yet"
     if request.out_dtype not in (None, request.dtype):
@@ -133,16 +145,20 @@ class MosaicGPU(Backend):
     def forward(self, q, k, v, slopes, spec, varlen=None, seed=None, *, placement=None,
                 out_dtype=None):
         config = forward_config(q.shape[-1])
+        dropout_words = _dropout.words(seed, placement) if spec.has_dropout else None
         if varlen is not None:
-            return _varlen.forward(q, k, v, slopes, spec, varlen, config)
-        return _forward.forward(q, k, v, slopes, spec, config)
+            return _varlen.forward(q, k, v, slopes, spec, varlen, config, dropout_words)
+        return _forward.forward(q, k, v, slopes, spec, config, dropout_words=dropout_words)
 
     def backward(self, q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None, *,
                  placement=None, grad_dtype=None, delta=None):
+        dropout_words = _dropout.words(seed, placement) if spec.has_dropout else None
         if varlen is not None:
             config = backward_configs(q.shape[-1])[0]  # the packing aligns to its tiles
             return _varlen.backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen, config,
-                                    delta=delta, deterministic=spec.deterministic)
+                                    delta=delta, deterministic=spec.deterministic,
+                                    dropout_words=dropout_words)
         config = backward_config(q.shape[-1], q.shape[1], k.shape[1])
         return _backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
-                                  delta=delta, deterministic=spec.deterministic)
+                                  delta=delta, deterministic=spec.deterministic,
+                                  dropout_words=dropout_words)

@@ -40,6 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks, query_blocks
+from flash_attn_jax.kernels.mosaic_gpu import dropout
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
                                                       TABLE_COLUMNS, BlockConfig, accumulate,
                                                       broadcast, check_owned, interpreting, locate,
@@ -114,8 +115,8 @@ def _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope, masked, l
     return p, semantics.logits_derivative(x, spec, unit=LOG2E)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref, dk_ref,
-                 dv_ref, dq_sum_ref, scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str,
+def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref,
+                 dropout_ref, dk_ref, dv_ref, dq_sum_ref, scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str,
                  block_q: int, group: int, seqlen_q: int, seqlen_k: int):
     """``part``: "dkdv" (both), "dv" or "dk"; ``block_q``: the streamed query block. Buffers and
     outputs a part does not use are None. With ``dq_sum_ref`` (float32, q's shape; "dkdv" only)
@@ -175,6 +176,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                 cols = wgmma_iota(qk_t.shape, 0, col_lo)
                 p_t, dlogits = _probs_and_dlogits_factor(qk_t, rows, cols, lse2, spec, span,
                                                          slope, masked, lse_dim=1)
+                # Dropout: P^T's kept entries times 1 / (1 - p) (dV's operand), and dP^T's.
+                keep = (dropout.keep_factor(dropout_ref, p_t.shape, batch=program.sequence,
+                                            head=head, row0=col_lo, col0=query_block * block_q,
+                                            spec=spec, rows_are_queries=False,
+                                            kept=spec.keep_scale)
+                        if spec.has_dropout else None)
+                dropped_p_t = p_t if keep is None else p_t * keep
                 plgpu.barrier_wait(dout_ready.at[slot])
                 if with_dk:
                     plgpu.barrier_wait(delta_ready.at[slot])
@@ -183,19 +191,21 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                 if part == "dkdv":
                     def dv_and_dp(refs):  # both wgmmas issued before one wait
                         dv_ref, dp_ref = refs
-                        wgmma_registers(dv_ref, p_t.astype(dtype), dout, own_stage)
+                        wgmma_registers(dv_ref, dropped_p_t.astype(dtype), dout, own_stage)
                         plgpu.wgmma(dp_ref, own_v, dout.T)
 
                     dv, dp_t = accumulate((dv, zeros_tile((block_k, block_q))), dv_and_dp)
                 elif part == "dv":
                     def dv_matmul(acc_ref):
-                        wgmma_registers(acc_ref, p_t.astype(dtype), dout, own_stage)
+                        wgmma_registers(acc_ref, dropped_p_t.astype(dtype), dout, own_stage)
 
                     dv = accumulate(dv, dv_matmul)
                 else:
                     dp_t = matmul_transposed(own_v, dout, (block_k, block_q))
                 if with_dk:
                     delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    if keep is not None:
+                        dp_t = dp_t * keep
                     ds_t = p_t * (dp_t - broadcast(delta, dp_t.shape, 1)) * dlogits
 
                     def dk_matmul(acc_ref):
@@ -282,8 +292,8 @@ def _add_dq(dq_sum_ref, ds_tiles, k_smem, dq_tile, warpgroup, *, rows):
             plgpu.copy_smem_to_gmem(dq_tile, target, reduction_op="add")
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref, dq_ref,
-               scoped, *,
+def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref,
+               dropout_ref, dq_ref, scoped, *,
                spec: ScoreSpec, config: BlockConfig, group: int, seqlen_q: int,
                seqlen_k: int):
     ((q_smem, dout_smem, lse_smem, delta_smem, k_smem, v_smem, stage),
@@ -334,6 +344,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, ti
 
             dp = matmul_transposed(dout, v_smem.at[slot], (block_q, block_k))
             plgpu.barrier_arrive(v_free.at[slot])
+            if spec.has_dropout:  # dP of the kept entries, times 1 / (1 - p)
+                dp = dp * dropout.keep_factor(dropout_ref, dp.shape, batch=program.sequence,
+                                              head=head, row0=row_lo, col0=step * block_k,
+                                              spec=spec, rows_are_queries=True,
+                                              kept=spec.keep_scale)
             ds = p * (dp - broadcast(delta, dp.shape, 0)) * dlogits
 
             def dq_matmul(acc_ref):
@@ -359,7 +374,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, ti
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: BackwardConfig, *,
-             delta=None, deterministic: bool = True, tiles=None, max_seqlen_k=None):
+             delta=None, deterministic: bool = True, tiles=None, max_seqlen_k=None,
+             dropout_words=None):
     """(dq, dk, dv) in the inputs' dtype. q, out, dout (B, Sq, H, D), k, v (B, Sk, H_k, D),
     16-bit; lse and dlse (B, H, Sq) float32; lengths in 8s (read past the ends of partial tiles
     as zeros, writes clipped, as in the forward). ``delta``: rowsum(dout * out) - dlse when
@@ -369,7 +385,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
 
     ``tiles``: a packed layout (``varlen``, as in ``forward``): the tile tables of the
     dK/dV kernel's key tiles (keys_per_program) and the dQ kernel's query tiles (its
-    rows_per_program); ``max_seqlen_k`` then stands for the key length in ``fuses_dq``."""
+    rows_per_program); ``max_seqlen_k`` then stands for the key length in ``fuses_dq``.
+    ``dropout_words``: the forward's (``dropout.words``) when ``spec`` has dropout."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if delta is None:
@@ -385,7 +402,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
                    seqlen_k=seqlen_k, packed=tiles is not None)
     if tiles is None:
         tiles = (jnp.zeros((1, TABLE_COLUMNS), jnp.int32),) * 2  # unread: keeps one signature
-    operands = (q, k, v, dout, lse, delta, slopes, *tiles)
+    operands = (q, k, v, dout, lse, delta, slopes, *tiles,
+                dropout.check_words(spec, dropout_words))
     if not deterministic and config.fuses_dq(head_dim, max_seqlen_k or seqlen_k):
         dk, dv, dq_sum = _dkdv_dq(*operands, config=config, **statics)
         return dq_sum[:, :seqlen_q].astype(q.dtype), dk, dv
@@ -416,7 +434,8 @@ def _dkdv_grid(k_shape, config):
 
 
 def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k_tiles_ref,
-                q_tiles_ref, *out_refs, outputs, part, block_q, config, statics, dq_sum_ref=None):
+                q_tiles_ref, dropout_ref, *out_refs, outputs, part, block_q, config, statics,
+                dq_sum_ref=None):
     """One dK/dV pass: its shared memory and barriers around ``_dkdv_kernel``; ``outputs``
     names ``out_refs`` ("dk", "dv"). The key tiles' table is read when ``statics["packed"]``."""
     statics = dict(statics)
@@ -448,7 +467,7 @@ def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k
     pair = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=3) if fused else None
     pl.run_scoped(
         lambda *scoped: _dkdv_kernel(
-            q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref,
+            q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref, dropout_ref,
             named.get("dk"), named.get("dv"), dq_sum_ref, scoped, config=config, part=part,
             block_q=block_q,
             **statics),
@@ -457,8 +476,9 @@ def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k
 
 def _dq_entry(*refs, config, statics):
     statics = dict(statics)
-    # refs: the seven operands, the two tile tables (the query tiles' read when packed), dQ.
-    refs = (*refs[:7], refs[8] if statics.pop("packed") else None, refs[9])
+    # refs: the seven operands, the two tile tables (the query tiles' read when packed), the
+    # dropout words, dQ.
+    refs = (*refs[:7], refs[8] if statics.pop("packed") else None, *refs[9:11])
     q_ref, dout_ref = refs[0], refs[3]
     q_dtype, head_dim = q_ref.dtype, q_ref.shape[-1]
     stages = config.stages
@@ -478,7 +498,8 @@ def _dq_entry(*refs, config, statics):
                   buffers, own, ready, free, collective_axes="wg")
 
 
-def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, *, config, **statics):
+def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, dropout_words, *, config,
+             **statics):
     """(dk, dv, dq_sum float32, query rows in whole blocks): the fused pass, dQ added into a
     zeroed float32 array aliased to the kernel's output."""
 
@@ -499,9 +520,9 @@ def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, *, config, **s
         with jax_config._check_vma(False):
             dq_sum, dk, dv = pallas_mpmd._mpmd_map(
                 [(plgpu.Mesh(**launch),
-                  lambda *refs: entry(*refs[:9], refs[11], refs[12], dq_sum_ref=refs[10]))],
+                  lambda *refs: entry(*refs[:10], refs[12], refs[13], dq_sum_ref=refs[11]))],
                 (jax.ShapeDtypeStruct(dq_sum.shape, jnp.float32), k_like, k_like),
-                input_output_aliases={9: 0}, compiler_params=params,
+                input_output_aliases={10: 0}, compiler_params=params,
                 interpret=jax_config.pallas_tpu_interpret_mode_context_manager.value or False,
                 name="dkdv_dq")(*operands, dq_sum)
         return dk, dv, dq_sum
@@ -510,7 +531,9 @@ def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, *, config, **s
     def _vmapped(axis_size, in_batched, *operands):
         stacked = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
                    for x, batched in zip(operands, in_batched)]
-        if statics["packed"]:  # the slopes' rows are sequences: one call after another
+        # One call after another when the slopes' rows are sequences, or with dropout (whose
+        # mask hashes the batch row: merged rows would hash as other rows).
+        if statics["packed"] or statics["spec"].has_dropout:
             return lax.map(lambda xs: _dkdv_dq(*xs, config=config, **statics), stacked), (True,) * 3
         # The vmapped axis joins the batch axis (every array leads with the batch; the tables
         # are the unread placeholders).
@@ -518,4 +541,4 @@ def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, *, config, **s
         outs = _dkdv_dq(*merged, *operands[7:], config=config, **statics)
         return tuple(x.reshape(axis_size, -1, *x.shape[1:]) for x in outs), (True,) * 3
 
-    return run(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles)
+    return run(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, dropout_words)

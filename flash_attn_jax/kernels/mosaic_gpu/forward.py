@@ -29,6 +29,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
+from flash_attn_jax.kernels.mosaic_gpu import dropout
 from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
                                                       TABLE_COLUMNS, BlockConfig, accumulate,
                                                       broadcast, check_owned, locate,
@@ -57,7 +58,7 @@ class ForwardConfig(BlockConfig):
         check_owned(self.block_q, "block_q")
 
 
-def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref, scoped, *,
+def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, lse_ref, scoped, *,
             spec: ScoreSpec, config: ForwardConfig, group: int, seqlen_q: int, seqlen_k: int):
     ((q_smem, k_smem, v_smem, lse_smem, stage_p), (k_ready, v_ready, q_ready), (k_free, v_free),
      turn) = scoped
@@ -97,6 +98,8 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref, scoped
         plgpu.copy_gmem_to_smem(q_ref.at[rows_at], rows_q, q_ready.at[warpgroup])
         _, inner_first, inner_end, _ = key_blocks(row_lo, row_lo + block_q, block_k, spec, **span)
         slope = slopes_ref[program.sequence, head] if spec.has_alibi else None
+        drop = functools.partial(dropout.drop, words_ref=dropout_ref, batch=program.sequence,
+                                 head=head, row0=row_lo, spec=spec)
         plgpu.barrier_wait(q_ready.at[warpgroup])
 
         def step_body(step, carry, *, masked):
@@ -120,9 +123,11 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref, scoped
             base = jnp.where(new_max == -jnp.inf, 0.0, new_max)
             alpha = jnp.exp2(row_max - base)
             p = jnp.exp2(s - broadcast(base, s.shape, 0))
-            row_sum = row_sum * alpha + p.sum(axis=1)
+            row_sum = row_sum * alpha + p.sum(axis=1)  # before dropout: the softmax's sum
             acc = acc * broadcast(alpha, acc.shape, 0)
             p16 = p.astype(dtype)
+            if spec.has_dropout:  # the kept probabilities; 1 / (1 - p) at the end
+                p16 = drop(p16, col0=step * block_k)
             if config.pin_softmax:
                 acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
             if config.pingpong:
@@ -152,7 +157,7 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref, scoped
 
         # Rows that attended no key: out 0 (acc is 0), lse -inf.
         has_keys = row_sum > 0.0
-        inverse = jnp.where(has_keys, 1.0 / jnp.where(has_keys, row_sum, 1.0), 0.0)
+        inverse = jnp.where(has_keys, spec.keep_scale / jnp.where(has_keys, row_sum, 1.0), 0.0)
         rows_q[...] = (acc * broadcast(inverse, acc.shape, 0)).astype(dtype)
         lse = jnp.where(has_keys, (row_max + jnp.log2(jnp.where(has_keys, row_sum, 1.0))) * LN2,
                         -jnp.inf)
@@ -170,7 +175,8 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref, scoped
                      block_k=block_k, stages=stages, key_base=program.k_base)
 
 
-def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None):
+def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None,
+            dropout_words=None):
     """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 (natural log; -inf for rows with
     no key). q (B, Sq, H, D), k and v (B, Sk, H_k, D), 16-bit, lengths in 8s (whole rows of the
     shared memory's tiles; the backend checks): the TMA
@@ -179,7 +185,9 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None)
 
     ``tiles``: a packed layout (``varlen``): B is 1, Sq and Sk hold sequences at offsets
     aligned to whole tiles, and ``tiles`` (Sq / rows_per_program, TABLE_COLUMNS) int32 says each
-    program's sequence (``common.locate``); ``slopes`` then has a row per sequence."""
+    program's sequence (``common.locate``); ``slopes`` then has a row per sequence.
+
+    ``dropout_words``: ``dropout.words`` when ``spec`` has dropout."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
     if slopes is None:
@@ -190,8 +198,9 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None)
     packed = tiles is not None
     if not packed:
         tiles = jnp.zeros((1, TABLE_COLUMNS), jnp.int32)  # unread: keeps one signature
+    dropout_words = dropout.check_words(spec, dropout_words)
 
-    def entry(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, out_ref, lse_ref):
+    def entry(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, lse_ref):
         buffers = (swizzled_smem((COMPUTE_WARPGROUPS, config.block_q, head_dim), q.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), k.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), v.dtype),
@@ -202,8 +211,8 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None)
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
         turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)  # unused without pingpong
         pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, slopes_ref,
-                                             tiles_ref if packed else None, out_ref, lse_ref,
-                                             scoped),
+                                             tiles_ref if packed else None, dropout_ref,
+                                             out_ref, lse_ref, scoped),
                       buffers, ready, free, turn, collective_axes="wg")
 
     num_tiles = pl.cdiv(seqlen_q, config.rows_per_program)
@@ -217,5 +226,5 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None)
         grid_names=("heads", "q_tiles", "batch"),
         num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, slopes.astype(jnp.float32), tiles)
+    )(q, k, v, slopes.astype(jnp.float32), tiles, dropout_words)
     return out, lse[..., :seqlen_q]

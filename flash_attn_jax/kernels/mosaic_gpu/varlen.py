@@ -108,9 +108,10 @@ def tile_table(tiled: Packing, other: Packing, tile: int, *, queries: bool, caus
     return table[jnp.argsort(-work, stable=True)]
 
 
-def forward(q, k, v, slopes, spec, varlen, config: _forward.ForwardConfig):
+def forward(q, k, v, slopes, spec, varlen, config: _forward.ForwardConfig, dropout_words=None):
     """out (T, H, D), lse (H, T) float32 of the varlen layout's q (T, H, D), k, v (Tk, Hk, D);
-    ``slopes`` (B, H) when ALiBi."""
+    ``slopes`` (B, H) when ALiBi; ``dropout_words`` as ``_forward.forward``'s (the mask hashes
+    the sequence as the batch row)."""
     if varlen.cu_seqlens_q.shape[0] < 2:  # no sequence: nothing attends
         return jnp.zeros_like(q), jnp.full(q.shape[1::-1], -jnp.inf, jnp.float32)
     rows = Packing(varlen.cu_seqlens_q, varlen.max_seqlen_q, q.shape[0], config.rows_per_program)
@@ -118,12 +119,13 @@ def forward(q, k, v, slopes, spec, varlen, config: _forward.ForwardConfig):
     tiles = tile_table(rows, keys, config.rows_per_program, queries=True,
                        causal=spec.is_causal_like)
     out, lse = _forward.forward(rows.pack(q)[None], keys.pack(k)[None], keys.pack(v)[None],
-                                slopes, spec, config, tiles=tiles)
+                                slopes, spec, config, tiles=tiles, dropout_words=dropout_words)
     return rows.unpack(out[0]), rows.unpack(lse[0].T, -jnp.inf).T
 
 
 def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen,
-             config: _backward.BackwardConfig, *, delta=None, deterministic=True):
+             config: _backward.BackwardConfig, *, delta=None, deterministic=True,
+             dropout_words=None):
     """(dq (T, H, D), dk, dv (Tk, Hk, D)); lse, dlse (and delta) (H, T) float32."""
     if varlen.cu_seqlens_q.shape[0] < 2:
         return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
@@ -141,5 +143,5 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen,
         rows.pack(q)[None], keys.pack(k)[None], keys.pack(v)[None], slopes, None,
         packed_stats(lse, -jnp.inf), rows.pack(dout)[None], None, spec, config,
         delta=packed_stats(delta, 0.0), deterministic=deterministic, tiles=tiles,
-        max_seqlen_k=varlen.max_seqlen_k)
+        max_seqlen_k=varlen.max_seqlen_k, dropout_words=dropout_words)
     return rows.unpack(dq[0]), keys.unpack(dk[0]), keys.unpack(dv[0])

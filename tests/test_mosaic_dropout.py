@@ -1,0 +1,340 @@
+"""Dropout in the Mosaic GPU kernels: the keep mask built on wgmma register tiles
+(kernels/mosaic_gpu/dropout.py) against the per-element definition, and attention with dropout
+through the Mosaic forward against the reference run with the same mask.
+
+On a Hopper GPU the mask comes from the register-level hash (inline Mosaic GPU code); on a CPU
+the kernels run in JAX's GPU interpret mode, where the per-element form stands in for it, and
+the lowering test builds the register-level code for an H100.
+"""
+
+import contextlib
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+import flash_attn_jax as fa
+from conftest import ON_GPU
+from flash_attn_jax import semantics
+from flash_attn_jax.kernels import mosaic_gpu, tuning
+from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
+from flash_attn_jax.kernels.mosaic_gpu import dropout as mosaic_dropout
+from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
+from flash_attn_jax.semantics import ScoreSpec
+from helpers import (assert_within_tolerance, check_against_reference, cotangents, make_inputs,
+                     references)
+from test_dropout import KEY, run_dropout_case
+from test_mosaic_gpu import H100_MESH, _kernels
+from test_varlen import make_varlen, sequence_references
+
+ON_HOPPER = ON_GPU and tuning.gpu_generation() == tuning.HOPPER
+hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
+interpret_only = pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run")
+WORDS = jax.random.key_data(KEY).astype(jnp.uint32)
+
+
+def _keep_factor_tile(words, shape, *, batch, head, row0, col0, rows_are_queries, dropout_p,
+                      kept):
+    """keep_factor's tile from a one-warpgroup kernel."""
+    spec = ScoreSpec.create(softmax_scale=1.0, dropout_p=dropout_p)
+
+    def body(words_ref, out_ref, tile_smem):
+        tile_smem[...] = mosaic_dropout.keep_factor(
+            words_ref, shape, batch=batch, head=head, row0=row0, col0=col0, spec=spec,
+            rows_are_queries=rows_are_queries, kept=kept)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(tile_smem, out_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(shape, jnp.float32),
+                          scratch_types=[plgpu.SMEM(shape, jnp.float32)])
+    return kernel(words)
+
+
+MASK_CASES = [  # rows are queries?, shape, row0, col0 (the key offset a multiple of 32)
+    (True, (64, 128), 0, 0),
+    (True, (64, 64), 72, 4032),
+    (True, (128, 128), 5, 96),
+    (False, (64, 64), 0, 0),
+    (False, (64, 128), 4096, 40),
+    (False, (128, 64), 32, 7),
+]
+
+
+@pytest.mark.parametrize("rows_are_queries,shape,row0,col0", MASK_CASES)
+def test_keep_factor_is_the_reference_mask(rows_are_queries, shape, row0, col0):
+    words = jnp.concatenate([WORDS, jnp.asarray([3, 5], jnp.uint32)])  # batch and head offsets
+    dropout_p, kept = 0.3, 1.25
+    run = lambda: _keep_factor_tile(words, shape, batch=2, head=7, row0=row0, col0=col0,
+                                    rows_are_queries=rows_are_queries, dropout_p=dropout_p,
+                                    kept=kept)
+    if ON_HOPPER:
+        tile = np.asarray(run())
+    else:
+        with plgpu.force_gpu_interpret_mode():
+            tile = np.asarray(run())
+    rows = row0 + np.arange(shape[0])[:, None]
+    cols = col0 + np.arange(shape[1])[None, :]
+    queries, keys = (rows, cols) if rows_are_queries else (cols, rows)
+    keep = semantics.dropout_keep(WORDS, 2 + 3, 7 + 5, queries, keys,
+                                  semantics.dropout_threshold(dropout_p))
+    np.testing.assert_array_equal(tile, np.where(keep, kept, 0.0).astype(np.float32))
+    assert 0.6 < np.mean(tile != 0) < 0.8  # not all kept: the mask is exercised
+
+
+def _dropped_tile(tile, words, *, batch, head, row0, col0, dropout_p):
+    """dropout.drop of a 16-bit tile from a one-warpgroup kernel."""
+    spec = ScoreSpec.create(softmax_scale=1.0, dropout_p=dropout_p)
+
+    def body(tile_ref, words_ref, out_ref, tile_smem, loaded):
+        plgpu.copy_gmem_to_smem(tile_ref, tile_smem, loaded)
+        plgpu.barrier_wait(loaded)
+        tile_smem[...] = mosaic_dropout.drop(plgpu.load(tile_smem, layout=plgpu.Layout.WGMMA),
+                                             words_ref, batch=batch, head=head, row0=row0,
+                                             col0=col0, spec=spec)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(tile_smem, out_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(tile.shape, tile.dtype),
+                          scratch_types=[plgpu.SMEM(tile.shape, tile.dtype), plgpu.Barrier()])
+    return kernel(tile, words)
+
+
+# 0.5: the threshold 0x8000, the largest the packed pairs take; 0.7: the per-element path.
+@pytest.mark.parametrize("dropout_p", [1e-6, 0.1, 0.5, 0.7])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_drop_zeroes_the_dropped_elements(dropout_p, dtype):
+    shape, row0, col0 = (64, 128), 8, 160
+    tile = jnp.asarray(np.random.default_rng(1).uniform(-2, 2, shape), dtype)
+    words = jnp.concatenate([WORDS, jnp.asarray([1, 0], jnp.uint32)])
+    run = lambda: _dropped_tile(tile, words, batch=4, head=3, row0=row0, col0=col0,
+                                dropout_p=dropout_p)
+    if ON_HOPPER:
+        dropped = np.asarray(run())
+    else:
+        with plgpu.force_gpu_interpret_mode():
+            dropped = np.asarray(run())
+    rows = row0 + np.arange(shape[0])[:, None]
+    cols = col0 + np.arange(shape[1])[None, :]
+    keep = np.asarray(semantics.dropout_keep(WORDS, 5, 3, rows, cols,
+                                             semantics.dropout_threshold(dropout_p)))
+    np.testing.assert_array_equal(dropped, np.where(keep, np.asarray(tile), 0).astype(dtype))
+    assert abs(np.mean(~keep) - dropout_p) < 0.02
+
+
+@pytest.mark.parametrize("rows_are_queries", [True, False])
+def test_keep_factor_lowers_for_an_h100(rows_are_queries):
+    """The register-level mask of both orientations builds for an H100 (on a CPU the test above
+    checks the interpret-mode form only)."""
+    words = jnp.concatenate([WORDS, jnp.zeros((2,), jnp.uint32)])
+    tile = lambda words: _keep_factor_tile(words, (64, 128), batch=1, head=2, row0=64, col0=32,
+                                           rows_are_queries=rows_are_queries, dropout_p=0.1,
+                                           kept=1.0)
+    with jax.sharding.use_abstract_mesh(H100_MESH):
+        text = jax.jit(tile).trace(words).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
+
+
+def test_drop_lowers_for_an_h100():
+    words = jnp.concatenate([WORDS, jnp.zeros((2,), jnp.uint32)])
+    drop = lambda tile, words: _dropped_tile(tile, words, batch=1, head=2, row0=64, col0=32,
+                                             dropout_p=0.1)
+    tile = jnp.zeros((64, 128), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(H100_MESH):
+        text = jax.jit(drop).trace(tile, words).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["mosaic_gpu_v2"]
+
+
+FEATURES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window_softcap": dict(window_size=(100, 30), softcap=20.0, q_scale=20.0),
+    "causal_alibi": dict(causal=True, alibi=True),
+}
+
+
+INTERPRETED = [  # head dim, lengths, feature, deterministic
+    (64, (256, 384), "causal_alibi", False),  # dQ added by the dK/dV kernel
+    (128, (136, 264), "window_softcap", True),
+    (256, (128, 128), "plain", True),  # dV and dK in two passes
+]
+
+
+@interpret_only
+@pytest.mark.parametrize("head_dim,seqlens,feature,deterministic", INTERPRETED)
+def test_interpreted_dropout(head_dim, seqlens, feature, deterministic):
+    """The kernels' use of the mask (which products drop, the 1 / (1 - p) factors) in JAX's GPU
+    interpret mode: forward and backward against the reference with the same mask."""
+    options = dict(FEATURES[feature])
+    alibi, q_scale = options.pop("alibi", False), options.pop("q_scale", 1.0)
+    dropout_p = 0.17
+    q, k, v, slopes = make_inputs(6, batch=1, seqlen_q=seqlens[0], seqlen_k=seqlens[1], nheads=4,
+                                  nheads_k=2, head_dim=head_dim, dtype=jnp.bfloat16, alibi=alibi,
+                                  q_scale=q_scale)
+    dout, dlse = cotangents(6, q, out=True, lse=True)
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, has_alibi=alibi, dropout_p=dropout_p,
+                            **options)
+    words = mosaic_dropout.words(WORDS)
+    with plgpu.force_gpu_interpret_mode():
+        out, lse = mosaic_forward.forward(q, k, v, slopes, spec,
+                                          mosaic_gpu.forward_config(head_dim),
+                                          dropout_words=words)
+        config = mosaic_gpu.backward_config(head_dim, *seqlens)
+        if not deterministic:
+            config = dataclasses.replace(config, fuse_dq_from=0)
+            assert config.fuses_dq(head_dim, seqlens[1])
+        grads = mosaic_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
+                                         deterministic=deterministic, dropout_words=words)
+        out, lse, grads = jax.tree.map(np.asarray, (out, lse, grads))
+    keep = fa.dropout_mask(KEY, dropout_p, 1, 4, *seqlens)
+    ref, pt = references(q, k, v, slopes, dout, dlse, dropout_p=dropout_p, keep_mask=keep,
+                         **options)
+    assert_within_tolerance("out", out, ref[0], pt[0])
+    assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
+    for name, grad, r, p in zip(("dq", "dk", "dv"), grads, ref[3], pt[3]):
+        assert_within_tolerance(name, grad, r, p, factor=3.0)
+
+
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_dropout_lowers_for_an_h100(head_dim, deterministic):
+    """Forward and backward with dropout lower to the Mosaic kernels (the register-level mask
+    built in both orientations), with dQ added by the dK/dV kernel or by its own, at the head
+    dims whose dropout backward runs there."""
+    backward = mosaic_gpu.backward_configs(head_dim)[0]
+    seqlen_k = max(backward.fuse_dq_from, 384)
+    q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=256, seqlen_k=seqlen_k, nheads=4,
+                                  nheads_k=2, head_dim=head_dim, dtype=jnp.bfloat16, alibi=True)
+
+    def loss(q, k, v, slopes):
+        out = fa.flash_attn_func(q, k, v, dropout_p=0.1, causal=True, alibi_slopes=slopes,
+                                 deterministic=deterministic, dropout_key=KEY)
+        return out.astype(jnp.float32).sum()
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    with fa.use_backend("mosaic-gpu"):
+        used = fa.backends_used(grad, q, k, v, slopes)
+        with jax.sharding.use_abstract_mesh(H100_MESH):
+            text = jax.jit(grad).trace(q, k, v, slopes).lower(
+                lowering_platforms=("cuda",)).as_text()
+    assert used["forward"] == "mosaic-gpu"
+    if head_dim in mosaic_gpu.DROPOUT_BACKWARD_HEAD_DIMS:
+        assert used["backward"] == "mosaic-gpu"
+        kernels = _kernels(mosaic_gpu.backward_config(head_dim, 256, seqlen_k), head_dim,
+                           seqlen_k, deterministic)
+    else:  # the backward on the next backend (its kernels are tested without this one)
+        assert used["backward"] != "mosaic-gpu"
+        kernels = 1
+    assert re.findall(r"custom_call @(\w+)", text).count("mosaic_gpu_v2") == kernels
+
+
+GPU_CASES = [  # head dim, lengths, feature, dtype
+    (64, (256, 256), "causal", jnp.bfloat16),
+    (64, (200, 328), "causal_alibi", jnp.float16),
+    (128, (512, 384), "plain", jnp.float16),
+    (128, (264, 136), "window_softcap", jnp.bfloat16),
+    (256, (128, 192), "causal_alibi", jnp.bfloat16),
+    (256, (136, 136), "window_softcap", jnp.float16),
+]
+
+
+@hopper_only
+@pytest.mark.parametrize("head_dim,seqlens,feature,dtype", GPU_CASES)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_dropout(head_dim, seqlens, feature, dtype, deterministic):
+    """flash_attn_func with dropout through the Mosaic kernels (S_dmask from the next backend):
+    out, lse, S_dmask's signs and the gradients against the reference with the same mask."""
+    with fa.use_backend("mosaic-gpu"):
+        run_dropout_case(7, dtype=dtype, seqlen_q=seqlens[0], seqlen_k=seqlens[1],
+                         head_dim=head_dim, deterministic=deterministic, **FEATURES[feature])
+
+
+@hopper_only
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+def test_varlen_with_dropout(head_dim):
+    """flash_attn_varlen_func with dropout through the Mosaic kernels: each sequence hashes as
+    its own batch row (test_dropout.test_varlen's checks, at the Mosaic head dims)."""
+    seqlens, tail = [(37, 61), (0, 5), (130, 100), (1, 9), (200, 200)], (3, 0)
+    q, k, v, cu_q, cu_k, slopes, dout = make_varlen(6, seqlens, tail, nheads=4, nheads_k=2,
+                                                    head_dim=head_dim, dtype=jnp.bfloat16,
+                                                    alibi=True)
+    max_q, max_k, p = 200, 200, 0.2
+
+    def attend(q, k, v):
+        out, lse, s_dmask = fa.flash_attn_varlen_func(
+            q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_k), max_q, max_k, p, causal=True,
+            alibi_slopes=slopes, return_attn_probs=True, dropout_key=KEY)
+        return (out, lse), s_dmask
+
+    with fa.use_backend("mosaic-gpu"):
+        used = fa.backends_used(jax.grad(lambda *x: attend(*x)[0][0].sum(), argnums=(0, 1, 2)),
+                                q, k, v)
+        assert used["forward"] == "mosaic-gpu"
+        assert (used["backward"] == "mosaic-gpu") == (
+            head_dim in mosaic_gpu.DROPOUT_BACKWARD_HEAD_DIMS)
+        (out, lse), vjp, s_dmask = jax.vjp(attend, q, k, v, has_aux=True)
+        grads = vjp((dout, jnp.zeros_like(lse)))
+
+    def per_sequence_keep(b, sq, sk):
+        return fa.dropout_mask(KEY, p, 1, 4, sq, sk, first_batch=b)
+
+    ref, pt = sequence_references(q, k, v, cu_q, cu_k, slopes, dout, max_q, max_k, causal=True,
+                                  dropout_p=p, keep_mask_of=per_sequence_keep)
+    check_against_reference(out, lse, np.abs(np.asarray(s_dmask)), ref, pt, grads)
+
+
+def _vmap_of_dropout_against_a_loop(interpret):
+    """Forward and backward with dropout under jax.vmap, the key shared (each element draws the
+    unbatched call's mask) or split (each its own), against one call per element: the vmapped
+    axis must not reach the mask's batch rows."""
+    head_dim, seqlen = 64, 256
+    inputs = [make_inputs(90 + i, batch=1, seqlen_q=seqlen, seqlen_k=seqlen, nheads=2,
+                          nheads_k=1, head_dim=head_dim, dtype=jnp.bfloat16)[:3]
+              for i in range(2)]
+    q, k, v = (jnp.stack(x) for x in zip(*inputs))
+    spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=True, dropout_p=0.3)
+    forward_config = mosaic_gpu.forward_config(head_dim)
+    # The dK/dV kernel adding dQ, whose batching rule differs from the plain kernels'.
+    backward_config = dataclasses.replace(mosaic_gpu.backward_config(head_dim, seqlen, seqlen),
+                                          fuse_dq_from=0)
+    assert backward_config.fuses_dq(head_dim, seqlen)
+
+    def attend_and_grads(q, k, v, key_words):
+        words = mosaic_dropout.words(key_words)
+        out, lse = mosaic_forward.forward(q, k, v, None, spec, forward_config,
+                                          dropout_words=words)
+        grads = mosaic_backward.backward(q, k, v, None, out, lse, out, jnp.zeros_like(lse), spec,
+                                         backward_config, deterministic=False,
+                                         dropout_words=words)
+        return out, grads
+
+    split = jax.random.key_data(jax.random.split(KEY, 2)).astype(jnp.uint32)
+    context = plgpu.force_gpu_interpret_mode() if interpret else contextlib.nullcontext()
+    with context:
+        for key_axis, keys in ((None, WORDS), (0, split)):
+            batched = jax.tree.map(np.asarray, jax.jit(jax.vmap(
+                attend_and_grads, in_axes=(0, 0, 0, key_axis)))(q, k, v, keys))
+            for i in range(2):
+                single = jax.tree.map(np.asarray, jax.jit(attend_and_grads)(
+                    q[i], k[i], v[i], keys if key_axis is None else keys[i]))
+                np.testing.assert_array_equal(batched[0][i], single[0], err_msg="out")
+                for name, a, b in zip(("dq", "dk", "dv"), batched[1], single[1]):
+                    np.testing.assert_allclose(a[i].astype(np.float32), b.astype(np.float32),
+                                               rtol=2.0 ** -7, atol=1e-6, err_msg=name)
+            if key_axis == 0:  # split keys draw different masks
+                assert np.mean(batched[0][0] != batched[0][1]) > 0.5
+
+
+@interpret_only
+def test_interpreted_vmap_of_dropout():
+    _vmap_of_dropout_against_a_loop(interpret=True)
+
+
+@hopper_only
+def test_vmap_of_dropout():
+    _vmap_of_dropout_against_a_loop(interpret=False)
