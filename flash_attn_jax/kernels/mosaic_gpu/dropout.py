@@ -215,6 +215,15 @@ def check_words(spec: semantics.ScoreSpec, dropout_words):
     return jnp.asarray(dropout_words).astype(jnp.uint32)
 
 
+def _hash_scalars(words_ref, *, batch, head, row0, col0):
+    """uint32 (row0, col0, key0, key1, batch, head) of the tile's hash: the call's batch row and
+    query head plus the offsets in ``words_ref`` (``words``)."""
+    batch = jnp.asarray(batch).astype(jnp.uint32) + words_ref[2]
+    head = jnp.asarray(head).astype(jnp.uint32) + words_ref[3]
+    return [jnp.asarray(x).astype(jnp.uint32)
+            for x in (row0, col0, words_ref[0], words_ref[1], batch, head)]
+
+
 def keep_factor(words_ref, shape, *, batch, head, row0, col0, spec: semantics.ScoreSpec,
                 rows_are_queries: bool, kept: float = 1.0):
     """A float32 wgmma-layout tile of ``shape`` (rows, cols): ``kept`` where dropout keeps the
@@ -223,16 +232,14 @@ def keep_factor(words_ref, shape, *, batch, head, row0, col0, spec: semantics.Sc
     positions inside the sequence. ``batch`` (a varlen call's sequence) and ``head`` (the query
     head) are the call's; ``words_ref`` (``words``) adds its offsets. The key offset (col0, or
     row0) must be a multiple of 32, and the shape's dims multiples of 64 and 8."""
-    key = (words_ref[0], words_ref[1])
-    batch = jnp.asarray(batch).astype(jnp.uint32) + words_ref[2]
-    head = jnp.asarray(head).astype(jnp.uint32) + words_ref[3]
     threshold = spec.dropout_threshold
+    scalars = _hash_scalars(words_ref, batch=batch, head=head, row0=row0, col0=col0)
     if interpreting():
+        _, _, key0, key1, batch, head = scalars
         rows, cols = wgmma_iota(shape, 0, row0), wgmma_iota(shape, 1, col0)
         queries, keys = (rows, cols) if rows_are_queries else (cols, rows)
-        keep = semantics.dropout_keep(key, batch, head, queries, keys, threshold)
+        keep = semantics.dropout_keep((key0, key1), batch, head, queries, keys, threshold)
         return jnp.where(keep, jnp.float32(kept), jnp.float32(0.0))
-    scalars = [jnp.asarray(x).astype(jnp.uint32) for x in (row0, col0, *key, batch, head)]
     build = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WG_SPLAT(()),) * len(scalars),
         return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=plgpu.Layout.WGMMA),
@@ -252,10 +259,7 @@ def drop(p16, words_ref, *, batch, head, row0, col0, spec: semantics.ScoreSpec):
         factor = keep_factor(words_ref, p16.shape, batch=batch, head=head, row0=row0, col0=col0,
                              spec=spec, rows_are_queries=True)
         return (p16.astype(jnp.float32) * factor).astype(p16.dtype)
-    batch = jnp.asarray(batch).astype(jnp.uint32) + words_ref[2]
-    head = jnp.asarray(head).astype(jnp.uint32) + words_ref[3]
-    scalars = [jnp.asarray(x).astype(jnp.uint32)
-               for x in (row0, col0, words_ref[0], words_ref[1], batch, head)]
+    scalars = _hash_scalars(words_ref, batch=batch, head=head, row0=row0, col0=col0)
     build = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA, *(plgpu.Layout.WG_SPLAT(()),) * len(scalars)),
         return_type=plgpu.ShapeDtypeStruct(p16.shape, p16.dtype, layout=plgpu.Layout.WGMMA),
