@@ -8,7 +8,6 @@ the lowering test builds the register-level code for an H100.
 """
 
 import contextlib
-import dataclasses
 import re
 
 import jax
@@ -159,9 +158,9 @@ FEATURES = {
 
 
 INTERPRETED = [  # head dim, lengths, feature, deterministic
-    (64, (256, 384), "causal_alibi", False),  # dQ added by the dK/dV kernel
-    (128, (136, 264), "window_softcap", True),
-    (256, (128, 128), "plain", True),  # dV and dK in two passes
+    (64, (256, 384), "causal_alibi", False),  # 128-query blocks (with dropout dQ is not added)
+    (128, (136, 264), "window_softcap", True),  # partial tiles
+    (256, (128, 128), "plain", True),  # dV and dK in two passes, on keys x queries tiles
 ]
 
 
@@ -185,9 +184,6 @@ def test_interpreted_dropout(head_dim, seqlens, feature, deterministic):
                                           mosaic_gpu.forward_config(head_dim),
                                           dropout_words=words)
         config = mosaic_gpu.backward_config(head_dim, *seqlens)
-        if not deterministic:
-            config = dataclasses.replace(config, fuse_dq_from=0)
-            assert config.fuses_dq(head_dim, seqlens[1])
         grads = mosaic_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
                                          deterministic=deterministic, dropout_words=words)
         out, lse, grads = jax.tree.map(np.asarray, (out, lse, grads))
@@ -204,8 +200,7 @@ def test_interpreted_dropout(head_dim, seqlens, feature, deterministic):
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_dropout_lowers_for_an_h100(head_dim, deterministic):
     """Forward and backward with dropout lower to the Mosaic kernels (the register-level mask
-    built in both orientations), with dQ added by the dK/dV kernel or by its own, at the head
-    dims whose dropout backward runs there."""
+    built in both orientations), at the head dims whose dropout backward runs there."""
     backward = mosaic_gpu.backward_configs(head_dim)[0]
     seqlen_k = max(backward.fuse_dq_from, 384)
     q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=256, seqlen_k=seqlen_k, nheads=4,
@@ -225,8 +220,9 @@ def test_dropout_lowers_for_an_h100(head_dim, deterministic):
     assert used["forward"] == "mosaic-gpu"
     if head_dim in mosaic_gpu.DROPOUT_BACKWARD_HEAD_DIMS:
         assert used["backward"] == "mosaic-gpu"
+        # With dropout dQ always takes its own kernel.
         kernels = _kernels(mosaic_gpu.backward_config(head_dim, 256, seqlen_k), head_dim,
-                           seqlen_k, deterministic)
+                           seqlen_k, deterministic=True)
     else:  # the backward on the next backend (its kernels are tested without this one)
         assert used["backward"] != "mosaic-gpu"
         kernels = 1
@@ -299,10 +295,7 @@ def _vmap_of_dropout_against_a_loop(interpret):
     q, k, v = (jnp.stack(x) for x in zip(*inputs))
     spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=True, dropout_p=0.3)
     forward_config = mosaic_gpu.forward_config(head_dim)
-    # The dK/dV kernel adding dQ, whose batching rule differs from the plain kernels'.
-    backward_config = dataclasses.replace(mosaic_gpu.backward_config(head_dim, seqlen, seqlen),
-                                          fuse_dq_from=0)
-    assert backward_config.fuses_dq(head_dim, seqlen)
+    backward_config = mosaic_gpu.backward_config(head_dim, seqlen, seqlen)
 
     def attend_and_grads(q, k, v, key_words):
         words = mosaic_dropout.words(key_words)

@@ -91,12 +91,14 @@ def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int) -> _backward.Ba
     return configs[-1]
 
 
-# Head dims whose backward with dropout runs here. The dK/dV kernel's tiles are keys x queries,
-# so a thread's mask bits come one hash per 2 elements (per 8 in the forward and dQ kernels):
-# on the H200 (RESULTS.md 8.1) forward + backward with dropout 0.1 at head dims 64 / 128 ran at
-# 135 / 247 TFLOP/s (S 4096, non-causal) against 228 / 325 with the Triton backward, and at 256
-# at 277 (the Triton backward without dropout: 270).
-DROPOUT_BACKWARD_HEAD_DIMS = (256,)
+# Head dims whose backward with dropout runs here. With dropout the dK/dV kernel works on queries x
+# keys tiles (one hash per 8 elements; P and dS reach the dV and dK wgmmas transposed through
+# shared memory); at head dim 256 its passes keep keys x queries tiles (a hash per 2 elements).
+# Forward + backward with dropout 0.1 on the H200 (RESULTS.md 8.1, TFLOP/s, S 4096 non-causal /
+# causal): head dim 128 350 / 314 (with the Triton backward 325 / 287), 256 277 / 265 (the
+# Triton backward without dropout: 270); head dim 64 205 / 179 against 228 / 218 with the Triton
+# backward (its 128-query tiles), so there the Triton backward runs.
+DROPOUT_BACKWARD_HEAD_DIMS = (128, 256)
 
 
 def _unsupported(request: Request) -> str | None:

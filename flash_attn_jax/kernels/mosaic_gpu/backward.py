@@ -12,6 +12,11 @@ rounding only, dK and dV still bitwise).
   accumulators do not fit the registers together: the kernel runs twice (``split_dkdv``), once
   for dV (keys only held) and once for dK (keys and values held, 32-query streams so that the
   shared memory holds them), recomputing S^T.
+- dK/dV with dropout (``_query_major_step``, the "dkdv" pass): tiles queries x keys as in the
+  forward, S = Q K^T, dP = dO V^T, so that the keep mask (``dropout.py``) takes one hash per 8
+  elements; P and dS reach dV += P^T dO and dK += dS^T Q transposed through shared memory. dQ
+  then takes its own kernel. The head dim 256 passes keep keys x queries tiles (their 32-query
+  streams are below a wgmma's 64 rows) and hash once per 2 elements there.
 - dK/dV adding dQ (``_add_dq``): each step the two warpgroups store their dS^T tiles to shared
   memory, meet at a barrier, and each computes one 64 x 64 tile of the query block's dQ over
   both warpgroups' keys, which a TMA reduction adds to the sum.
@@ -116,13 +121,16 @@ def _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope, masked, l
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref,
-                 dropout_ref, dk_ref, dv_ref, dq_sum_ref, scoped, *, spec: ScoreSpec, config: BackwardConfig, part: str,
-                 block_q: int, group: int, seqlen_q: int, seqlen_k: int):
+                 dropout_ref, dk_ref, dv_ref, dq_sum_ref, scoped, *, spec: ScoreSpec,
+                 config: BackwardConfig, part: str, block_q: int, group: int, seqlen_q: int,
+                 seqlen_k: int):
     """``part``: "dkdv" (both), "dv" or "dk"; ``block_q``: the streamed query block. Buffers and
     outputs a part does not use are None. With ``dq_sum_ref`` (float32, q's shape; "dkdv" only)
-    each step also adds its dQ = dS K to it (``_add_dq``)."""
-    ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem, stage, ds_smem, dq_smem),
-     (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free, pair) = scoped
+    each step also adds its dQ = dS K to it (``_add_dq``). With dropout the "dkdv" part works on
+    queries x keys tiles (``_query_major``)."""
+    ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem, stage, ds_smem, dq_smem,
+      transposed), (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free,
+     pair) = scoped
     with_dv, with_dk = part in ("dkdv", "dv"), part in ("dkdv", "dk")
     block_k, stages = config.block_k, config.stages
     dtype = k_smem.dtype
@@ -227,7 +235,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
-            return masked_full_masked(step_body, first, inner_first, inner_end, end, carry)
+            body = step_body if transposed is None else functools.partial(
+                _query_major_step, head=head, slope=slope, first=first,
+                blocks_per_head=blocks_per_head, member=member, own=(own_k, own_v),
+                tiles=tuple(tiles.at[warpgroup] for tiles in transposed),
+                buffers=(q_smem, dout_smem, lse_smem, delta_smem),
+                barriers=(q_ready, dout_ready, lse_ready, delta_ready, free),
+                dropout_ref=dropout_ref, program=program, col_lo=col_lo, block_q=block_q,
+                block_k=block_k, stages=stages, spec=spec)
+            return masked_full_masked(body, first, inner_first, inner_end, end, carry)
 
         zeros = zeros_tile((block_k, head_dim))
         dk, dv = lax.fori_loop(0, group, head_body, (zeros if with_dk else None,
@@ -262,6 +278,54 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                                         delta_ready.at[slot])
 
         produce(0, num_steps, stages, load, (free,))
+
+
+def _query_major_step(query_block, carry, *, masked, head, slope, first, blocks_per_head, member,
+                      own, tiles, buffers, barriers, dropout_ref, program, col_lo, block_q,
+                      block_k, stages, spec):
+    """One step of the dK/dV kernel's "dkdv" part with dropout, on queries x keys tiles as in the
+    forward: S = Q K^T, dP = dO V^T, so that the keep mask takes one hash per 8 elements (on keys x
+    queries tiles a thread's bits need one per 2). dV += P^T dO and dK += dS^T Q then take P and
+    dS transposed from shared memory (``tiles``: this warpgroup's block_q x block_k buffers for
+    P and dS, separate refs: slices of one by a constant index inside the wgmmas' ``run_state``
+    do not lower) instead of from registers."""
+    dk, dv = carry
+    own_k, own_v = own
+    q_smem, dout_smem, lse_smem, delta_smem = buffers
+    q_ready, dout_ready, lse_ready, delta_ready, free = barriers
+    dtype = own_k.dtype
+    slot = irem(member * blocks_per_head + query_block - first, stages)
+    for ready in (q_ready, lse_ready):
+        plgpu.barrier_wait(ready.at[slot])
+    q = q_smem.at[slot]
+    query_lo = query_block * block_q
+    qk = matmul_transposed(q, own_k, (block_q, block_k))
+    lse2 = _lse_in_base2(plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1)))
+    rows, cols = wgmma_iota(qk.shape, 0, query_lo), wgmma_iota(qk.shape, 1, col_lo)
+    p, dlogits = _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, program.span, slope,
+                                           masked, lse_dim=0)
+    keep = dropout.keep_factor(dropout_ref, p.shape, batch=program.sequence, head=head,
+                               row0=query_lo, col0=col_lo, spec=spec, rows_are_queries=True,
+                               kept=spec.keep_scale)
+    for ready in (dout_ready, delta_ready):
+        plgpu.barrier_wait(ready.at[slot])
+    dout = dout_smem.at[slot]
+    dp = matmul_transposed(dout, own_v, (block_q, block_k))
+    delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1))
+    ds = p * (dp * keep - broadcast(delta, dp.shape, 0)) * dlogits
+    p_tile, ds_tile = tiles
+    p_tile[...] = (p * keep).astype(dtype)  # the last step's wgmmas have read them
+    ds_tile[...] = ds.astype(dtype)
+    plgpu.commit_smem()
+
+    def dv_and_dk(refs):
+        dv_ref, dk_ref = refs
+        plgpu.wgmma(dv_ref, p_tile.T, dout)
+        plgpu.wgmma(dk_ref, ds_tile.T, q)
+
+    dv, dk = accumulate((dv, dk), dv_and_dk)
+    plgpu.barrier_arrive(free.at[slot])
+    return dk, dv
 
 
 def _add_dq(dq_sum_ref, ds_tiles, k_smem, dq_tile, warpgroup, *, rows):
@@ -404,7 +468,10 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
         tiles = (jnp.zeros((1, TABLE_COLUMNS), jnp.int32),) * 2  # unread: keeps one signature
     operands = (q, k, v, dout, lse, delta, slopes, *tiles,
                 dropout.check_words(spec, dropout_words))
-    if not deterministic and config.fuses_dq(head_dim, max_seqlen_k or seqlen_k):
+    # With dropout dQ takes its own kernel (whose tiles are queries x keys, as the mask's hash
+    # wants; the dQ-adding kernel's dS^T tiles are not).
+    if (not deterministic and not spec.has_dropout
+            and config.fuses_dq(head_dim, max_seqlen_k or seqlen_k)):
         dk, dv, dq_sum = _dkdv_dq(*operands, config=config, **statics)
         return dq_sum[:, :seqlen_q].astype(q.dtype), dk, dv
     grads = {}
@@ -433,6 +500,13 @@ def _dkdv_grid(k_shape, config):
                 grid_names=("heads", "k_tiles", "batch"), **_LAUNCH)
 
 
+def _query_major(spec: ScoreSpec, part: str) -> bool:
+    """Whether the dK/dV pass works on queries x keys tiles (``_query_major_step``): with dropout,
+    in the pass holding both gradients (the passes of ``split_dkdv`` stream query blocks too small
+    for a wgmma's 64 rows, and hash the mask on keys x queries tiles)."""
+    return spec.has_dropout and part == "dkdv"
+
+
 def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k_tiles_ref,
                 q_tiles_ref, dropout_ref, *out_refs, outputs, part, block_q, config, statics,
                 dq_sum_ref=None):
@@ -457,7 +531,10 @@ def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k
                # dS^T of both warpgroups, twice (the other warpgroup may read the last step's)
                swizzled_smem((2, COMPUTE_WARPGROUPS, block_k, block_q), q_dtype, swizzle)
                if fused else None,
-               plgpu.SMEM((COMPUTE_WARPGROUPS, 64, 64), jnp.float32) if fused else None)
+               plgpu.SMEM((COMPUTE_WARPGROUPS, 64, 64), jnp.float32) if fused else None,
+               # with dropout: each warpgroup's P and dS of a step (_query_major_step)
+               (swizzled_smem((COMPUTE_WARPGROUPS, block_q, block_k), q_dtype, swizzle),) * 2
+               if _query_major(statics["spec"], part) else None)
     own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
            plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if with_dk else None)
     ready = (plgpu.Barrier(num_barriers=stages),) * 3 + (
@@ -531,9 +608,7 @@ def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, dropout_words,
     def _vmapped(axis_size, in_batched, *operands):
         stacked = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
                    for x, batched in zip(operands, in_batched)]
-        # One call after another when the slopes' rows are sequences, or with dropout (whose
-        # mask hashes the batch row: merged rows would hash as other rows).
-        if statics["packed"] or statics["spec"].has_dropout:
+        if statics["packed"]:  # the slopes' rows are sequences: one call after another
             return lax.map(lambda xs: _dkdv_dq(*xs, config=config, **statics), stacked), (True,) * 3
         # The vmapped axis joins the batch axis (every array leads with the batch; the tables
         # are the unread placeholders).
