@@ -127,12 +127,19 @@ def test_packed_functions_take_dropout():
     np.testing.assert_array_equal(np.asarray(kv), np.asarray(expected))
 
 
-def test_varlen(dtype=jnp.bfloat16):
+def test_varlen():
     # Sequence b's mask is that of batch row b: positions inside the sequence, its own index.
     seqlens, tail = LENGTHS["mixed"]
+    run_varlen_dropout_case(seqlens, tail, head_dim=40, max_seqlen=(33, 40))
+
+
+def run_varlen_dropout_case(seqlens, tail, *, head_dim, max_seqlen, dtype=jnp.bfloat16, p=0.2):
+    """flash_attn_varlen_func with dropout, causal, ALiBi and GQA, forward and backward: S_dmask's
+    signs against each sequence's mask and every output against the reference. Returns the
+    backends the call's forward and backward ran on. ``max_seqlen``: an int or (q, k)."""
     q, k, v, cu_q, cu_k, slopes, dout = make_varlen(6, seqlens, tail, nheads=4, nheads_k=2,
-                                                    head_dim=40, dtype=dtype, alibi=True)
-    max_q, max_k, p = 33, 40, 0.2
+                                                    head_dim=head_dim, dtype=dtype, alibi=True)
+    max_q, max_k = (max_seqlen, max_seqlen) if isinstance(max_seqlen, int) else max_seqlen
 
     def attend(q, k, v):
         out, lse, s_dmask = fa.flash_attn_varlen_func(
@@ -140,6 +147,8 @@ def test_varlen(dtype=jnp.bfloat16):
             alibi_slopes=slopes, return_attn_probs=True, dropout_key=KEY)
         return (out, lse), s_dmask
 
+    used = fa.backends_used(jax.grad(lambda *x: attend(*x)[0][0].sum(), argnums=(0, 1, 2)),
+                            q, k, v)
     (out, lse), vjp, s_dmask = jax.vjp(attend, q, k, v, has_aux=True)
     grads = vjp((dout, jnp.zeros_like(lse)))
     keep = np.zeros(s_dmask.shape, bool)
@@ -156,3 +165,4 @@ def test_varlen(dtype=jnp.bfloat16):
     ref, pt = sequence_references(q, k, v, cu_q, cu_k, slopes, dout, max_q, max_k, causal=True,
                                   dropout_p=p, keep_mask_of=per_sequence_keep)
     check_against_reference(out, lse, np.abs(np.asarray(s_dmask)), ref, pt, grads)
+    return used

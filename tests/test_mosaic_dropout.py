@@ -24,11 +24,9 @@ from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
 from flash_attn_jax.kernels.mosaic_gpu import dropout as mosaic_dropout
 from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
 from flash_attn_jax.semantics import ScoreSpec
-from helpers import (assert_within_tolerance, check_against_reference, cotangents, make_inputs,
-                     references)
-from test_dropout import KEY, run_dropout_case
+from helpers import assert_within_tolerance, cotangents, make_inputs, references
+from test_dropout import KEY, run_dropout_case, run_varlen_dropout_case
 from test_mosaic_gpu import H100_MESH, _kernels
-from test_varlen import make_varlen, sequence_references
 
 ON_HOPPER = ON_GPU and tuning.gpu_generation() == tuning.HOPPER
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
@@ -54,6 +52,19 @@ def _keep_factor_tile(words, shape, *, batch, head, row0, col0, rows_are_queries
     return kernel(words)
 
 
+def _on_hopper_or_interpreted(run):
+    """``run()`` (a small kernel) as a numpy array: on a Hopper GPU, else in interpret mode."""
+    if ON_HOPPER:
+        return np.asarray(run())
+    with plgpu.force_gpu_interpret_mode():
+        return np.asarray(run())
+
+
+def _positions(shape, row0, col0):
+    """The (rows, 1) and (1, cols) positions of a tile at (row0, col0)."""
+    return row0 + np.arange(shape[0])[:, None], col0 + np.arange(shape[1])[None, :]
+
+
 MASK_CASES = [  # rows are queries?, shape, row0, col0 (the key offset a multiple of 32)
     (True, (64, 128), 0, 0),
     (True, (64, 64), 72, 4032),
@@ -68,16 +79,10 @@ MASK_CASES = [  # rows are queries?, shape, row0, col0 (the key offset a multipl
 def test_keep_factor_is_the_reference_mask(rows_are_queries, shape, row0, col0):
     words = jnp.concatenate([WORDS, jnp.asarray([3, 5], jnp.uint32)])  # batch and head offsets
     dropout_p, kept = 0.3, 1.25
-    run = lambda: _keep_factor_tile(words, shape, batch=2, head=7, row0=row0, col0=col0,
-                                    rows_are_queries=rows_are_queries, dropout_p=dropout_p,
-                                    kept=kept)
-    if ON_HOPPER:
-        tile = np.asarray(run())
-    else:
-        with plgpu.force_gpu_interpret_mode():
-            tile = np.asarray(run())
-    rows = row0 + np.arange(shape[0])[:, None]
-    cols = col0 + np.arange(shape[1])[None, :]
+    tile = _on_hopper_or_interpreted(lambda: _keep_factor_tile(
+        words, shape, batch=2, head=7, row0=row0, col0=col0, rows_are_queries=rows_are_queries,
+        dropout_p=dropout_p, kept=kept))
+    rows, cols = _positions(shape, row0, col0)
     queries, keys = (rows, cols) if rows_are_queries else (cols, rows)
     keep = semantics.dropout_keep(WORDS, 2 + 3, 7 + 5, queries, keys,
                                   semantics.dropout_threshold(dropout_p))
@@ -111,15 +116,9 @@ def test_drop_zeroes_the_dropped_elements(dropout_p, dtype):
     shape, row0, col0 = (64, 128), 8, 160
     tile = jnp.asarray(np.random.default_rng(1).uniform(-2, 2, shape), dtype)
     words = jnp.concatenate([WORDS, jnp.asarray([1, 0], jnp.uint32)])
-    run = lambda: _dropped_tile(tile, words, batch=4, head=3, row0=row0, col0=col0,
-                                dropout_p=dropout_p)
-    if ON_HOPPER:
-        dropped = np.asarray(run())
-    else:
-        with plgpu.force_gpu_interpret_mode():
-            dropped = np.asarray(run())
-    rows = row0 + np.arange(shape[0])[:, None]
-    cols = col0 + np.arange(shape[1])[None, :]
+    dropped = _on_hopper_or_interpreted(lambda: _dropped_tile(
+        tile, words, batch=4, head=3, row0=row0, col0=col0, dropout_p=dropout_p))
+    rows, cols = _positions(shape, row0, col0)
     keep = np.asarray(semantics.dropout_keep(WORDS, 5, 3, rows, cols,
                                              semantics.dropout_threshold(dropout_p)))
     np.testing.assert_array_equal(dropped, np.where(keep, np.asarray(tile), 0).astype(dtype))
@@ -256,32 +255,10 @@ def test_varlen_with_dropout(head_dim):
     """flash_attn_varlen_func with dropout through the Mosaic kernels: each sequence hashes as
     its own batch row (test_dropout.test_varlen's checks, at the Mosaic head dims)."""
     seqlens, tail = [(37, 61), (0, 5), (130, 100), (1, 9), (200, 200)], (3, 0)
-    q, k, v, cu_q, cu_k, slopes, dout = make_varlen(6, seqlens, tail, nheads=4, nheads_k=2,
-                                                    head_dim=head_dim, dtype=jnp.bfloat16,
-                                                    alibi=True)
-    max_q, max_k, p = 200, 200, 0.2
-
-    def attend(q, k, v):
-        out, lse, s_dmask = fa.flash_attn_varlen_func(
-            q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_k), max_q, max_k, p, causal=True,
-            alibi_slopes=slopes, return_attn_probs=True, dropout_key=KEY)
-        return (out, lse), s_dmask
-
     with fa.use_backend("mosaic-gpu"):
-        used = fa.backends_used(jax.grad(lambda *x: attend(*x)[0][0].sum(), argnums=(0, 1, 2)),
-                                q, k, v)
-        assert used["forward"] == "mosaic-gpu"
-        assert (used["backward"] == "mosaic-gpu") == (
-            head_dim in mosaic_gpu.DROPOUT_BACKWARD_HEAD_DIMS)
-        (out, lse), vjp, s_dmask = jax.vjp(attend, q, k, v, has_aux=True)
-        grads = vjp((dout, jnp.zeros_like(lse)))
-
-    def per_sequence_keep(b, sq, sk):
-        return fa.dropout_mask(KEY, p, 1, 4, sq, sk, first_batch=b)
-
-    ref, pt = sequence_references(q, k, v, cu_q, cu_k, slopes, dout, max_q, max_k, causal=True,
-                                  dropout_p=p, keep_mask_of=per_sequence_keep)
-    check_against_reference(out, lse, np.abs(np.asarray(s_dmask)), ref, pt, grads)
+        used = run_varlen_dropout_case(seqlens, tail, head_dim=head_dim, max_seqlen=200)
+    assert used["forward"] == "mosaic-gpu"
+    assert (used["backward"] == "mosaic-gpu") == (head_dim in mosaic_gpu.DROPOUT_BACKWARD_HEAD_DIMS)
 
 
 def _vmap_of_dropout_against_a_loop(interpret):
