@@ -19,7 +19,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import flash_attn_jax as fa
 from conftest import ON_GPU
 from flash_attn_jax import semantics
-from flash_attn_jax.kernels import mosaic_gpu, tuning
+from flash_attn_jax.kernels import Placement, mosaic_gpu, tuning
 from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
 from flash_attn_jax.kernels.mosaic_gpu import dropout as mosaic_dropout
 from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
@@ -308,3 +308,29 @@ def test_interpreted_vmap_of_dropout():
 @hopper_only
 def test_vmap_of_dropout():
     _vmap_of_dropout_against_a_loop(interpret=False)
+
+
+def test_a_shard_hashes_its_global_rows_and_heads():
+    """A call on a shard of the batch rows and heads (``Placement``'s offsets in the dropout
+    words, as the mesh partitioning passes them) draws the whole call's mask for its part: its
+    output equals that part of the whole call's, bit for bit."""
+    q, k, v, _ = make_inputs(8, batch=2, seqlen_q=128, seqlen_k=192, nheads=4, nheads_k=2,
+                             head_dim=64, dtype=jnp.bfloat16)
+    spec = ScoreSpec.create(softmax_scale=0.125, causal=True, dropout_p=0.3)
+    config = mosaic_gpu.forward_config(64)
+    shard = (slice(1, 2), slice(None), slice(2, 4))  # batch row 1, query heads 2-3 (kv head 1)
+    kv_shard = (slice(1, 2), slice(None), slice(1, 2))
+
+    def outputs():
+        whole = mosaic_forward.forward(q, k, v, None, spec, config,
+                                       dropout_words=mosaic_dropout.words(WORDS))
+        part = mosaic_forward.forward(
+            q[shard], k[kv_shard], v[kv_shard], None, spec, config,
+            dropout_words=mosaic_dropout.words(WORDS, Placement(batch=1, head=2)))
+        return whole, part
+
+    context = contextlib.nullcontext() if ON_HOPPER else plgpu.force_gpu_interpret_mode()
+    with context:
+        (whole_out, whole_lse), (part_out, part_lse) = jax.tree.map(np.asarray, outputs())
+    np.testing.assert_array_equal(part_out, whole_out[shard])
+    np.testing.assert_array_equal(part_lse, whole_lse[1:2, 2:4])
