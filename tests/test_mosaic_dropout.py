@@ -34,18 +34,23 @@ interpret_only = pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themsel
 WORDS = jax.random.key_data(KEY).astype(jnp.uint32)
 
 
+def _store(tile, tile_smem, out_ref):
+    """A one-warpgroup kernel's result tile to its output, through shared memory."""
+    tile_smem[...] = tile
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(tile_smem, out_ref)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _keep_factor_tile(words, shape, *, batch, head, row0, col0, rows_are_queries, dropout_p,
                       kept):
     """keep_factor's tile from a one-warpgroup kernel."""
     spec = ScoreSpec.create(softmax_scale=1.0, dropout_p=dropout_p)
 
     def body(words_ref, out_ref, tile_smem):
-        tile_smem[...] = mosaic_dropout.keep_factor(
+        _store(mosaic_dropout.keep_factor(
             words_ref, shape, batch=batch, head=head, row0=row0, col0=col0, spec=spec,
-            rows_are_queries=rows_are_queries, kept=kept)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(tile_smem, out_ref)
-        plgpu.wait_smem_to_gmem(0)
+            rows_are_queries=rows_are_queries, kept=kept), tile_smem, out_ref)
 
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(shape, jnp.float32),
                           scratch_types=[plgpu.SMEM(shape, jnp.float32)])
@@ -97,12 +102,9 @@ def _dropped_tile(tile, words, *, batch, head, row0, col0, dropout_p):
     def body(tile_ref, words_ref, out_ref, tile_smem, loaded):
         plgpu.copy_gmem_to_smem(tile_ref, tile_smem, loaded)
         plgpu.barrier_wait(loaded)
-        tile_smem[...] = mosaic_dropout.drop(plgpu.load(tile_smem, layout=plgpu.Layout.WGMMA),
-                                             words_ref, batch=batch, head=head, row0=row0,
-                                             col0=col0, spec=spec)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(tile_smem, out_ref)
-        plgpu.wait_smem_to_gmem(0)
+        _store(mosaic_dropout.drop(plgpu.load(tile_smem, layout=plgpu.Layout.WGMMA), words_ref,
+                                   batch=batch, head=head, row0=row0, col0=col0, spec=spec),
+               tile_smem, out_ref)
 
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(tile.shape, tile.dtype),
                           scratch_types=[plgpu.SMEM(tile.shape, tile.dtype), plgpu.Barrier()])

@@ -184,7 +184,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                 cols = wgmma_iota(qk_t.shape, 0, col_lo)
                 p_t, dlogits = _probs_and_dlogits_factor(qk_t, rows, cols, lse2, spec, span,
                                                          slope, masked, lse_dim=1)
-                # Dropout: P^T's kept entries times 1 / (1 - p) (dV's operand), and dP^T's.
+                # Dropout (the split passes only: the "dkdv" pass takes _query_major_step): P^T's
+                # kept entries times 1 / (1 - p) (dV's operand), and dP^T's.
                 keep = (dropout.keep_factor(dropout_ref, p_t.shape, batch=program.sequence,
                                             head=head, row0=col_lo, col0=query_block * block_q,
                                             spec=spec, rows_are_queries=False,

@@ -71,8 +71,9 @@ class _Word:
         shift = _log2(other)
         return self._binary(arith.shrui, shift) if shift else self
 
-    def __mod__(self, other):
-        return self._binary(arith.andi, _log2(other) and int(other) - 1)
+    def __mod__(self, other):  # by powers of two only
+        _log2(other)
+        return self._binary(arith.andi, int(other) - 1)
 
     def __ge__(self, other):
         """An i1: unsigned >=."""
