@@ -159,7 +159,7 @@ FEATURES = {
 
 
 INTERPRETED = [  # head dim, lengths, feature, deterministic
-    (64, (256, 384), "causal_alibi", False),  # 128-query blocks (with dropout dQ is not added)
+    (64, (256, 384), "causal_alibi", False),  # with dropout dQ is not added
     (128, (136, 264), "window_softcap", True),  # partial tiles
     (256, (128, 128), "plain", True),  # dV and dK in two passes, on keys x queries tiles
 ]
@@ -184,7 +184,7 @@ def test_interpreted_dropout(head_dim, seqlens, feature, deterministic):
         out, lse = mosaic_forward.forward(q, k, v, slopes, spec,
                                           mosaic_gpu.forward_config(head_dim),
                                           dropout_words=words)
-        config = mosaic_gpu.backward_config(head_dim, *seqlens)
+        config = mosaic_gpu.backward_config(head_dim, *seqlens, dropout=True)
         grads = mosaic_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
                                          deterministic=deterministic, dropout_words=words)
         out, lse, grads = jax.tree.map(np.asarray, (out, lse, grads))
@@ -222,8 +222,8 @@ def test_dropout_lowers_for_an_h100(head_dim, deterministic):
     if head_dim in mosaic_gpu.DROPOUT_BACKWARD_HEAD_DIMS:
         assert used["backward"] == "mosaic-gpu"
         # With dropout dQ always takes its own kernel.
-        kernels = _kernels(mosaic_gpu.backward_config(head_dim, 256, seqlen_k), head_dim,
-                           seqlen_k, deterministic=True)
+        kernels = _kernels(mosaic_gpu.backward_config(head_dim, 256, seqlen_k, dropout=True),
+                           head_dim, seqlen_k, deterministic=True)
     else:  # the backward on the next backend (its kernels are tested without this one)
         assert used["backward"] != "mosaic-gpu"
         kernels = 1
@@ -274,7 +274,7 @@ def _vmap_of_dropout_against_a_loop(interpret):
     q, k, v = (jnp.stack(x) for x in zip(*inputs))
     spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, causal=True, dropout_p=0.3)
     forward_config = mosaic_gpu.forward_config(head_dim)
-    backward_config = mosaic_gpu.backward_config(head_dim, seqlen, seqlen)
+    backward_config = mosaic_gpu.backward_config(head_dim, seqlen, seqlen, dropout=True)
 
     def attend_and_grads(q, k, v, key_words):
         words = mosaic_dropout.words(key_words)

@@ -7,8 +7,8 @@ with every mask (causal, windows), softcap, ALiBi, GQA/MQA and the lse and its c
 sequence lengths in 8s (the last tiles read zeros past the ends and their writes are clipped),
 varlen ones of any length (``varlen``: the sequences gathered at tile-aligned offsets, contiguous
 keys only); dropout (``dropout``: ``semantics.py``'s keep mask bit for bit, hashed on the wgmma
-registers) in the forward, and in the backward at the head dims of
-``DROPOUT_BACKWARD_HEAD_DIMS``; every other call (paged keys, sequence shards, the KV cache,
+registers) in the forward and the backward (``DROPOUT_BACKWARD_HEAD_DIMS``: all three head
+dims); every other call (paged keys, sequence shards, the KV cache,
 S_dmask) goes to the next backend. It is the automatic choice on Hopper for what it covers: on an
 H200 its tests pass, the head dim 256 backward, lengths that end inside tiles, varlen and dropout
 included (tests/test_mosaic_gpu.py, tests/test_mosaic_dropout.py, with tests/test_varlen.py and
@@ -76,15 +76,23 @@ def forward_config(head_dim: int) -> _forward.ForwardConfig:
     return FORWARD_TABLE.lookup(head_dim, HOPPER)
 
 
-def backward_configs(head_dim: int) -> tuple[_backward.BackwardConfig, ...]:
-    """The backward's blocks at ``head_dim``, in order of preference."""
-    return BACKWARD_TABLE.lookup(head_dim, HOPPER)
+def backward_configs(head_dim: int, *, dropout: bool = False
+                     ) -> tuple[_backward.BackwardConfig, ...]:
+    """The backward's blocks at ``head_dim``, in order of preference. With dropout those of 64
+    streamed queries where there are any: the dK/dV step then holds block_q x block_k tiles of S,
+    dP, P and the keep factor per warpgroup (``backward._query_major_step``), which at 128 queries
+    would not fit the registers."""
+    configs = BACKWARD_TABLE.lookup(head_dim, HOPPER)
+    if dropout:
+        configs = tuple(config for config in configs if config.block_q == 64) or configs
+    return configs
 
 
-def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int) -> _backward.BackwardConfig:
+def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int, *, dropout: bool = False
+                    ) -> _backward.BackwardConfig:
     """The first of the head dim's blocks whose programs tile the lengths, else the last (the
     smallest programs: the least work past the ends)."""
-    configs = backward_configs(head_dim)
+    configs = backward_configs(head_dim, dropout=dropout)
     for config in configs:
         if not seqlen_q % config.rows_per_program and not seqlen_k % config.keys_per_program:
             return config
@@ -93,12 +101,13 @@ def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int) -> _backward.Ba
 
 # Head dims whose backward with dropout runs here. With dropout the dK/dV kernel works on queries x
 # keys tiles (one hash per 8 elements; P and dS reach the dV and dK wgmmas transposed through
-# shared memory); at head dim 256 its passes keep keys x queries tiles (a hash per 2 elements).
-# Forward + backward with dropout 0.1 on the H200 (RESULTS.md 8.1, TFLOP/s, S 4096 non-causal /
-# causal): head dim 128 350 / 314 (with the Triton backward 325 / 287), 256 277 / 265 (the
-# Triton backward without dropout: 270); head dim 64 205 / 179 against 228 / 218 with the Triton
-# backward (its 128-query tiles), so there the Triton backward runs.
-DROPOUT_BACKWARD_HEAD_DIMS = (128, 256)
+# shared memory) of 64 streamed queries (``backward_configs``); at head dim 256 its passes keep
+# keys x queries tiles (a hash per 2 elements). Forward + backward with dropout 0.1 on the H200
+# (RESULTS.md 8.1, TFLOP/s, S 4096 non-causal / causal): head dim 128 344 / 309 (with the Triton
+# backward 325 / 287), 256 279 / 264 (the Triton backward without dropout: 270); head dim 64 242 /
+# 226 against 230 / 220 with the Triton backward (geomean over its 6 shapes 1.02x; 128-query
+# blocks lost: 205 / 179).
+DROPOUT_BACKWARD_HEAD_DIMS = (64, 128, 256)
 
 
 def _unsupported(request: Request) -> str | None:
@@ -156,11 +165,12 @@ class MosaicGPU(Backend):
                  placement=None, grad_dtype=None, delta=None):
         dropout_words = _dropout.words(seed, placement) if spec.has_dropout else None
         if varlen is not None:
-            config = backward_configs(q.shape[-1])[0]  # the packing aligns to its tiles
+            # the packing aligns to its tiles
+            config = backward_configs(q.shape[-1], dropout=spec.has_dropout)[0]
             return _varlen.backward(q, k, v, slopes, out, lse, dout, dlse, spec, varlen, config,
                                     delta=delta, deterministic=spec.deterministic,
                                     dropout_words=dropout_words)
-        config = backward_config(q.shape[-1], q.shape[1], k.shape[1])
+        config = backward_config(q.shape[-1], q.shape[1], k.shape[1], dropout=spec.has_dropout)
         return _backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
                                   delta=delta, deterministic=spec.deterministic,
                                   dropout_words=dropout_words)
