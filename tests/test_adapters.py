@@ -14,6 +14,14 @@ import flash_attn_jax as fa
 from helpers import assert_within_tolerance
 
 
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+    """The references here are XLA's attention (jax.nn's, Flax's), whose float32 matmuls on a GPU
+    default to TF32 (10-bit mantissas): in full float32 they are references again."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _inputs(seed, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, dtype):
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     shapes = [(batch or 1, seqlen_q, heads, head_dim)] + [(batch or 1, seqlen_k, heads_k,

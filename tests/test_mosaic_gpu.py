@@ -228,8 +228,8 @@ def _add_dq_at_any_length(monkeypatch):
     """The backend's backward configs with ``fuse_dq_from`` 0, so that short test lengths take
     the dK/dV kernel that adds dQ (the tables keep it for long ones)."""
     chosen = mosaic_gpu.backward_configs
-    monkeypatch.setattr(mosaic_gpu, "backward_configs", lambda head_dim: tuple(
-        dataclasses.replace(config, fuse_dq_from=0) for config in chosen(head_dim)))
+    monkeypatch.setattr(mosaic_gpu, "backward_configs", lambda head_dim, **options: tuple(
+        dataclasses.replace(config, fuse_dq_from=0) for config in chosen(head_dim, **options)))
 
 
 # Forward schedules besides the tables' (ForwardConfig's flags): each lowered, and on Hopper
