@@ -15,7 +15,8 @@ what ptxas could not fit under those. A development aid in its own environment, 
     python3.12 -m venv /tmp/mgsass && /tmp/mgsass/bin/pip install -c constraints.txt \\
         jax jaxlib "jax-cuda13-plugin[with-cuda]==0.11.2"   # nvidia-cuda-nvdisasm for --sass
     PYTHONPATH=. /tmp/mgsass/bin/python scripts/mosaic_sass_stats.py --head-dims 64,128 \\
-        [--seqlen 4096] [--causal] [--dropout 0.1] [--deterministic] [--phase fwd] [--sass DIR]
+        [--seqlen 4096] [--causal] [--dropout 0.1] [--deterministic] [--phase fwd] [--varlen N]
+        [--sass DIR]
 """
 
 from __future__ import annotations
@@ -136,17 +137,31 @@ def mosaic_modules(fn, *args):
     return modules
 
 
-def attention_call(head_dim, seqlen, *, causal, dropout, deterministic, phase):
-    """(fn, abstract args): the benchmark's call (bf16, H x D = 2048) at one batch row."""
+def attention_call(head_dim, seqlen, *, causal, dropout, deterministic, phase, varlen=0):
+    """(fn, abstract args): the benchmark's call (bf16, H x D = 2048) at one batch row, or with
+    ``varlen`` sequences sharing ``seqlen`` tokens (flash_attn_varlen_func, equal lengths but the
+    last)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import flash_attn_jax as fa
-    q = jax.ShapeDtypeStruct((1, seqlen, 2048 // head_dim, head_dim), jnp.bfloat16)
+    heads = 2048 // head_dim
     key = jax.random.key(0) if dropout else None
+    options = dict(causal=causal, deterministic=deterministic, dropout_key=key)
+    if varlen:
+        q = jax.ShapeDtypeStruct((seqlen, heads, head_dim), jnp.bfloat16)
+        bounds = np.minimum(np.arange(varlen + 1) * -(-seqlen // varlen), seqlen)
+        cu_seqlens = jnp.asarray(bounds, jnp.int32)
+        longest = int(np.diff(bounds).max())
 
-    def attend(q, k, v):
-        return fa.flash_attn_func(q, k, v, dropout, causal=causal, deterministic=deterministic,
-                                  dropout_key=key)
+        def attend(q, k, v):
+            return fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest,
+                                             dropout, **options)
+    else:
+        q = jax.ShapeDtypeStruct((1, seqlen, heads, head_dim), jnp.bfloat16)
+
+        def attend(q, k, v):
+            return fa.flash_attn_func(q, k, v, dropout, **options)
 
     if phase == "fwd":
         return attend, (q, q, q)
@@ -163,6 +178,8 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd_bwd")
+    parser.add_argument("--varlen", type=int, default=0, metavar="N",
+                        help="flash_attn_varlen_func with N sequences in the --seqlen tokens")
     parser.add_argument("--sass", metavar="DIR", help="also write each kernel's PTX and SASS here")
     args = parser.parse_args()
     print("| D | kernel | registers | spill stores (B) | spill loads (B) | stack (B) |")
@@ -170,7 +187,7 @@ def main():
     for head_dim in map(int, args.head_dims.split(",")):
         fn, inputs = attention_call(head_dim, args.seqlen, causal=args.causal,
                                     dropout=args.dropout, deterministic=args.deterministic,
-                                    phase=args.phase)
+                                    phase=args.phase, varlen=args.varlen)
         with fa.use_backend("mosaic-gpu"):  # the backward is traced inside the lowering
             modules = mosaic_modules(fn, *inputs)
         for index, module in enumerate(modules):
