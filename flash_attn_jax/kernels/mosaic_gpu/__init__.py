@@ -8,9 +8,8 @@ sequence lengths in 8s (the last tiles read zeros past the ends and their writes
 varlen ones of any length (``varlen``: the sequences gathered at tile-aligned offsets, contiguous
 keys only); dropout (``dropout``: ``semantics.py``'s keep mask bit for bit, hashed on the wgmma
 registers) in the forward and the backward (``DROPOUT_BACKWARD_HEAD_DIMS``: all three head
-dims); every other call (paged keys, sequence shards, the KV cache,
-S_dmask) goes to the next backend. It is the automatic choice on Hopper for what it covers: on an
-H200 its tests pass, the head dim 256 backward, lengths that end inside tiles, varlen and dropout
+dims); every other call (paged keys, sequence shards, the KV cache, S_dmask) goes to the next
+backend. It is the automatic choice on Hopper for what it covers: on an H200 its tests pass, the head dim 256 backward, lengths that end inside tiles, varlen and dropout
 included (tests/test_mosaic_gpu.py, tests/test_mosaic_dropout.py, with tests/test_varlen.py and
 tests/test_dropout.py), and so do the dense, hardening and varlen files of the suite with it
 chosen (370 passed on 2026-11-30). Its kernels lower on a machine
@@ -80,8 +79,9 @@ def backward_configs(head_dim: int, *, dropout: bool = False
                      ) -> tuple[_backward.BackwardConfig, ...]:
     """The backward's blocks at ``head_dim``, in order of preference. With dropout those of 64
     streamed queries where there are any: the dK/dV step then holds block_q x block_k tiles of S,
-    dP, P and the keep factor per warpgroup (``backward._query_major_step``), which at 128 queries
-    would not fit the registers."""
+    dP, P and the keep factor per warpgroup (``backward._query_major_step``); at head dim 64 the
+    128-query blocks spill (ptxas, S 4096: 436 bytes against none) and lost to the Triton
+    backward on the H200."""
     configs = BACKWARD_TABLE.lookup(head_dim, HOPPER)
     if dropout:
         configs = tuple(config for config in configs if config.block_q == 64) or configs
