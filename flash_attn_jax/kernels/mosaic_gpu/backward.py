@@ -51,6 +51,7 @@ from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE
                                                       broadcast, check_owned, interpreting, locate,
                                                       masked_full_masked,
                                                       matmul_transposed, produce, produce_keys,
+                                                      run_compute_warpgroups,
                                                       stage_smem, swizzle_for, swizzled_smem,
                                                       wgmma_iota, wgmma_registers,
                                                       zeros_tile)
@@ -149,8 +150,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
     # Step t: query block first + t % blocks_per_head of the group's query head t // that.
     num_steps = group * blocks_per_head
 
-    @pl.when(warpgroup < COMPUTE_WARPGROUPS)
-    def _compute():
+    def _compute(warpgroup):
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         col_lo = program_lo + warpgroup * block_k
         keys = (batch, pl.ds(program.k_base + col_lo, block_k), head_k)
@@ -263,6 +263,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
             plgpu.copy_smem_to_gmem(buffer, out_ref.at[keys])
         plgpu.wait_smem_to_gmem(0)
 
+    # Not in the packed layout, whose traced tile-table values the copies double (head dim 64
+    # varlen spilled more: 1008 -> 1540 bytes).
+    run_compute_warpgroups(_compute, warpgroup, copies=tiles_ref is None)
+
     @pl.when(warpgroup == COMPUTE_WARPGROUPS)
     def _produce():
         def load(step, slot):
@@ -335,26 +339,25 @@ def _add_dq(dq_sum_ref, ds_tiles, k_smem, dq_tile, warpgroup, *, rows):
     warpgroup's dS^T. The warpgroups split dQ's block_q x head_dim into one 64 x 64 tile each."""
     batch, row_lo, head = rows
     col_tiles = k_smem.shape[-1] // 64
-    for owner in range(COMPUTE_WARPGROUPS):
-        row, col = (64 * i for i in divmod(owner, col_tiles))
+    # This warpgroup's tile, at traced offsets: one copy of the code (a branch per warpgroup
+    # doubled its wgmma descriptors, which the compiler hoists out of the loop and spills).
+    row, col = idiv(warpgroup, col_tiles) * 64, irem(warpgroup, col_tiles) * 64
 
-        @pl.when(warpgroup == owner)
-        def _tile(row=row, col=col):
-            def dq_matmul(acc_ref):
-                for keys in range(COMPUTE_WARPGROUPS):  # contract over each warpgroup's keys
-                    plgpu.wgmma(acc_ref, ds_tiles.at[keys, :, pl.ds(row, 64)].T,
-                                k_smem.at[keys, :, pl.ds(col, 64)])
-                return acc_ref[...]
+    def dq_matmul(acc_ref):
+        for keys in range(COMPUTE_WARPGROUPS):  # contract over each warpgroup's keys
+            plgpu.wgmma(acc_ref, ds_tiles.at[keys, :, pl.ds(row, 64)].T,
+                        k_smem.at[keys, :, pl.ds(col, 64)])
+        return acc_ref[...]
 
-            dq = pl.run_scoped(dq_matmul, plgpu.ACC((64, 64), jnp.float32))
-            target = dq_sum_ref.at[batch, pl.ds(row_lo + row, 64), head, pl.ds(col, 64)]
-            if interpreting():  # no TMA reductions there; the programs run one at a time
-                target[...] = target[...] + dq
-                return
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction read dq_tile
-            dq_tile[...] = dq
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_tile, target, reduction_op="add")
+    dq = pl.run_scoped(dq_matmul, plgpu.ACC((64, 64), jnp.float32))
+    target = dq_sum_ref.at[batch, pl.ds(row_lo + row, 64), head, pl.ds(col, 64)]
+    if interpreting():  # no TMA reductions there; the programs run one at a time
+        target[...] = target[...] + dq
+        return
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction read dq_tile
+    dq_tile[...] = dq
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dq_tile, target, reduction_op="add")
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref,

@@ -17,7 +17,7 @@ from flash_attn_jax.kernels.blocks import irem
 COMPUTE_WARPGROUPS = 2
 # Registers per thread: 2 compute warpgroups x 128 threads x 232 + 128 producer threads x 40
 # stay within an SM's 64 Ki.
-COMPUTE_REGISTERS, PRODUCER_REGISTERS = 232, 40
+COMPUTE_REGISTERS, PRODUCER_REGISTERS = 240, 24
 _SWIZZLE_BYTES = 128
 
 
@@ -98,6 +98,20 @@ def produce_keys(k_ref, v_ref, k_smem, v_smem, ready, free, *, batch, head_k, fi
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
     produce(first, end, stages, load, (k_free, v_free))
+
+
+def run_compute_warpgroups(compute, warpgroup, *, copies: bool):
+    """``compute(index)`` on each compute warpgroup. ``copies``: one copy of the code per
+    warpgroup, its index a constant (written ``warpgroup * 0 + i``, which the compiler folds:
+    constant indices do not lower inside ``run_state``), so that the wgmma descriptors of the
+    warpgroups' own buffers fold instead of being hoisted out of the step loops into registers
+    that spill (ptxas, S 4096, the dK/dV kernel adding dQ: 244 -> 0 bytes at head dim 128);
+    else one copy, the index traced."""
+    if not copies:
+        pl.when(warpgroup < COMPUTE_WARPGROUPS)(functools.partial(compute, warpgroup))
+        return
+    for index in range(COMPUTE_WARPGROUPS):
+        pl.when(warpgroup == index)(functools.partial(compute, warpgroup * 0 + index))
 
 
 def masked_full_masked(step_body, first, inner_first, inner_end, end, carry):
