@@ -208,7 +208,7 @@ def dense_from_markdown(text, phase):
         chosen = [t for t in dense if t[0].lower().startswith("forward +") == (phase == "fwd_bwd")]
         if not chosen:
             raise SystemExit(f"no {phase} table in the section {heading!r}")
-        _, header, rows = chosen[0]
+        paragraph, header, rows = chosen[0]
         labels = [dense_label(name, body) for name in header[3:]]
         parsed = []
         for row in rows:
@@ -217,11 +217,15 @@ def dense_from_markdown(text, phase):
             values, failed = parse_cells(labels, row[3:])
             key = (int(row[0]), int(row[1]), row[2] == "y")
             parsed.append({"key": key, "values": values, "failed": failed, "other_run": False})
-        results.append((heading, body, labels, parsed))
-    (heading, body, labels, rows), (other_heading, other_body, other_labels, other_rows) = results
+        results.append((heading, body, labels, parsed, paragraph))
+    ((heading, body, labels, rows, paragraph),
+     (other_heading, other_body, other_labels, other_rows, _)) = results
     have = {row["key"] for row in rows}
     extra = [dict(row, other_run=True) for row in other_rows if row["key"] not in have]
     meta = section_meta(heading, body)
+    dated = re.search(r"\d{4}-\d{2}-\d{2}", paragraph)
+    if dated:  # a table run on another day than the section's "Date:" says its own
+        meta["date"] = dated.group(0)
     source = f'benchmarks/RESULTS.md, section "{heading}"'
     if extra:
         other = section_meta(other_heading, other_body)
