@@ -9,11 +9,12 @@ varlen ones of any length (``varlen``: the sequences gathered at tile-aligned of
 keys only); dropout (``dropout``: ``semantics.py``'s keep mask bit for bit, hashed on the wgmma
 registers) in the forward and the backward (``DROPOUT_BACKWARD_HEAD_DIMS``: all three head
 dims); every other call (paged keys, sequence shards, the KV cache, S_dmask) goes to the next
-backend. It is the automatic choice on Hopper for what it covers: on an H200 its tests pass, the head dim 256 backward, lengths that end inside tiles, varlen and dropout
-included (tests/test_mosaic_gpu.py, tests/test_mosaic_dropout.py, with tests/test_varlen.py and
+backend. It is the automatic choice on Hopper for what it covers: on an H200 its tests pass,
+the head dim 256 backward, lengths that end inside tiles, varlen and dropout included
+(tests/test_mosaic_gpu.py, tests/test_mosaic_dropout.py, with tests/test_varlen.py and
 tests/test_dropout.py), and so do the dense, hardening and varlen files of the suite with it
-chosen (370 passed on 2026-11-30). Its kernels lower on a machine
-without a GPU when the CUDA plugin's Python extensions are installed (``jax-cuda13-plugin``),
+chosen (370 passed on 2026-11-30). Its kernels lower on a machine without a GPU when the CUDA
+plugin's Python extensions are installed (``jax-cuda13-plugin``),
 which the lowering tests use, and run on a CPU under JAX's GPU interpret mode
 (``plgpu.force_gpu_interpret_mode()``; test_interpreted_against_the_reference and
 test_interpreted_varlen_against_the_reference).

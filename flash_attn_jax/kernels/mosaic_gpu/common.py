@@ -15,8 +15,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax.kernels.blocks import irem
 
 COMPUTE_WARPGROUPS = 2
-# Registers per thread: 2 compute warpgroups x 128 threads x 232 + 128 producer threads x 40
-# stay within an SM's 64 Ki.
+# Registers per thread: 2 compute warpgroups x 128 threads x 240 + 128 producer threads x 24
+# stay within an SM's 64 Ki (FlashAttention-3's split; at 232 / 40 the dK/dV kernel spilled more).
 COMPUTE_REGISTERS, PRODUCER_REGISTERS = 240, 24
 _SWIZZLE_BYTES = 128
 
