@@ -309,25 +309,25 @@ def kvcache_rotary(q, k, cos, sin, cache_seqlens, spec: ScoreSpec, *, interleave
 #
 # Bits: Philox-4x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) with
 # PHILOX_ROUNDS rounds (flash-attn's choice), keyed by the dropout key's two words. Key columns
-# come in groups of 32; column j = 32 g + 8 m + 2 t + h (m, t < 4, h < 2) of query row i in
-# (batch row b, query head h') takes 16 bits of the counter (b, i, h', 4 g + t): word m, its low
-# half when h = 0. A column is kept when its 16 bits are >= round(p * 2**16): keep probability
-# 1 - p to 1/65536.
+# come in groups of 64; column j = 64 g + 8 c + 2 t + h (c < 8, t < 4, h < 2) of query row i in
+# (batch row b, query head h') takes 8 bits of the counter (b, i, h', 4 g + t): byte 2 (c % 2) + h
+# of word c // 2. A column is kept when its byte is >= round(p * 256): keep probability 1 - p to
+# 1/256, the resolution flash-attn's own mask has (it compares a byte per element too).
 #
-# Why this order: one hash serves the columns 2t, 2t + 1, 2t + 8, 2t + 9, ... of a 32-column
-# group, which is how the tensor cores' accumulator tile spreads one row's columns over threads
-# (a thread holds column pairs 8 apart). So each thread computes the hashes of its own elements
-# and no mask crosses threads (``dropout_keep_tile``; the Triton compiler turns the joins and
-# transposes into register renaming). Batch and head sit in the two words the first round
-# multiplies, the row and the column group in the two it only XORs, so the first round works on
-# scalars and rows meet columns only in the third round's XORs: a tile pays its full width from
-# there on.
+# Why this order: one hash serves the 16 columns 8 c + 2 t + h of a 64-column group, which is how
+# the tensor cores' accumulator tile spreads one row's columns over threads (a thread holds
+# column pairs 8 apart). So each thread computes the hashes of its own elements and no mask
+# crosses threads (``dropout_keep_tile``; the Triton compiler turns the joins and transposes into
+# register renaming), and a pair of columns (2 t, 2 t + 1) is two adjacent bytes of one word. Batch
+# and head sit in the two words the first round multiplies, the row and the column group in the
+# two it only XORs, so the first round works on scalars and rows meet columns only in the third
+# round's XORs: a tile pays its full width from there on.
 
 _PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
 PHILOX_ROUNDS = 7
-DROPOUT_BITS = 16
-_GROUP = 32  # key columns of 4 counters
+DROPOUT_BITS = 8
+_GROUP = 64  # key columns of 4 counters
 
 
 def mulhi_u32(a, b: int):
@@ -362,8 +362,8 @@ def philox4x32(counter, key, *, rounds=PHILOX_ROUNDS, mul_wide=mul_wide_u32):
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """The 16-bit threshold under which a column is dropped (at most 0xFFFF: a ``dropout_p``
-    within 2**-17 of 1 keeps 1 column in 65536)."""
+    """The 8-bit threshold under which a column is dropped (at most 0xFF: a ``dropout_p`` within
+    2**-9 of 1 keeps 1 column in 256)."""
     return min(int(round(dropout_p * (1 << DROPOUT_BITS))), (1 << DROPOUT_BITS) - 1)
 
 
@@ -380,21 +380,33 @@ def dropout_words(key, batch, head, rows, lanes, *, mul_wide=mul_wide_u32, cast=
 
 
 def dropout_lane(cols):
-    """The counter's last word for key columns ``cols``: 4 g + t of column 32 g + 8 m + 2 t + h."""
+    """The counter's last word for key columns ``cols``: 4 g + t of column 64 g + 8 c + 2 t + h."""
     return (cols // _GROUP) * 4 + (cols // 2) % 4
 
 
 def dropout_word_index(cols):
-    """Which of the four hash words holds key column ``cols``'s bits: m of 32 g + 8 m + 2 t + h
-    (the low half for even columns)."""
-    return (cols // 8) % 4
+    """Which of the four hash words holds key column ``cols``'s byte: c // 2 of
+    64 g + 8 c + 2 t + h."""
+    return (cols // 16) % 4
 
 
-def word_keeps(word, threshold):
-    """(low half kept, high half kept) of a uint32 word: half >= threshold, both compared as the
-    word's high half (the low half shifted up; no masking)."""
-    shifted = np.uint32(threshold << 16)
-    return (word << np.uint32(16)) >= shifted, word >= shifted
+def dropout_byte_index(cols):
+    """Which byte of its word is key column ``cols``'s: 2 (c % 2) + h of 64 g + 8 c + 2 t + h (a
+    column pair 2 t, 2 t + 1 is two adjacent bytes)."""
+    return (cols // 8) % 2 * 2 + cols % 2
+
+
+def byte_keeps(word, threshold):
+    """(byte 0 kept, ..., byte 3 kept) of a uint32 word: byte >= threshold, each compared as the
+    word's top byte (shifted up; no masking)."""
+    shifted = np.uint32(threshold << 24)
+    return tuple((word << np.uint32(24 - 8 * byte)) >= shifted for byte in range(4))
+
+
+def _pick_word(words, index):
+    """``words[index]`` for (traced) indices in [0, 4) that broadcast against the words."""
+    return jnp.where(index < 2, jnp.where(index == 0, words[0], words[1]),
+                     jnp.where(index == 2, words[2], words[3]))
 
 
 def dropout_keep(key, batch, head, rows, cols, threshold):
@@ -403,11 +415,9 @@ def dropout_keep(key, batch, head, rows, cols, threshold):
     element: the reference's form."""
     rows, cols = jnp.asarray(rows), jnp.asarray(cols)
     words = dropout_words(key, batch, head, rows, dropout_lane(cols))
-    word_index = dropout_word_index(cols)
-    word = jnp.where(word_index < 2, jnp.where(word_index == 0, words[0], words[1]),
-                     jnp.where(word_index == 2, words[2], words[3]))
-    low, high = word_keeps(word, threshold)
-    return jnp.where(cols % 2 == 0, low, high)
+    word = _pick_word(words, dropout_word_index(cols))
+    shift = (24 - 8 * dropout_byte_index(cols)).astype(jnp.uint32)
+    return (word << shift) >= np.uint32(threshold << 24)
 
 
 def _interleave(parts):
@@ -421,30 +431,34 @@ def _interleave(parts):
 
 def dropout_tile_words(key, batch, head, rows, col_lo, block_k, *, mul_wide=mul_wide_u32):
     """The hash words behind the tile rows (R,) x columns [col_lo, col_lo + block_k), ``block_k``
-    a power of two >= 16 and ``col_lo`` a multiple of it: word m (a list of (R, 4 groups)
-    arrays, or the 2 words a 16-column tile uses) at column 4 g + t. One hash per 8 elements.
+    a power of two >= 16 and ``col_lo`` a multiple of it: a list of (R, 4 groups) arrays, word
+    c // 2 of the tile's 8-column chunks c at column 4 g + t (all four words, or the 1 or 2 a
+    16- or 32-column tile uses). One hash per 16 elements (per 8 or 4 below 64 columns).
     ``mul_wide`` as in ``philox4x32`` (a kernel passes its one-instruction form)."""
     groups = max(1, block_k // _GROUP)
     lanes = (col_lo // _GROUP) * 4 + jnp.arange(4 * groups, dtype=jnp.int32)
     words = dropout_words(key, batch, head, rows[:, None], lanes[None, :], mul_wide=mul_wide)
-    if block_k < _GROUP:  # columns 2t + 8m + h with m in {0, 1} (first half) or {2, 3}
-        second_half = (col_lo // (_GROUP // 2)) % 2 == 1
-        words = [jnp.where(second_half, words[m + 2], words[m]) for m in range(2)]
+    if block_k < _GROUP:  # chunks c0 .. c0 + block_k / 8 of the group: words from c0 // 2 on
+        count = block_k // 16
+        first = dropout_word_index(col_lo)  # a multiple of count
+        words = [_pick_word(words, first + i) for i in range(count)]
     return words
 
 
 def column_tile(parts, block_k):
-    """(R, block_k) from ``parts[2 m + h]`` (R, 4 groups): column 32 g + 8 m + 2 t + h holds
-    ``parts[2 m + h][:, 4 g + t]``, the layout of ``dropout_tile_words``."""
-    num_rows, num_m = parts[0].shape[0], len(parts) // 2
-    x = _interleave(parts)  # (R, 4 groups, m bits..., h): axes row, group x t, m, h
-    x = x.reshape(num_rows, max(1, block_k // _GROUP), 4, num_m, 2)
+    """(R, block_k) from ``parts[2 c + h]`` (R, 4 groups), c the tile's 8-column chunks of a
+    group: column 64 g + 8 c + 2 t + h holds ``parts[2 c + h][:, 4 g + t]``, the layout of
+    ``dropout_tile_words``' bytes."""
+    num_rows, num_chunks = parts[0].shape[0], len(parts) // 2
+    x = _interleave(parts)  # (R, 4 groups, c bits..., h): axes row, group x t, c, h
+    x = x.reshape(num_rows, max(1, block_k // _GROUP), 4, num_chunks, 2)
     return x.transpose(0, 1, 3, 2, 4).reshape(num_rows, block_k)
 
 
 def keep_tile(words, block_k, threshold):
-    """The keep mask (R, block_k) of a tile from its ``dropout_tile_words``."""
-    return column_tile([keep for word in words for keep in word_keeps(word, threshold)], block_k)
+    """The keep mask (R, block_k) of a tile from its ``dropout_tile_words``: byte b of word w is
+    part 4 w + b = 2 c + h."""
+    return column_tile([keep for word in words for keep in byte_keeps(word, threshold)], block_k)
 
 
 def dropout_keep_tile(key, batch, head, rows, col_lo, block_k, threshold, *,

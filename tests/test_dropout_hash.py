@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ON_GPU
 from flash_attn_jax import semantics
+
+# Kernel cases whose CPU (interpret-mode) runs repeat what the other cases check there: on a GPU
+# only, where they compile to the packed instructions (the CI stays within its time).
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="the GPU run's grid")
 
 # Random123's known-answer vectors (kat_vectors): rounds, counter, key, output.
 PHILOX_KAT = [
@@ -42,17 +47,19 @@ def test_mul_wide_gives_both_words_of_the_product():
         np.testing.assert_array_equal(np.asarray(low).astype(np.uint64), product & np.uint64(0xFFFFFFFF))
 
 
-def test_each_half_word_is_kept_at_or_above_the_threshold():
-    threshold = semantics.dropout_threshold(0.1)
-    halves = np.array([0, threshold - 1, threshold, threshold + 1, 0xFFFF], np.uint32)
-    low, high = np.meshgrid(halves, halves, indexing="ij")
-    keep_low, keep_high = semantics.word_keeps(jnp.asarray((high << 16) | low), threshold)
-    np.testing.assert_array_equal(np.asarray(keep_low), low >= threshold)
-    np.testing.assert_array_equal(np.asarray(keep_high), high >= threshold)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_each_byte_is_kept_at_or_above_the_threshold(p):
+    threshold = semantics.dropout_threshold(p)
+    values = np.array([0, threshold - 1, threshold, threshold + 1, 0x7F, 0x80, 0xFF], np.uint32)
+    grid = np.stack(np.meshgrid(*[values] * 4, indexing="ij"), -1).reshape(-1, 4)
+    words = sum(grid[:, byte] << np.uint32(8 * byte) for byte in range(4)).astype(np.uint32)
+    keeps = semantics.byte_keeps(jnp.asarray(words), threshold)
+    for byte in range(4):
+        np.testing.assert_array_equal(np.asarray(keeps[byte]), grid[:, byte] >= threshold)
 
 
 @pytest.mark.parametrize("col_lo,block_k", [(0, 64), (64, 128), (256, 256), (16, 16), (48, 16),
-                                            (32, 32), (0, 32)])
+                                            (32, 32), (0, 32), (96, 32), (112, 16), (192, 64)])
 def test_tile_form_equals_per_element_form(col_lo, block_k):
     key, threshold = (1234, 5678), semantics.dropout_threshold(0.3)
     rows = jnp.arange(40, 72, dtype=jnp.int32)
@@ -63,14 +70,15 @@ def test_tile_form_equals_per_element_form(col_lo, block_k):
 
 
 def test_per_element_form_reads_the_documented_bits():
-    # Column j = 32 g + 8 m + 2 t + h of row i takes 16 bits of philox((batch, i, head, 4 g + t)):
-    # word m, the low half for h = 0.
+    # Column j = 64 g + 8 c + 2 t + h of row i takes byte 2 (c % 2) + h of word c // 2 of
+    # philox((batch, i, head, 4 g + t)).
     key, batch, head, row, g, t = (11, 22), 1, 2, 5, 3, 1
     words = semantics.philox4x32(tuple(jnp.uint32(x) for x in (batch, row, head, 4 * g + t)),
                                  (jnp.uint32(key[0]), jnp.uint32(key[1])))
-    bits = [(int(w) >> shift) & 0xFFFF for w in words for shift in (0, 16)]  # 2 m + h
-    cols = jnp.asarray([32 * g + 8 * m + 2 * t + h for m in range(4) for h in range(2)])
-    for threshold in (bits[0], bits[0] + 1, 1 << 15):
+    bits = [(int(words[c // 2]) >> (8 * (2 * (c % 2) + h))) & 0xFF
+            for c in range(8) for h in range(2)]
+    cols = jnp.asarray([64 * g + 8 * c + 2 * t + h for c in range(8) for h in range(2)])
+    for threshold in (bits[0], bits[0] + 1, 1 << 7, 0xFF):
         keep = semantics.dropout_keep(key, batch, head, row, cols, threshold)
         assert [bool(x) for x in keep] == [b >= threshold for b in bits]
 
@@ -104,18 +112,20 @@ def test_neighbouring_columns_and_rows_are_uncorrelated():
         assert abs(np.mean(a * b)) / 0.25 < 0.02
 
 
-def test_threshold_resolution_is_16_bits():
-    assert semantics.dropout_threshold(1 / 65536) == 1
-    assert semantics.dropout_threshold(0.1) == 6554
+def test_threshold_resolution_is_8_bits():
+    # flash-attn's own resolution (it compares a byte per element); round to nearest.
+    assert semantics.dropout_threshold(1 / 256) == 1
+    assert semantics.dropout_threshold(0.1) == 26
+    assert semantics.dropout_threshold(0.5) == 128
 
 
-def test_dropout_p_next_to_one_keeps_one_column_in_65536():
-    # round(p * 2**16) would be 2**16, past the 16 bits a column is compared in.
-    threshold = semantics.dropout_threshold(1 - 2.0**-18)
-    assert threshold == 0xFFFF
+def test_dropout_p_next_to_one_keeps_one_column_in_256():
+    # round(p * 2**8) would be 2**8, past the 8 bits a column is compared in.
+    threshold = semantics.dropout_threshold(1 - 2.0**-10)
+    assert threshold == 0xFF
     keep = semantics.dropout_keep((5, 6), 0, 0, jnp.arange(512)[:, None], jnp.arange(512)[None, :],
                                   threshold)
-    assert 0 < int(jnp.sum(keep)) < 12  # 4 expected
+    assert 900 < int(jnp.sum(keep)) < 1150  # 1024 expected
 
 
 def keep_tile_call(block_q, block_k, *, interpret, debug=False):
@@ -141,7 +151,7 @@ def keep_tile_call(block_q, block_k, *, interpret, debug=False):
                           interpret=interpret, debug=debug)
 
 
-@pytest.mark.parametrize("block_k", [16, 128])
+@pytest.mark.parametrize("block_k", [16, pytest.param(32, marks=gpu_only), 128])
 def test_tile_form_inside_a_kernel(block_k):
     # On a GPU the kernel is compiled (mul.wide as an instruction), elsewhere interpreted.
     from flash_attn_jax.kernels import use_interpret
@@ -179,9 +189,10 @@ def drop_tile_call(x, p, *, interpret):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.75])
-@pytest.mark.parametrize("block_k", [16, 64])
+@pytest.mark.parametrize("block_k", [16, pytest.param(32, marks=gpu_only), 64,
+                                     pytest.param(128, marks=gpu_only)])
 def test_apply_zeroes_exactly_the_dropped_elements(dtype, p, block_k):
-    # The compiled form tests both halves of a word at once (two formulas, split at p = 0.5).
+    # The compiled form tests the bytes of a word at once (two formulas, split at p = 0.5).
     from flash_attn_jax.kernels import use_interpret
 
     x = jax.random.normal(jax.random.key(1), (64, block_k), jnp.float32).astype(dtype)

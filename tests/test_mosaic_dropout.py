@@ -70,13 +70,15 @@ def _positions(shape, row0, col0):
     return row0 + np.arange(shape[0])[:, None], col0 + np.arange(shape[1])[None, :]
 
 
-MASK_CASES = [  # rows are queries?, shape, row0, col0 (the key offset a multiple of 32)
-    (True, (64, 128), 0, 0),
+MASK_CASES = [  # rows are queries?, shape, row0, col0 (the key offset a multiple of 64, or of
+    (True, (64, 128), 0, 0),  # a narrower tile's width)
     (True, (64, 64), 72, 4032),
-    (True, (128, 128), 5, 96),
+    (True, (128, 128), 5, 192),
+    (True, (64, 32), 9, 96),
+    (True, (64, 32), 0, 4032),
     (False, (64, 64), 0, 0),
     (False, (64, 128), 4096, 40),
-    (False, (128, 64), 32, 7),
+    (False, (128, 64), 192, 7),
 ]
 
 
@@ -111,11 +113,17 @@ def _dropped_tile(tile, words, *, batch, head, row0, col0, dropout_p):
     return kernel(tile, words)
 
 
-# 0.5: the threshold 0x8000, the largest the packed pairs take; 0.7: the per-element path.
+# The byte test's two formulas: up to the threshold 0x80 (0.5), and above it (0.7); 1e-6 rounds
+# to the threshold 0 (all kept).
 @pytest.mark.parametrize("dropout_p", [1e-6, 0.1, 0.5, 0.7])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_drop_zeroes_the_dropped_elements(dropout_p, dtype):
-    shape, row0, col0 = (64, 128), 8, 160
+@pytest.mark.parametrize("shape,row0,col0", [
+    ((64, 128), 8, 192),
+    # On a Hopper GPU only: interpret mode takes the per-element form, which the case above and
+    # the mask tests check at these offsets.
+    pytest.param((64, 64), 3, 64, marks=hopper_only),
+    pytest.param((64, 32), 0, 32, marks=hopper_only)])
+def test_drop_zeroes_the_dropped_elements(dropout_p, dtype, shape, row0, col0):
     tile = jnp.asarray(np.random.default_rng(1).uniform(-2, 2, shape), dtype)
     words = jnp.concatenate([WORDS, jnp.asarray([1, 0], jnp.uint32)])
     dropped = _on_hopper_or_interpreted(lambda: _dropped_tile(
@@ -124,7 +132,10 @@ def test_drop_zeroes_the_dropped_elements(dropout_p, dtype):
     keep = np.asarray(semantics.dropout_keep(WORDS, 5, 3, rows, cols,
                                              semantics.dropout_threshold(dropout_p)))
     np.testing.assert_array_equal(dropped, np.where(keep, np.asarray(tile), 0).astype(dtype))
-    assert abs(np.mean(~keep) - dropout_p) < 0.02
+    # The mask is exercised: the dropped fraction is p's (to 4 standard deviations and the
+    # threshold's rounding).
+    spread = 4 * np.sqrt(dropout_p * (1 - dropout_p) / keep.size) + 1 / 512
+    assert abs(np.mean(~keep) - dropout_p) < spread
 
 
 @pytest.mark.parametrize("rows_are_queries", [True, False])
@@ -132,7 +143,7 @@ def test_keep_factor_lowers_for_an_h100(rows_are_queries):
     """The register-level mask of both orientations builds for an H100 (on a CPU the test above
     checks the interpret-mode form only)."""
     words = jnp.concatenate([WORDS, jnp.zeros((2,), jnp.uint32)])
-    tile = lambda words: _keep_factor_tile(words, (64, 128), batch=1, head=2, row0=64, col0=32,
+    tile = lambda words: _keep_factor_tile(words, (64, 128), batch=1, head=2, row0=64, col0=64,
                                            rows_are_queries=rows_are_queries, dropout_p=0.1,
                                            kept=1.0)
     with jax.sharding.use_abstract_mesh(H100_MESH):

@@ -101,9 +101,10 @@ def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int, *, dropout: boo
 
 
 # Head dims whose backward with dropout runs here. With dropout the dK/dV kernel works on queries x
-# keys tiles (one hash per 8 elements; P and dS reach the dV and dK wgmmas transposed through
-# shared memory) of 64 streamed queries (``backward_configs``); at head dim 256 its passes keep
-# keys x queries tiles (a hash per 2 elements). Forward + backward with dropout 0.1 on the H200
+# keys tiles (one hash per 16 elements; P and dS reach the dV and dK wgmmas transposed through
+# shared memory) of 64 streamed queries (``backward_configs``); at head dim 256 so does its dV
+# pass, while the dK pass (32 streamed queries) keeps keys x queries tiles (a hash per 2
+# elements). Forward + backward with dropout 0.1 on the H200
 # (RESULTS.md 8.1, TFLOP/s, S 4096 non-causal / causal): head dim 128 344 / 309 (with the Triton
 # backward 325 / 287), 256 279 / 264 (the Triton backward without dropout: 270); head dim 64 242 /
 # 226 against 230 / 220 with the Triton backward (geomean over its 6 shapes 1.02x; 128-query

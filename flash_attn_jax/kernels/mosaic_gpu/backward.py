@@ -13,10 +13,11 @@ rounding only, dK and dV still bitwise).
   for dV (keys only held) and once for dK (keys and values held, 32-query streams so that the
   shared memory holds them), recomputing S^T.
 - dK/dV with dropout (``_query_major_step``, the "dkdv" pass): tiles queries x keys as in the
-  forward, S = Q K^T, dP = dO V^T, so that the keep mask (``dropout.py``) takes one hash per 8
+  forward, S = Q K^T, dP = dO V^T, so that the keep mask (``dropout.py``) takes one hash per 16
   elements; P and dS reach dV += P^T dO and dK += dS^T Q transposed through shared memory. dQ
-  then takes its own kernel. The head dim 256 passes keep keys x queries tiles (their 32-query
-  streams are below a wgmma's 64 rows) and hash once per 2 elements there.
+  then takes its own kernel. At head dim 256 the dV pass does the same (P only); the dK pass
+  keeps keys x queries tiles (its 32-query streams are below a wgmma's 64 rows) and hashes once
+  per 2 elements there.
 - dK/dV adding dQ (``_add_dq``): each step the two warpgroups store their dS^T tiles to shared
   memory, meet at a barrier, and each computes one 64 x 64 tile of the query block's dQ over
   both warpgroups' keys, which a TMA reduction adds to the sum.
@@ -288,14 +289,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
 def _query_major_step(query_block, carry, *, masked, head, slope, first, blocks_per_head, member,
                       own, tiles, buffers, barriers, dropout_ref, program, col_lo, block_q,
                       block_k, stages, spec):
-    """One step of the dK/dV kernel's "dkdv" part with dropout, on queries x keys tiles as in the
-    forward: S = Q K^T, dP = dO V^T, so that the keep mask takes one hash per 8 elements (on keys x
-    queries tiles a thread's bits need one per 2). dV += P^T dO and dK += dS^T Q then take P and
-    dS transposed from shared memory (``tiles``: this warpgroup's block_q x block_k buffers for
-    P and dS, separate refs: slices of one by a constant index inside the wgmmas' ``run_state``
-    do not lower) instead of from registers."""
+    """One step of the dK/dV kernel's "dkdv" part, or of the "dv" pass, with dropout, on queries
+    x keys tiles as in the forward: S = Q K^T, dP = dO V^T, so that the keep mask takes one hash
+    per 16 elements (on keys x queries tiles a thread's bytes need one per 2). dV += P^T dO and
+    dK += dS^T Q then take P and dS transposed from shared memory (``tiles``: this warpgroup's
+    block_q x block_k buffers for P and, with dK, dS, separate refs: slices of one by a constant
+    index inside the wgmmas' ``run_state`` do not lower) instead of from registers. The "dv"
+    pass (``own[1]``, the values, None) computes neither dP nor dS."""
     dk, dv = carry
     own_k, own_v = own
+    with_dk = own_v is not None
     q_smem, dout_smem, lse_smem, delta_smem = buffers
     q_ready, dout_ready, lse_ready, delta_ready, free = barriers
     dtype = own_k.dtype
@@ -312,23 +315,28 @@ def _query_major_step(query_block, carry, *, masked, head, slope, first, blocks_
     keep = dropout.keep_factor(dropout_ref, p.shape, batch=program.sequence, head=head,
                                row0=query_lo, col0=col_lo, spec=spec, rows_are_queries=True,
                                kept=spec.keep_scale)
-    for ready in (dout_ready, delta_ready):
-        plgpu.barrier_wait(ready.at[slot])
+    plgpu.barrier_wait(dout_ready.at[slot])
     dout = dout_smem.at[slot]
-    dp = matmul_transposed(dout, own_v, (block_q, block_k))
-    delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1))
-    ds = p * (dp * keep - broadcast(delta, dp.shape, 0)) * dlogits
-    p_tile, ds_tile = tiles
-    p_tile[...] = (p * keep).astype(dtype)  # the last step's wgmmas have read them
-    ds_tile[...] = ds.astype(dtype)
+    p_tile = tiles[0]
+    p_tile[...] = (p * keep).astype(dtype)  # the last step's wgmmas have read it
+    if with_dk:
+        plgpu.barrier_wait(delta_ready.at[slot])
+        dp = matmul_transposed(dout, own_v, (block_q, block_k))
+        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1))
+        ds = p * (dp * keep - broadcast(delta, dp.shape, 0)) * dlogits
+        ds_tile = tiles[1]
+        ds_tile[...] = ds.astype(dtype)
     plgpu.commit_smem()
 
-    def dv_and_dk(refs):
-        dv_ref, dk_ref = refs
-        plgpu.wgmma(dv_ref, p_tile.T, dout)
-        plgpu.wgmma(dk_ref, ds_tile.T, q)
+    if with_dk:
+        def dv_and_dk(refs):
+            dv_ref, dk_ref = refs
+            plgpu.wgmma(dv_ref, p_tile.T, dout)
+            plgpu.wgmma(dk_ref, ds_tile.T, q)
 
-    dv, dk = accumulate((dv, dk), dv_and_dk)
+        dv, dk = accumulate((dv, dk), dv_and_dk)
+    else:
+        dv = accumulate(dv, lambda dv_ref: plgpu.wgmma(dv_ref, p_tile.T, dout))
     plgpu.barrier_arrive(free.at[slot])
     return dk, dv
 
@@ -504,11 +512,12 @@ def _dkdv_grid(k_shape, config):
                 grid_names=("heads", "k_tiles", "batch"), **_LAUNCH)
 
 
-def _query_major(spec: ScoreSpec, part: str) -> bool:
+def _query_major(spec: ScoreSpec, part: str, block_q: int) -> bool:
     """Whether the dK/dV pass works on queries x keys tiles (``_query_major_step``): with dropout,
-    in the pass holding both gradients (the passes of ``split_dkdv`` stream query blocks too small
-    for a wgmma's 64 rows, and hash the mask on keys x queries tiles)."""
-    return spec.has_dropout and part == "dkdv"
+    in the pass holding both gradients and in the "dv" pass, where the streamed query blocks fill
+    a wgmma's 64 rows (the "dk" pass of ``split_dkdv`` streams 32 and hashes the mask on keys x
+    queries tiles)."""
+    return spec.has_dropout and part in ("dkdv", "dv") and not block_q % 64
 
 
 def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k_tiles_ref,
@@ -536,9 +545,9 @@ def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k
                swizzled_smem((2, COMPUTE_WARPGROUPS, block_k, block_q), q_dtype, swizzle)
                if fused else None,
                plgpu.SMEM((COMPUTE_WARPGROUPS, 64, 64), jnp.float32) if fused else None,
-               # with dropout: each warpgroup's P and dS of a step (_query_major_step)
-               (swizzled_smem((COMPUTE_WARPGROUPS, block_q, block_k), q_dtype, swizzle),) * 2
-               if _query_major(statics["spec"], part) else None)
+               # with dropout: each warpgroup's P and (with dK) dS of a step (_query_major_step)
+               (swizzled_smem((COMPUTE_WARPGROUPS, block_q, block_k), q_dtype, swizzle),)
+               * (2 if with_dk else 1) if _query_major(statics["spec"], part, block_q) else None)
     own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
            plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if with_dk else None)
     ready = (plgpu.Barrier(num_barriers=stages),) * 3 + (

@@ -1,21 +1,22 @@
 """Dropout's keep mask on wgmma-layout tiles: ``semantics.py``'s bits, one hash per counter a
 thread needs.
 
-The keep mask hashes one Philox counter per (query row, 32-key group, t) and takes the 8
-columns 32 g + 8 m + 2 t + h (m, h) from its four words (``semantics.dropout_lane``). A wgmma
-accumulator tile gives each thread rows 16 w + lane / 4 (+ 8) and the column pairs
+The keep mask hashes one Philox counter per (query row, 64-key group, t) and takes the 16
+columns 64 g + 8 c + 2 t + h (c, h) from the bytes of its four words (``semantics.dropout_lane``).
+A wgmma accumulator tile gives each thread rows 16 w + lane / 4 (+ 8) and the column pairs
 8 j + 2 (lane % 4) (+ 1) (``mgpu.WGMMA_LAYOUT``); so:
 
-- a tile whose rows are queries (S = Q K^T: the forward and the dQ kernel) holds all 8 columns
-  of a counter in one thread: one hash per 8 elements, the word and half known statically;
-- a tile whose rows are keys (S^T = K Q^T: the dK/dV kernel) holds keys 8 apart in one thread
-  (rows r and r + 8: words m and m + 1, one half): one hash per 2 elements, word and half chosen
-  at run time.
+- a tile whose rows are queries (S = Q K^T: the forward and the dQ kernel) holds all 16 columns
+  of a counter in one thread: one hash per 16 elements, a column pair two adjacent bytes of one
+  word, known statically;
+- a tile whose rows are keys (S^T = K Q^T: the dK/dV kernel's split passes) holds keys 8 apart in
+  one thread (rows r and r + 8: bytes h and 2 + h of one word): one hash per 2 elements, word
+  and byte chosen at run time.
 
 Pallas's array operations cannot say "these elements share a hash", so the mask is built
-register by register inside ``plgpu.inline_mgpu``, running ``semantics.philox4x32`` and
-``semantics.word_keeps`` themselves on 32-bit register values (``_Word``). In JAX's GPU
-interpret mode, which has no rule for inline Mosaic GPU code, the per-element reference form
+register by register inside ``plgpu.inline_mgpu``, running ``semantics.philox4x32`` and the lane
+and byte expressions themselves on 32-bit register values (``_Word``). In JAX's GPU interpret
+mode, which has no rule for inline Mosaic GPU code, the per-element reference form
 (``semantics.dropout_keep``) gives the same mask.
 """
 
@@ -32,7 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.mosaic_gpu.common import interpreting, wgmma_iota
 
-_GROUP = 32  # key columns a counter's four words cover (semantics.dropout_lane)
+_GROUP = 64  # key columns a counter's four words cover (semantics.dropout_lane)
 
 
 class _Word:
@@ -61,6 +62,9 @@ class _Word:
 
     def __mul__(self, other):
         return self._binary(arith.muli, other)
+
+    def __sub__(self, other):
+        return self._binary(arith.subi, other)
 
     def __lshift__(self, other):
         return self._binary(arith.shli, other)
@@ -111,22 +115,29 @@ def _select_word(words, index: _Word):
 
 
 def _register_words(scalars, *, shape, rows_are_queries):
-    """For each register of a wgmma-layout tile of ``shape``: (its index, [(word, odd)] for its
-    two elements), ``word`` the hash word holding the element's 16 bits and ``odd`` (an i1, or a
-    Python bool when static) whether they are its high half. ``scalars``: the splat arrays
-    (row0, col0, key0, key1, batch, head) of ``keep_factor``."""
+    """For each register of a wgmma-layout tile of ``shape``: (its index, [(word, byte)] for its
+    two elements), ``word`` the hash word holding the element's 8 bits and ``byte`` which of its
+    bytes (a Python int when static, else a ``_Word``). Registers that share a word get the same
+    ``_Word`` object. ``scalars``: the splat arrays (row0, col0, key0, key1, batch, head) of
+    ``keep_factor``."""
     layout = mgpu.WGMMA_LAYOUT
     if layout.vector_length != 2:
         raise NotImplementedError("column pairs per register")
-    i1, i32 = ir.IntegerType.get_signless(1), ir.IntegerType.get_signless(32)
+    i32 = ir.IntegerType.get_signless(32)
     row0, col0, key0, key1, batch, head = (_Word(array.registers.item()) for array in scalars)
-    words_of_group = {}
+    words_of_group, picked = {}, {}
 
     def words(group, counter_row, lane):
         if group not in words_of_group:
             words_of_group[group] = semantics.dropout_words(
                 (key0, key1), batch, head, counter_row, lane, mul_wide=_mul_wide, cast=_Word.of)
         return words_of_group[group]
+
+    def pick(group, index_key, index):
+        """words[index] of a group, a run-time index selected once per (group, index_key)."""
+        if (group, index_key) not in picked:
+            picked[group, index_key] = _select_word(words_of_group[group], index)
+        return picked[group, index_key]
 
     for register, (row_offset, col_offset), (row_index, col_index) in zip(
             np.ndindex(layout.registers_shape(shape)), _register_offsets(layout, shape),
@@ -136,22 +147,37 @@ def _register_words(scalars, *, shape, rows_are_queries):
         row = row0 + _Word(arith.index_cast(i32, row_index))
         col = col0 + _Word(arith.index_cast(i32, col_index))
         if rows_are_queries:
-            # The thread's 8 columns of a 32-column group share the counter (row, 4 g + t); the
-            # register's column pair is the low and high half of one word (col0 a multiple
-            # of 32).
-            group_words = words((row_offset, col_offset // _GROUP), row,
-                                semantics.dropout_lane(col))
-            word = group_words[semantics.dropout_word_index(col_offset)]
-            yield register, [(word, False), (word, True)]
+            # The thread's 16 columns of a 64-column group share the counter (row, 4 g + t); the
+            # register's column pair (chunk c) is bytes 2 (c % 2) and 2 (c % 2) + 1 of word c // 2.
+            # A tile 64 or more wide starts at a group (col0 a multiple of 64); a narrower one
+            # (col0 a multiple of its width) takes its words from the group's run-time offset.
+            group = (row_offset, col_offset // _GROUP)
+            group_words = words(group, row, semantics.dropout_lane(col))
+            chunk = col_offset // 8 % 8
+            if shape[1] >= _GROUP:
+                word = group_words[chunk // 2]
+            else:
+                word = pick(group, chunk // 2,
+                            semantics.dropout_word_index(col0) + chunk // 2)
+            first = 2 * (chunk % 2)
+            yield register, [(word, first), (word, first + 1)]
         else:
             # Key rows r and r + 8 of a 16-row slab share the counter (query, 4 g + t) of each
-            # column (row0 a multiple of 32); each query column is its own counter.
-            odd = arith.trunci(i1, (row % 2).value)
-            yield register, [
-                (_select_word(words((row_offset // 16, col_offset, element), col + element,
-                                    semantics.dropout_lane(row)),
-                              semantics.dropout_word_index(row)), odd)
-                for element in range(2)]
+            # column (row0 a multiple of 64) and its word; each query column is its own
+            # counter.
+            byte = semantics.dropout_byte_index(row)
+            elements = []
+            for element in range(2):
+                group = (row_offset // 16, col_offset, element)
+                words(group, col + element, semantics.dropout_lane(row))
+                elements.append((pick(group, 0, semantics.dropout_word_index(row)), byte))
+            yield register, elements
+
+
+def _byte_kept(word: _Word, byte, threshold):
+    """An i1: ``word``'s byte ``byte`` (an int or a ``_Word``) >= threshold, compared as the top
+    byte (``semantics.byte_keeps``)."""
+    return (word << (_Word.of(24) - byte * 8)) >= threshold << 24
 
 
 def _factor_registers(*scalars, shape, rows_are_queries, threshold, kept):
@@ -164,9 +190,8 @@ def _factor_registers(*scalars, shape, rows_are_queries, threshold, kept):
     for register, elements in _register_words(scalars, shape=shape,
                                               rows_are_queries=rows_are_queries):
         result = llvm.mlir_undef(vector_type)
-        for position, (word, odd) in enumerate(elements):
-            low, high = semantics.word_keeps(word, threshold)
-            keep = (high if odd else low) if isinstance(odd, bool) else arith.select(odd, high, low)
+        for position, (word, byte) in enumerate(elements):
+            keep = _byte_kept(word, byte, threshold)
             result = vector.insert(arith.select(keep, values[1], values[0]), result,
                                    dynamic_position=[],
                                    static_position=ir.DenseI64ArrayAttr.get([position]))
@@ -174,26 +199,37 @@ def _factor_registers(*scalars, shape, rows_are_queries, threshold, kept):
     return mgpu.FragmentedArray(_registers=registers, _layout=layout, _is_signed=None)
 
 
-# A 16-bit pair masked by the two halves of its word, 4 instructions: m = min(half, T) per half
-# equals T exactly where half >= T; m + 0x8000 - T then has bit 15 set there and nowhere else
-# (no carry between the halves for T <= 0x8000); prmt copies each half's bit 15 across it.
-# (min.u16x2 takes registers only: the thresholds go through a mov.)
-_MASK_PAIR_PTX = ("{{ .reg .b32 m, t; mov.b32 t, {thresholds}; min.u16x2 m, $1, t; "
-                  "add.u32 m, m, {offsets}; prmt.b32 m, m, m, 0xBB99; and.b32 $0, $2, m; }}")
+# A word's four bytes tested at once, 3 instructions, no borrow between the bytes: for T <= 0x80
+# bit 7 of (byte | 0x80) - T says (byte & 0x7F) >= T, so the byte is kept where that or its own
+# bit 7 is set; for T > 0x80 where (byte & 0x7F) >= T - 0x80 and its bit 7 is set. Bit 7 of each
+# byte of the result: kept.
+_KEEP_BYTES_PTX = ("{{ .reg .b32 d; or.b32 d, $1, 0x80808080; sub.u32 d, d, {subtract}; "
+                   "{combine}.b32 $0, d, $1; }}")
+# A 16-bit pair masked by bytes 0, 1 (selector 0x9988) or 2, 3 (0xBBAA) of a keep-bytes word:
+# prmt copies each byte's bit 7 over the pair's half, and applies the mask.
+_MASK_PAIR_PTX = "{{ .reg .b32 m; prmt.b32 m, $1, 0, {selector}; and.b32 $0, $2, m; }}"
 
 
 def _dropped_pair_registers(pairs, *scalars, threshold):
     """``pairs`` (16-bit, wgmma layout, rows are queries) with its dropped elements zeroed, a
-    register (a column pair: the halves of one word) at a time."""
+    register (a column pair: two bytes of one word) at a time: the bytes of each word tested
+    once (``_KEEP_BYTES_PTX``), then 2 instructions a pair."""
     i32 = ir.IntegerType.get_signless(32)
-    halves = lambda value: value | value << 16
-    asm = _MASK_PAIR_PTX.format(thresholds=halves(threshold), offsets=halves(0x8000 - threshold))
+    low = threshold <= 0x80
+    keep_bytes_asm = _KEEP_BYTES_PTX.format(
+        subtract=(threshold if low else threshold - 0x80) * 0x01010101,
+        combine="or" if low else "and")
+    keep_bytes = {}
     registers = np.empty_like(pairs.registers)
-    for register, [(word, _), _] in _register_words(scalars, shape=pairs.shape,
-                                                    rows_are_queries=True):
+    for register, [(word, first), _] in _register_words(scalars, shape=pairs.shape,
+                                                        rows_are_queries=True):
+        if id(word) not in keep_bytes:
+            keep_bytes[id(word)] = (word, llvm.inline_asm(i32, [word.value], keep_bytes_asm,
+                                                          "=r,r"))
         pair = pairs.registers[register]
-        masked = llvm.inline_asm(i32, [word.value, mgpu_utils.bitcast(pair, i32)], asm,
-                                 "=r,r,r")
+        asm = _MASK_PAIR_PTX.format(selector="0x9988" if first == 0 else "0xBBAA")
+        masked = llvm.inline_asm(i32, [keep_bytes[id(word)][1], mgpu_utils.bitcast(pair, i32)],
+                                 asm, "=r,r,r")
         registers[register] = mgpu_utils.bitcast(masked, pair.type)
     return mgpu.FragmentedArray(_registers=registers, _layout=pairs.layout, _is_signed=None)
 
@@ -232,7 +268,8 @@ def keep_factor(words_ref, shape, *, batch, head, row0, col0, spec: semantics.Sc
     ``rows_are_queries``, else key row0 + i and query col0 + j (the dK/dV kernel's S^T):
     positions inside the sequence. ``batch`` (a varlen call's sequence) and ``head`` (the query
     head) are the call's; ``words_ref`` (``words``) adds its offsets. The key offset (col0, or
-    row0) must be a multiple of 32, and the shape's dims multiples of 64 and 8."""
+    row0) must be a multiple of 64, or of the tile's width below 64 keys (32 or 16), and the
+    shape's dims multiples of 64 and 8."""
     threshold = spec.dropout_threshold
     scalars = _hash_scalars(words_ref, batch=batch, head=head, row0=row0, col0=col0)
     if interpreting():
@@ -252,11 +289,11 @@ def keep_factor(words_ref, shape, *, batch, head, row0, col0, spec: semantics.Sc
 
 def drop(p16, words_ref, *, batch, head, row0, col0, spec: semantics.ScoreSpec):
     """``p16`` (a 16-bit wgmma-layout tile, queries x keys as in ``keep_factor``) with the
-    elements dropout drops set to 0 (the kept ones unscaled). For ``dropout_p`` <= 0.5 the mask
-    works on the registers' 16-bit pairs (``_MASK_PAIR_PTX``: 2 instructions an element instead
-    of a compare, a select and a multiply on float32)."""
+    elements dropout drops set to 0 (the kept ones unscaled). The mask works on the registers'
+    16-bit pairs (``_KEEP_BYTES_PTX`` once a word, then ``_MASK_PAIR_PTX``: about 1.4
+    instructions an element instead of a compare, a select and a multiply on float32)."""
     threshold = spec.dropout_threshold
-    if interpreting() or threshold > 0x8000:
+    if interpreting():
         factor = keep_factor(words_ref, p16.shape, batch=batch, head=head, row0=row0, col0=col0,
                              spec=spec, rows_are_queries=True)
         return (p16.astype(jnp.float32) * factor).astype(p16.dtype)

@@ -225,34 +225,28 @@ def _mul_wide_instruction(a, multiplier: int):
 
 def _drop_pairs_instruction(p, words, threshold: int):
     """``p`` (16-bit) with the dropped elements zeroed, two at a time: ``words`` is the column
-    tile of hash words (both columns of a pair hold the pair's word, the even column's 16 bits in
-    its low half). The keep test runs on both 16-bit halves of the word at once and its result
-    becomes a mask by copying each half's bit 15 over the half (``prmt`` 0xBB99): 4-5 integer
-    instructions per pair instead of a shift, two compares and two selects. No carry or borrow
-    crosses the halves:
+    tile of hash words, each pair's bytes in the word's low two bytes (the even column's in byte
+    0). The keep test runs on the word's bytes at once and its result becomes a mask by copying
+    byte 0's and byte 1's bit 7 over the pair's halves (``prmt`` 0x9988): 5 integer instructions
+    per pair. No borrow crosses the bytes:
 
-    - t <= 0x8000: max(half, t) - half is 0 when kept and in [1, t] when dropped, so adding 0x7FFF
-      sets bit 15 exactly when dropped.
-    - t > 0x8000 (dropout_p > 0.5), t' = t - 0x8000 < 0x8000: bit 15 of (half | 0x8000) - t' says
-      (half & 0x7FFF) >= t'; kept when that and the half's own bit 15 are set.
+    - t <= 0x80: bit 7 of (byte | 0x80) - t says (byte & 0x7F) >= t; kept when that or the
+      byte's own bit 7 is set.
+    - t > 0x80 (dropout_p > 0.5), t' = t - 0x80 < 0x80: kept when (byte & 0x7F) >= t' and the
+      byte's own bit 7 is set.
 
     Triton hands one asm instance two consecutive elements of a thread, which the tile layouts
     make two adjacent columns (2 t, 2 t + 1), so the first element's word serves both."""
-    if threshold <= 0x8000:
-        body = (f"mov.b32 t, {threshold | threshold << 16};\n"
-                "max.u16x2 d, $2, t;\n"
-                "sub.u32 d, d, $2;\n"
-                "add.u32 d, d, 0x7FFF7FFF;\n"
-                "prmt.b32 m, d, 0, 0xBB99;\n"
-                "not.b32 m, m;\n")
-    else:
-        low = threshold - 0x8000
-        body = ("or.b32 d, $2, 0x80008000;\n"
-                f"sub.u32 d, d, {low | low << 16};\n"
-                "and.b32 d, d, $2;\n"
-                "prmt.b32 m, d, 0, 0xBB99;\n")
+    bytes_of = lambda value: value * 0x01010101
+    high = threshold <= 0x80
+    combine = "or" if high else "and"
+    subtract = threshold if high else threshold - 0x80
+    body = ("or.b32 d, $2, 0x80808080;\n"
+            f"sub.u32 d, d, {bytes_of(subtract)};\n"
+            f"{combine}.b32 d, d, $2;\n"
+            "prmt.b32 m, d, 0, 0x9988;\n")
     [dropped] = plgpu.elementwise_inline_asm(
-        "{\n.reg .b32 d, m, t;\n" + body + "and.b32 $0, $1, m;\n}",
+        "{\n.reg .b32 d, m;\n" + body + "and.b32 $0, $1, m;\n}",
         args=[p, words], constraints="=r,r,r,r", pack=2,
         result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, p.dtype)])
     return dropped
@@ -275,7 +269,10 @@ class DropoutTile:
         compiled kernels take the packed form."""
         if self._interpret or p.dtype.itemsize != 2:
             return jnp.where(self.keep, p, jnp.zeros((), p.dtype))
-        pair_words = column_tile([word for word in self._words for _ in range(2)], self._block_k)
+        # Each pair's word with its bytes moved to the low two (bytes 2, 3: odd chunks).
+        pair_words = column_tile([part for word in self._words
+                                  for part in (word, word, word >> 16, word >> 16)],
+                                 self._block_k)
         return _drop_pairs_instruction(p, pair_words, self._threshold)
 
 
