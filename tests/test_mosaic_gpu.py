@@ -116,10 +116,20 @@ FEATURES = {
 }
 
 
+LOWERED_DTYPES = (jnp.float16, jnp.bfloat16)
+
+
 @pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", LOWERED_DTYPES)
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_kernels_lower_for_an_h100(feature, dtype, head_dim):
+    # The full product lowers in the GPU run; on a CPU (CI's time) half of it, which still gives
+    # every feature and every head dim both dtypes and both backwards: the dtype alternates with
+    # the feature and the head dim.
+    position = (list(FEATURES).index(feature) + mosaic_gpu.HEAD_DIMS.index(head_dim)
+                + LOWERED_DTYPES.index(dtype))
+    if not ON_GPU and position % 2:
+        pytest.skip("lowered in the GPU run (the CPU lowers the alternating half)")
     forward = mosaic_gpu.forward_config(head_dim)
     deterministic = dtype == jnp.float16  # the two backwards, each at every feature and head dim
     for backward in mosaic_gpu.backward_configs(head_dim):
