@@ -132,10 +132,10 @@ def test_drop_zeroes_the_dropped_elements(dropout_p, dtype, shape, row0, col0):
     keep = np.asarray(semantics.dropout_keep(WORDS, 5, 3, rows, cols,
                                              semantics.dropout_threshold(dropout_p)))
     np.testing.assert_array_equal(dropped, np.where(keep, np.asarray(tile), 0).astype(dtype))
-    # The mask is exercised: the dropped fraction is p's (to 4 standard deviations and the
-    # threshold's rounding).
+    # The mask is exercised: the dropped fraction is p's (within 0.02, and within 4 standard
+    # deviations and the threshold's rounding where that is tighter).
     spread = 4 * np.sqrt(dropout_p * (1 - dropout_p) / keep.size) + 1 / 512
-    assert abs(np.mean(~keep) - dropout_p) < spread
+    assert abs(np.mean(~keep) - dropout_p) < min(0.02, spread)
 
 
 @pytest.mark.parametrize("rows_are_queries", [True, False])

@@ -31,6 +31,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_attn_jax import semantics
+from flash_attn_jax.kernels.dropout_ptx import keep_bytes_ptx
 from flash_attn_jax.kernels.mosaic_gpu.common import interpreting, wgmma_iota
 
 _GROUP = 64  # key columns a counter's four words cover (semantics.dropout_lane)
@@ -199,12 +200,6 @@ def _factor_registers(*scalars, shape, rows_are_queries, threshold, kept):
     return mgpu.FragmentedArray(_registers=registers, _layout=layout, _is_signed=None)
 
 
-# A word's four bytes tested at once, 3 instructions, no borrow between the bytes: for T <= 0x80
-# bit 7 of (byte | 0x80) - T says (byte & 0x7F) >= T, so the byte is kept where that or its own
-# bit 7 is set; for T > 0x80 where (byte & 0x7F) >= T - 0x80 and its bit 7 is set. Bit 7 of each
-# byte of the result: kept.
-_KEEP_BYTES_PTX = ("{{ .reg .b32 d; or.b32 d, $1, 0x80808080; sub.u32 d, d, {subtract}; "
-                   "{combine}.b32 $0, d, $1; }}")
 # A 16-bit pair masked by bytes 0, 1 (selector 0x9988) or 2, 3 (0xBBAA) of a keep-bytes word:
 # prmt copies each byte's bit 7 over the pair's half, and applies the mask.
 _MASK_PAIR_PTX = "{{ .reg .b32 m; prmt.b32 m, $1, 0, {selector}; and.b32 $0, $2, m; }}"
@@ -213,12 +208,9 @@ _MASK_PAIR_PTX = "{{ .reg .b32 m; prmt.b32 m, $1, 0, {selector}; and.b32 $0, $2,
 def _dropped_pair_registers(pairs, *scalars, threshold):
     """``pairs`` (16-bit, wgmma layout, rows are queries) with its dropped elements zeroed, a
     register (a column pair: two bytes of one word) at a time: the bytes of each word tested
-    once (``_KEEP_BYTES_PTX``), then 2 instructions a pair."""
+    once (``dropout_ptx.keep_bytes_ptx``), then 2 instructions a pair."""
     i32 = ir.IntegerType.get_signless(32)
-    low = threshold <= 0x80
-    keep_bytes_asm = _KEEP_BYTES_PTX.format(
-        subtract=(threshold if low else threshold - 0x80) * 0x01010101,
-        combine="or" if low else "and")
+    keep_bytes_asm = "{ .reg .b32 d; " + keep_bytes_ptx(threshold, "$1", "d", "$0") + " }"
     keep_bytes = {}
     registers = np.empty_like(pairs.registers)
     for register, [(word, first), _] in _register_words(scalars, shape=pairs.shape,
@@ -290,7 +282,7 @@ def keep_factor(words_ref, shape, *, batch, head, row0, col0, spec: semantics.Sc
 def drop(p16, words_ref, *, batch, head, row0, col0, spec: semantics.ScoreSpec):
     """``p16`` (a 16-bit wgmma-layout tile, queries x keys as in ``keep_factor``) with the
     elements dropout drops set to 0 (the kept ones unscaled). The mask works on the registers'
-    16-bit pairs (``_KEEP_BYTES_PTX`` once a word, then ``_MASK_PAIR_PTX``: about 1.4
+    16-bit pairs (``keep_bytes_ptx`` once a word, then ``_MASK_PAIR_PTX``: about 1.4
     instructions an element instead of a compare, a select and a multiply on float32)."""
     threshold = spec.dropout_threshold
     if interpreting():

@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 from flash_attn_jax.kernels.blocks import fori_loop
+from flash_attn_jax.kernels.dropout_ptx import keep_bytes_ptx
 from flash_attn_jax.semantics import (LOG2E, column_tile, dropout_tile_words, keep_tile,
                                       mul_wide_u32)
 
@@ -226,25 +227,13 @@ def _mul_wide_instruction(a, multiplier: int):
 def _drop_pairs_instruction(p, words, threshold: int):
     """``p`` (16-bit) with the dropped elements zeroed, two at a time: ``words`` is the column
     tile of hash words, each pair's bytes in the word's low two bytes (the even column's in byte
-    0). The keep test runs on the word's bytes at once and its result becomes a mask by copying
-    byte 0's and byte 1's bit 7 over the pair's halves (``prmt`` 0x9988): 5 integer instructions
-    per pair. No borrow crosses the bytes:
-
-    - t <= 0x80: bit 7 of (byte | 0x80) - t says (byte & 0x7F) >= t; kept when that or the
-      byte's own bit 7 is set.
-    - t > 0x80 (dropout_p > 0.5), t' = t - 0x80 < 0x80: kept when (byte & 0x7F) >= t' and the
-      byte's own bit 7 is set.
+    0). The keep test runs on the word's bytes at once (``dropout_ptx.keep_bytes_ptx``) and its
+    result becomes a mask by copying byte 0's and byte 1's bit 7 over the pair's halves (``prmt``
+    0x9988): 5 integer instructions per pair.
 
     Triton hands one asm instance two consecutive elements of a thread, which the tile layouts
     make two adjacent columns (2 t, 2 t + 1), so the first element's word serves both."""
-    bytes_of = lambda value: value * 0x01010101
-    high = threshold <= 0x80
-    combine = "or" if high else "and"
-    subtract = threshold if high else threshold - 0x80
-    body = ("or.b32 d, $2, 0x80808080;\n"
-            f"sub.u32 d, d, {bytes_of(subtract)};\n"
-            f"{combine}.b32 d, d, $2;\n"
-            "prmt.b32 m, d, 0, 0x9988;\n")
+    body = keep_bytes_ptx(threshold, "$2", "d", "d") + "\nprmt.b32 m, d, 0, 0x9988;\n"
     [dropped] = plgpu.elementwise_inline_asm(
         "{\n.reg .b32 d, m;\n" + body + "and.b32 $0, $1, m;\n}",
         args=[p, words], constraints="=r,r,r,r", pack=2,
