@@ -105,6 +105,19 @@ def logits(qk, spec: ScoreSpec, *, mul=operator.mul, unit=1.0):
     return mul(qk, spec.softmax_scale * unit)
 
 
+def linear_logit_factor(spec: ScoreSpec, *, unit=1.0):
+    """The constant ``c`` with ``logits(qk, spec, unit=unit) == qk * c`` when steps 1-3 are one
+    positive scaling (no softcap, no ALiBi), else None.
+
+    Rounding is monotone, so the row max of the raw masked ``qk`` times ``c`` is exactly the max
+    of the scaled scores: a kernel can take the max before scaling and fold the scaling into the
+    exponent's one fused multiply-add, ``exp2(qk * c - max)``."""
+    factor = spec.softmax_scale * unit
+    if spec.softcap > 0 or spec.has_alibi or not factor > 0:
+        return None
+    return factor
+
+
 def alibi_bias(slope, rows, cols, offset):
     """Step 3: ``-slope * |row + offset - col|`` (``slope`` may carry a unit), computed in the
     slope's precision (float32 at least)."""

@@ -31,6 +31,17 @@ class _Narrow(PallasTriton):
         return None
 
 
+@pytest.fixture(autouse=True)
+def automatic_choice(monkeypatch):
+    """These tests are about the automatic choice and the registry's own machinery: a backend the
+    suite runs with (``FLASH_ATTN_JAX_BACKEND=... scripts/dev.sh test``) is set aside here; the
+    tests of choosing by hand make their own choice."""
+    monkeypatch.delenv(registry.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(registry.INTERPRET_ENV, raising=False)
+    with registry.fresh_traces():  # no trace made under the suite's choice is reused
+        yield
+
+
 @pytest.fixture
 def narrow(monkeypatch):
     """The registry with ``narrow`` in front of the stock backends."""

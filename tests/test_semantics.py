@@ -5,8 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from flash_attn_jax.semantics import (ScoreSpec, alibi_bias, full_key_span, full_query_span, key_mask,
-                                     key_span, logits, logits_derivative, query_span)
+from flash_attn_jax.semantics import (LOG2E, ScoreSpec, alibi_bias, full_key_span, full_query_span,
+                                     key_mask, key_span, linear_logit_factor, logits,
+                                     logits_derivative, query_span)
 
 WINDOWS = [(-1, -1), (-1, 0), (0, 0), (3, 0), (5, 2), (-1, 4), (7, -1), (0, 9), (40, 40)]
 SEQLENS = [(1, 1), (1, 17), (17, 1), (13, 29), (29, 13), (16, 16), (5, 40)]
@@ -58,6 +59,25 @@ def test_logits_derivative_matches_autodiff(softcap):
     expected = jax.vmap(jax.grad(lambda x: logits(x, spec)))(qk)
     derivative = logits_derivative(logits(qk, spec), spec)
     np.testing.assert_allclose(np.broadcast_to(derivative, qk.shape), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.125, 0.0883883, 1.7, 1e-3])
+def test_linear_logit_factor_gives_the_scaled_row_max_exactly(scale):
+    """Where a kernel may take the max of the raw scores: the logits are ``qk * factor`` and the
+    raw row max times the factor is the scaled row max, bit for bit (float32 rounding is
+    monotone); softcap, ALiBi and a non-positive scale keep the scaled path."""
+    spec = ScoreSpec.create(softmax_scale=scale)
+    factor = linear_logit_factor(spec, unit=LOG2E)
+    assert factor == scale * LOG2E
+    qk = np.random.default_rng(7).standard_normal((64, 257)).astype(np.float32) * 30
+    qk[:, :5] = -np.inf  # masked columns
+    scaled = np.asarray(logits(qk, spec, unit=LOG2E))
+    np.testing.assert_array_equal(scaled, qk * np.float32(factor))
+    np.testing.assert_array_equal(qk.max(axis=1) * np.float32(factor), scaled.max(axis=1))
+    for other in (ScoreSpec.create(softmax_scale=scale, softcap=30.0),
+                  ScoreSpec.create(softmax_scale=scale, has_alibi=True),
+                  ScoreSpec.create(softmax_scale=-scale), ScoreSpec.create(softmax_scale=0.0)):
+        assert linear_logit_factor(other, unit=LOG2E) is None
 
 
 def test_mask_matches_contract_examples():

@@ -101,6 +101,7 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
         drop = functools.partial(dropout.drop, words_ref=dropout_ref, batch=program.sequence,
                                  head=head, row0=row_lo, spec=spec)
         plgpu.barrier_wait(q_ready.at[warpgroup])
+        factor = semantics.linear_logit_factor(spec, unit=LOG2E)
 
         def step_body(step, carry, *, masked):
             acc, row_max, row_sum = carry
@@ -116,13 +117,18 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
             qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_k), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             rows, cols = wgmma_iota(qk.shape, 0, row_lo), wgmma_iota(qk.shape, 1, step * block_k)
-            s = semantics.scores(qk, rows, cols, spec, unit=LOG2E, slope=slope,
-                                 apply_mask=masked, **span)
-            new_max = jnp.maximum(row_max, s.max(axis=1))
+            if factor is None:
+                s = semantics.scores(qk, rows, cols, spec, unit=LOG2E, slope=slope,
+                                     apply_mask=masked, **span)
+                new_max = jnp.maximum(row_max, s.max(axis=1))
+            else:  # max of the raw scores; the scaling rides in the exponent's FMA
+                s = semantics.bias_and_mask(qk, rows, cols, spec, apply_mask=masked, **span)
+                new_max = jnp.maximum(row_max, s.max(axis=1) * factor)
             # A row with no key so far keeps max -inf; its exponentials are taken from 0.
             base = jnp.where(new_max == -jnp.inf, 0.0, new_max)
             alpha = jnp.exp2(row_max - base)
-            p = jnp.exp2(s - broadcast(base, s.shape, 0))
+            scaled = s if factor is None else s * factor
+            p = jnp.exp2(scaled - broadcast(base, s.shape, 0))
             row_sum = row_sum * alpha + p.sum(axis=1)  # before dropout: the softmax's sum
             acc = acc * broadcast(alpha, acc.shape, 0)
             p16 = p.astype(dtype)
