@@ -126,8 +126,11 @@ def alibi_bias(slope, rows, cols, offset):
 
 
 def key_mask(rows, cols, spec: ScoreSpec, *, offset, seqlen_k):
-    """Step 4: True where query ``rows`` may attend key ``cols`` (``cols`` >= 0 assumed)."""
-    keep = cols < seqlen_k
+    """Step 4: True where query ``rows`` may attend key ``cols`` (``cols`` >= 0 assumed).
+
+    ``seqlen_k`` None: the caller knows every column is a key (``cols < seqlen_k``), and the
+    length test is left out (a kernel's whole key tiles of a length that fills them)."""
+    keep = True if seqlen_k is None else cols < seqlen_k
     if spec.window_left >= 0:
         keep = keep & (cols >= rows + offset - spec.window_left)
     if spec.window_right >= 0:
@@ -144,7 +147,9 @@ def bias_and_mask(x, rows, cols, spec: ScoreSpec, *, offset, seqlen_k, slope=Non
     if spec.has_alibi:
         x = x + alibi_bias(slope * unit, rows, cols, offset)
     if apply_mask:
-        x = jnp.where(key_mask(rows, cols, spec, offset=offset, seqlen_k=seqlen_k), x, -jnp.inf)
+        keep = key_mask(rows, cols, spec, offset=offset, seqlen_k=seqlen_k)
+        if keep is not True:  # True: no window and no length test (a tile of keys only)
+            x = jnp.where(keep, x, -jnp.inf)
     return x
 
 

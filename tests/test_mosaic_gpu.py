@@ -414,6 +414,22 @@ def test_packing_places_each_sequence_at_aligned_rows():
     assert work == sorted(work, reverse=True)
 
 
+def test_masks_leave_out_the_length_test_only_where_tiles_hold_keys_only():
+    """``Program.mask_span``: the length test goes only where every tile of the block's size is
+    inside the keys (the dense layout, a multiple of the block); a packed layout's traced lengths
+    keep it. The interpreted cases above run both paths (256 keys; 136 and 336)."""
+    common = mosaic_gpu.common
+    for seqlen_k, block, bounded in [(256, 128, False), (256, 64, False), (384, 256, True),
+                                     (136, 64, True), (136, 8, False)]:
+        program = common.locate(None, 1, 0, tile_size=128, seqlen_q=200, seqlen_k=seqlen_k)
+        span = program.mask_span(block)
+        assert span == dict(offset=seqlen_k - 200, seqlen_k=seqlen_k if bounded else None)
+    table = jnp.asarray([[0, 1, 2, 100, 256, 0]], jnp.int32)
+    packed = jax.jit(lambda t: common.locate(t, 0, 0, tile_size=128, seqlen_q=0,
+                                             seqlen_k=0).mask_span(128)["seqlen_k"])(table)
+    assert int(packed) == 256
+
+
 def _varlen_grad_fn(cu_q, cu_k, max_q, max_k, **options):
     def loss(q, k, v, slopes):
         return fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes=slopes,

@@ -34,6 +34,27 @@ def test_key_spans_agree_with_mask(window, seqlens):
 
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("seqlens", SEQLENS)
+def test_key_mask_without_the_length_test_inside_the_keys(window, seqlens):
+    """``seqlen_k=None`` (a kernel's tiles of keys only) leaves out only the length test: inside
+    the keys it is the mask, and past them it keeps what the window alone keeps."""
+    seqlen_q, seqlen_k = seqlens
+    spec = ScoreSpec(softmax_scale=1.0, window_left=window[0], window_right=window[1])
+    rows = np.arange(seqlen_q)[:, None]
+    cols = np.arange(seqlen_k + 8)[None, :]
+    offset = seqlen_k - seqlen_q
+    shape = (seqlen_q, seqlen_k + 8)
+    mask = np.broadcast_to(key_mask(rows, cols, spec, offset=offset, seqlen_k=seqlen_k), shape)
+    unbounded = np.broadcast_to(key_mask(rows, cols, spec, offset=offset, seqlen_k=None), shape)
+    np.testing.assert_array_equal(unbounded[:, :seqlen_k], mask[:, :seqlen_k])
+    past = cols[:, seqlen_k:]
+    window_keeps = np.broadcast_to(key_mask(rows, past, spec, offset=offset, seqlen_k=1 << 30),
+                                   (seqlen_q, 8))
+    np.testing.assert_array_equal(unbounded[:, seqlen_k:], window_keeps)
+    assert not mask[:, seqlen_k:].any()
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("seqlens", SEQLENS)
 def test_query_spans_agree_with_mask(window, seqlens):
     seqlen_q, seqlen_k = seqlens
     spec = ScoreSpec(softmax_scale=1.0, window_left=window[0], window_right=window[1])

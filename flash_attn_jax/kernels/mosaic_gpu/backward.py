@@ -143,6 +143,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
     program = locate(tiles_ref, tile, batch, tile_size=config.keys_per_program,
                      seqlen_q=seqlen_q, seqlen_k=seqlen_k)
     span = program.span
+    mask_span = program.mask_span(config.keys_per_program)
     offset, seqlen_q = span["offset"], program.seqlen_q
     program_lo = program.lo
     first, _, _, end = query_blocks(program_lo, program_lo + config.keys_per_program,
@@ -183,8 +184,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                                                 layout=plgpu.Layout.WGMMA.reduce(0)))
                 rows = wgmma_iota(qk_t.shape, 1, query_block * block_q)  # queries along dim 1
                 cols = wgmma_iota(qk_t.shape, 0, col_lo)
-                p_t, dlogits = _probs_and_dlogits_factor(qk_t, rows, cols, lse2, spec, span,
-                                                         slope, masked, lse_dim=1)
+                p_t, dlogits = _probs_and_dlogits_factor(qk_t, rows, cols, lse2, spec,
+                                                         mask_span, slope, masked, lse_dim=1)
                 # Dropout (the split passes only: the "dkdv" pass takes _query_major_step): P^T's
                 # kept entries times 1 / (1 - p) (dV's operand), and dP^T's.
                 keep = (dropout.keep_factor(dropout_ref, p_t.shape, batch=program.sequence,
@@ -310,8 +311,9 @@ def _query_major_step(query_block, carry, *, masked, head, slope, first, blocks_
     qk = matmul_transposed(q, own_k, (block_q, block_k))
     lse2 = _lse_in_base2(plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1)))
     rows, cols = wgmma_iota(qk.shape, 0, query_lo), wgmma_iota(qk.shape, 1, col_lo)
-    p, dlogits = _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, program.span, slope,
-                                           masked, lse_dim=0)
+    mask_span = program.mask_span(COMPUTE_WARPGROUPS * block_k)  # the program's keys
+    p, dlogits = _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, mask_span, slope, masked,
+                                           lse_dim=0)
     keep = dropout.keep_factor(dropout_ref, p.shape, batch=program.sequence, head=head,
                                row0=query_lo, col0=col_lo, spec=spec, rows_are_queries=True,
                                kept=spec.keep_scale)
@@ -382,6 +384,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, ti
     program = locate(tiles_ref, tile, batch, tile_size=config.rows_per_program,
                      seqlen_q=seqlen_q, seqlen_k=seqlen_k)
     span = program.span
+    mask_span = program.mask_span(block_k)
     program_lo = program.lo
     first, _, _, end = key_blocks(program_lo, program_lo + config.rows_per_program, block_k,
                                   spec, **span)
@@ -414,7 +417,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, ti
             qk = matmul_transposed(q, keys, (block_q, block_k))
             rows = wgmma_iota(qk.shape, 0, row_lo)
             cols = wgmma_iota(qk.shape, 1, step * block_k)
-            p, dlogits = _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, span, slope,
+            p, dlogits = _probs_and_dlogits_factor(qk, rows, cols, lse2, spec, mask_span, slope,
                                                    masked, lse_dim=0)
             plgpu.barrier_wait(v_ready.at[slot])
 

@@ -240,6 +240,16 @@ class Program:
         """The semantics' bottom-right ``offset`` and ``seqlen_k`` of the sequence."""
         return dict(offset=self.seqlen_k - self.seqlen_q, seqlen_k=self.seqlen_k)
 
+    def mask_span(self, block):
+        """``span`` for the masks of tiles of ``block`` keys at multiples of ``block``: where
+        every such tile holds keys only (the dense layout with a length that is a multiple of
+        ``block``) ``seqlen_k`` is None, and the masks leave out the length test
+        (``semantics.key_mask``): a compare and an and per score on a causal diagonal."""
+        span = self.span
+        if isinstance(self.seqlen_k, int) and self.seqlen_k % block == 0:
+            span["seqlen_k"] = None
+        return span
+
 
 def locate(tiles_ref, tile, batch, *, tile_size, seqlen_q, seqlen_k):
     """The ``Program`` of grid tile ``tile`` (of ``tile_size`` rows or keys) in batch row

@@ -74,6 +74,7 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
     program = locate(tiles_ref, tile, batch, tile_size=config.rows_per_program,
                      seqlen_q=seqlen_q, seqlen_k=seqlen_k)
     span = program.span
+    mask_span = program.mask_span(block_k)
     program_lo = program.lo
     first, _, _, end = key_blocks(program_lo, program_lo + config.rows_per_program, block_k, spec,
                                   **span)
@@ -119,10 +120,11 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
             rows, cols = wgmma_iota(qk.shape, 0, row_lo), wgmma_iota(qk.shape, 1, step * block_k)
             if factor is None:
                 s = semantics.scores(qk, rows, cols, spec, unit=LOG2E, slope=slope,
-                                     apply_mask=masked, **span)
+                                     apply_mask=masked, **mask_span)
                 new_max = jnp.maximum(row_max, s.max(axis=1))
             else:  # max of the raw scores; the scaling rides in the exponent's FMA
-                s = semantics.bias_and_mask(qk, rows, cols, spec, apply_mask=masked, **span)
+                s = semantics.bias_and_mask(qk, rows, cols, spec, apply_mask=masked,
+                                            **mask_span)
                 new_max = jnp.maximum(row_max, s.max(axis=1) * factor)
             # A row with no key so far keeps max -inf; its exponentials are taken from 0.
             base = jnp.where(new_max == -jnp.inf, 0.0, new_max)

@@ -1,0 +1,108 @@
+"""A/B of code variants of the Mosaic GPU kernels, against cuDNN in the same process.
+
+Each variant is the package as it is ("current") or with one change of its code patched in
+(VARIANTS: a name and a context manager); every variant's call is compiled ahead of time inside
+its patch (``registry.fresh_traces`` and ``jax.clear_caches``, so that no trace of another
+variant is reused), then all of them and cuDNN are timed interleaved, ``--rounds`` times, the best
+round kept (clock and neighbour noise only slow a call down). Shapes and FLOPs are
+bench_dense.py's; the Mosaic backend is chosen for the whole run.
+
+    PYTHONPATH=. python benchmarks/bench_variants.py [--phase fwd|fwd_bwd]
+        [--variants length-test,scaled-max] [--head-dims 64,128,256] [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import sys
+from unittest import mock
+
+import jax
+
+import flash_attn_jax as fa
+from flash_attn_jax import semantics
+from flash_attn_jax.kernels import registry
+from flash_attn_jax.kernels.mosaic_gpu import common
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_dense import SHAPES, flops, inputs, timed  # noqa: E402
+from timing import report, seconds_per_call  # noqa: E402
+
+
+@contextlib.contextmanager
+def _length_test_kept():
+    """Masks test the key length on every masked tile (before ``Program.mask_span``)."""
+    with mock.patch.object(common.Program, "mask_span", lambda self, block: self.span):
+        yield
+
+
+@contextlib.contextmanager
+def _scaled_max():
+    """The forward's row max of the scaled scores (before ``semantics.linear_logit_factor``)."""
+    with mock.patch.object(semantics, "linear_logit_factor", lambda spec, *, unit=1.0: None):
+        yield
+
+
+VARIANTS = {"length-test": _length_test_kept, "scaled-max": _scaled_max}
+
+
+def compiled(phase, causal, q, k, v, patch):
+    """The Mosaic backend's call compiled under ``patch``."""
+    attend = timed(lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal), phase)
+    jax.clear_caches()
+    with patch(), fa.use_backend("mosaic-gpu"), registry.fresh_traces():
+        return attend.lower(q, k, v).compile()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--head-dims", default="64,128,256")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    names = [name for name in args.variants.split(",") if name]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    head_dims = {int(d) for d in args.head_dims.split(",")}
+    columns = ["current", *names, "cudnn"]
+    lines = [f"# Variants of the Mosaic GPU kernels, {args.phase}, TFLOP/s (best of {args.rounds})",
+             "", f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
+             f"{datetime.date.today().isoformat()}: `{' '.join(sys.argv)}`", "",
+             "| head dim | seqlen | causal | " + " | ".join(columns)
+             + " | current / cudnn | " + " | ".join(f"current / {n}" for n in names) + " |",
+             "|---" * (3 + len(columns) + 1 + len(names)) + "|"]
+    ratios = {column: [] for column in ["cudnn", *names]}
+    for shape in [s for s in SHAPES if s[0] in head_dims]:
+        head_dim, seqlen, causal = shape
+        q, k, v = inputs(head_dim, seqlen)
+        fns = {"current": compiled(args.phase, causal, q, k, v, contextlib.nullcontext)}
+        for name in names:
+            fns[name] = compiled(args.phase, causal, q, k, v, VARIANTS[name])
+        fns["cudnn"] = timed(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn"), args.phase)
+        best = dict.fromkeys(columns, math.inf)
+        for _ in range(args.rounds):
+            for column in columns:
+                best[column] = min(best[column], seconds_per_call(fns[column], q, k, v))
+        rates = {column: flops(*shape, args.phase) / best[column] / 1e12 for column in columns}
+        for column in ratios:
+            ratios[column].append(rates["current"] / rates[column])
+        lines.append(f"| {head_dim} | {seqlen} | {causal} | "
+                     + " | ".join(f"{rates[c]:.0f}" for c in columns) + " | "
+                     + " | ".join(f"{ratios[c][-1]:.3f}" for c in ratios) + " |")
+        print(lines[-1], flush=True)
+    geomean = {c: math.exp(sum(map(math.log, r)) / len(r)) for c, r in ratios.items()}
+    lines += ["", "Geometric means: " + ", ".join(
+        f"current / {c} {g:.3f} (min {min(ratios[c]):.3f})" for c, g in geomean.items())]
+    report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
