@@ -198,6 +198,13 @@ def parse_cells(labels, row_cells):
     return values, failed
 
 
+def implementations_only(header, body):
+    """Whether a dense table's columns after D, S, causal are implementations (with ratios to
+    one another): an A/B table of code variants ("... (before)") is not drawn."""
+    known = set(DENSE_LABELS.values())
+    return all("/" in name or dense_label(name, body) in known for name in header[3:])
+
+
 def dense_from_markdown(text, phase):
     """Dense TFLOP/s for ``phase`` ("fwd" or "fwd_bwd") from the Mosaic section's one-run table,
     completed by the "All 16 shapes" section for the shapes it lacks."""
@@ -205,16 +212,19 @@ def dense_from_markdown(text, phase):
     for words in ("Mosaic GPU backend against cuDNN", "all 16 shapes"):
         heading, body = find_section(text, words)
         dense = [t for t in tables(body) if t[1][:3] == ["D", "S", "causal"]]
-        chosen = [t for t in dense if t[0].lower().startswith("forward +") == (phase == "fwd_bwd")]
+        chosen = [t for t in dense if t[0].lower().startswith("forward +") == (phase == "fwd_bwd")
+                  and implementations_only(t[1], body)]
         if not chosen:
             raise SystemExit(f"no {phase} table in the section {heading!r}")
         paragraph, header, rows = chosen[0]
-        labels = [dense_label(name, body) for name in header[3:]]
+        # ratio columns ("x / cuDNN") are not rates: leave them out of the bars
+        rates = [i for i, name in enumerate(header) if i >= 3 and "/" not in name]
+        labels = [dense_label(header[i], body) for i in rates]
         parsed = []
         for row in rows:
             if not row[0].isdigit():
                 continue  # the geomean row
-            values, failed = parse_cells(labels, row[3:])
+            values, failed = parse_cells(labels, [row[i] for i in rates])
             key = (int(row[0]), int(row[1]), row[2] == "y")
             parsed.append({"key": key, "values": values, "failed": failed, "other_run": False})
         results.append((heading, body, labels, parsed, paragraph))
