@@ -22,6 +22,7 @@ import sys
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 
 import flash_attn_jax as fa
 from flash_attn_jax import semantics
@@ -79,6 +80,7 @@ def main():
              + " | current / cudnn | " + " | ".join(f"current / {n}" for n in names) + " |",
              "|---" * (3 + len(columns) + 1 + len(names)) + "|"]
     ratios = {column: [] for column in ["cudnn", *names]}
+    gaps = dict.fromkeys(names, 0.0)
     for shape in [s for s in SHAPES if s[0] in head_dims]:
         head_dim, seqlen, causal = shape
         q, k, v = inputs(head_dim, seqlen)
@@ -87,6 +89,12 @@ def main():
             fns[name] = compiled(args.phase, causal, q, k, v, VARIANTS[name])
         fns["cudnn"] = timed(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"), args.phase)
+        # A variant changes speed, not results: its outputs against the current code's.
+        results = {column: jax.tree.leaves(fns[column](q, k, v)) for column in columns}
+        for name in names:
+            gap = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                      for a, b in zip(results[name], results["current"]))
+            gaps[name] = max(gaps[name], gap)
         best = dict.fromkeys(columns, math.inf)
         for _ in range(args.rounds):
             for column in columns:
@@ -100,7 +108,9 @@ def main():
         print(lines[-1], flush=True)
     geomean = {c: math.exp(sum(map(math.log, r)) / len(r)) for c, r in ratios.items()}
     lines += ["", "Geometric means: " + ", ".join(
-        f"current / {c} {g:.3f} (min {min(ratios[c]):.3f})" for c, g in geomean.items())]
+        f"current / {c} {g:.3f} (min {min(ratios[c]):.3f})" for c, g in geomean.items()),
+              "", "Largest difference from the current code's results: " + ", ".join(
+        f"{name} {gap:.3g}" for name, gap in gaps.items())]
     report(lines, args.out)
 
 
