@@ -8,13 +8,14 @@ round kept (clock and neighbour noise only slow a call down). Shapes and FLOPs a
 bench_dense.py's; the Mosaic backend is chosen for the whole run.
 
     PYTHONPATH=. python benchmarks/bench_variants.py [--phase fwd|fwd_bwd]
-        [--variants length-test,scaled-max] [--head-dims 64,128,256] [--out results.md]
+        [--variants length-test,scaled-max,hardware-turns] [--head-dims 64,128,256] [--out results.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import math
 import os
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 import flash_attn_jax as fa
 from flash_attn_jax import semantics
-from flash_attn_jax.kernels import registry
+from flash_attn_jax.kernels import mosaic_gpu, registry, tuning
 from flash_attn_jax.kernels.mosaic_gpu import common
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -48,7 +49,20 @@ def _scaled_max():
         yield
 
 
-VARIANTS = {"length-test": _length_test_kept, "scaled-max": _scaled_max}
+@contextlib.contextmanager
+def _hardware_turns():
+    """The forward's ping-pong turns handed over on hardware barriers (``ForwardConfig``'s
+    ``hardware_turns``), where the tables' meet at a shared-memory one."""
+    table = mosaic_gpu.FORWARD_TABLE
+    patched = tuning.TuningTable({head_dim: dataclasses.replace(
+        table.lookup(head_dim, tuning.HOPPER), hardware_turns=True)
+        for head_dim in mosaic_gpu.HEAD_DIMS})
+    with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", patched):
+        yield
+
+
+VARIANTS = {"length-test": _length_test_kept, "scaled-max": _scaled_max,
+            "hardware-turns": _hardware_turns}
 
 
 def compiled(phase, causal, q, k, v, patch):

@@ -250,6 +250,7 @@ SCHEDULES = {
     "no-pingpong": dict(pingpong=False, key_wait_under_pv=False, pin_softmax=False),
     "pinned-softmax": dict(pingpong=True, key_wait_under_pv=False, pin_softmax=True),
     "all-changed": dict(pingpong=False, key_wait_under_pv=True, pin_softmax=True),
+    "hardware-turns": dict(pingpong=True, key_wait_under_pv=True, hardware_turns=True),
 }
 
 
@@ -272,6 +273,25 @@ def test_forward_schedules(schedule, feature, seqlens, head_dim):
         return
     out, lse = attend(q, k, v, slopes)
     ref, pt = references(q, k, v, slopes, **options)
+    assert_within_tolerance("out", out, ref[0], pt[0])
+    assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (above)")
+@pytest.mark.parametrize("seqlens", [(384, 1024), (512, 128)], ids=["steps", "tiles-without-keys"])
+def test_interpreted_hand_over_turns(seqlens):
+    """The forward's hand-over of the ping-pong turns (``hardware_turns``; in interpret mode on
+    shared-memory stand-ins counting the same arrivals) against the reference: a turn awaited
+    and never handed over hangs, one handed over and never awaited fails the interpreter's
+    check; under bottom-right causal with more queries than keys the first tiles walk no key
+    block at all, where only the start and the end hand the turn over."""
+    config = dataclasses.replace(mosaic_gpu.forward_config(64), **SCHEDULES["hardware-turns"])
+    q, k, v, slopes = make_inputs(6, batch=1, seqlen_q=seqlens[0], seqlen_k=seqlens[1], nheads=2,
+                                  nheads_k=1, head_dim=64, dtype=jnp.bfloat16)
+    spec = ScoreSpec.create(softmax_scale=0.125, causal=True)
+    with plgpu.force_gpu_interpret_mode():
+        out, lse = jax.tree.map(np.asarray, mosaic_forward.forward(q, k, v, slopes, spec, config))
+    ref, pt = references(q, k, v, slopes, causal=True)
     assert_within_tolerance("out", out, ref[0], pt[0])
     assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
 

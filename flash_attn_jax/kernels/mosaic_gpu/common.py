@@ -11,6 +11,8 @@ from jax._src import config as jax_config  # the interpret-mode setting (no publ
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import llvm
 
 from flash_attn_jax.kernels.blocks import irem
 
@@ -19,6 +21,11 @@ COMPUTE_WARPGROUPS = 2
 # stay within an SM's 64 Ki (FlashAttention-3's split; at 232 / 40 the dK/dV kernel spilled more).
 COMPUTE_REGISTERS, PRODUCER_REGISTERS = 240, 24
 _SWIZZLE_BYTES = 128
+WARPGROUP_THREADS = 128
+COMPUTE_THREADS = COMPUTE_WARPGROUPS * WARPGROUP_THREADS
+# Named (hardware) barriers of a program: Mosaic GPU uses 0 (the whole block's) and
+# 1 + warpgroup (a warpgroup's own), so the kernels' own start above those.
+TURN_BARRIERS = 8
 
 
 def swizzled_smem(shape, dtype, swizzle=_SWIZZLE_BYTES):
@@ -124,6 +131,25 @@ def masked_full_masked(step_body, first, inner_first, inner_end, end, carry):
     carry = lax.fori_loop(inner_first, inner_end, functools.partial(step_body, masked=False),
                           carry)
     return lax.fori_loop(inner_end, end, masked_step, carry)
+
+
+def named_barrier(operation: str, barrier_id, num_threads: int):
+    """``bar.arrive`` (``operation`` "arrive": count this warpgroup in and go on) or ``bar.sync``
+    ("sync": count it in and wait until ``num_threads`` threads have) on the hardware barrier
+    ``barrier_id`` (an int32 scalar, the same in every thread of the warpgroup): one instruction,
+    where a wait on a shared-memory ``plgpu.Barrier`` polls it and then agrees on the answer
+    across the warpgroup. GPU only (interpret mode has no rule for it)."""
+    if operation not in ("arrive", "sync"):
+        raise ValueError(f"operation must be 'arrive' or 'sync', got {operation!r}")
+    if num_threads % WARPGROUP_THREADS:
+        raise ValueError(f"num_threads must be whole warpgroups, got {num_threads}")
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT(()),))
+    def emit(_, barrier_id):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [barrier_id.registers.item()],
+                        f"bar.{operation} $0, {num_threads};", "r", has_side_effects=True)
+
+    emit(jnp.asarray(barrier_id, jnp.int32))
 
 
 def interpreting() -> bool:

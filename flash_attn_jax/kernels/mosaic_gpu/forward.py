@@ -5,9 +5,9 @@ two compute warpgroups, each owning block_q of the rows, and a producer warpgrou
 the key and value blocks into ``stages`` shared-memory slots with TMA, as far ahead as the slots
 allow. Each compute step is a wgmma for S = Q K^T, the score semantics of ``semantics.py``
 (scale, softcap, ALiBi, masks, in base-2 units), the online softmax, and a wgmma for P V. The two
-compute warpgroups take turns on the tensor cores (a shared "turn" barrier): while one runs its
-softmax the other's matmuls run (FlashAttention-3's ping-pong schedule; ``ForwardConfig`` says
-whether, and the other scheduling choices). Under a causal mask the tiles are taken from the last
+compute warpgroups take turns on the tensor cores: while one runs its softmax the other's matmuls
+run (FlashAttention-3's ping-pong schedule; ``ForwardConfig`` says whether, on which barriers, and
+the other scheduling choices). Under a causal mask the tiles are taken from the last
 (the most keys) to the first.
 
 Both compute warpgroups walk the same key blocks (those any of the program's rows may attend,
@@ -30,10 +30,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
 from flash_attn_jax.kernels.mosaic_gpu import dropout
-from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS,
-                                                      TABLE_COLUMNS, BlockConfig, accumulate,
-                                                      broadcast, check_owned, locate,
-                                                      masked_full_masked,
+from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_THREADS,
+                                                      COMPUTE_WARPGROUPS, TABLE_COLUMNS,
+                                                      TURN_BARRIERS, BlockConfig, accumulate,
+                                                      broadcast, check_owned, interpreting, locate,
+                                                      masked_full_masked, named_barrier,
                                                       produce_keys, row_vector, stage_smem,
                                                       swizzled_smem, wgmma_iota, wgmma_registers,
                                                       zeros_tile)
@@ -47,15 +48,90 @@ class ForwardConfig(BlockConfig):
     runs while the other's matmuls do; FlashAttention-3's schedule, which serialises the two
     softmaxes), otherwise they run unsynchronised. ``key_wait_under_pv``: wait for the next key
     block while the P V wgmma runs rather than at the top of the step. ``pin_softmax``: an
-    optimisation barrier keeps the softmax's results computed before the turn is handed over."""
+    optimisation barrier keeps the softmax's results computed before the turn is handed over.
+    ``hardware_turns``: the turns handed over on hardware (named) barriers (``_HandOver``) rather
+    than met at a shared-memory one (``_Rendezvous``); compiled by ptxas, not yet timed on a GPU."""
 
     pingpong: bool = True
+    hardware_turns: bool = False
     key_wait_under_pv: bool = False
     pin_softmax: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         check_owned(self.block_q, "block_q")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rendezvous:
+    """Ping-pong turns on one shared-memory barrier of two arrivals, ``barriers.at[0]``, where
+    the two warpgroups meet twice a step: after issuing the first matmul (so the other's matmuls
+    start), and at the second, which a warpgroup issues once both have arrived (one when its
+    softmax is done). Each wait polls the barrier and agrees on the answer across the warpgroup.
+    Warpgroup 1 meets once first (``start``: half a step behind), warpgroup 0 once last."""
+
+    warpgroup: object
+    barriers: object
+
+    def _meet(self):
+        plgpu.barrier_arrive(self.barriers.at[0])
+        plgpu.barrier_wait(self.barriers.at[0])
+
+    def first_matmul_issued(self):
+        self._meet()
+
+    def softmax_done(self):
+        plgpu.barrier_arrive(self.barriers.at[0])
+
+    def wait(self):
+        plgpu.barrier_wait(self.barriers.at[0])
+
+    def start(self):
+        pl.when(self.warpgroup == 1)(self._meet)
+
+    def finish(self):
+        pl.when(self.warpgroup == 0)(self._meet)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HandOver:
+    """FlashAttention-3's hand-over: warpgroup w waits for turn w (``wait``) before its second
+    matmul and hands turn 1 - w to the other once its first is issued. Turn w is the hardware
+    barrier ``TURN_BARRIERS + w`` over both warpgroups' threads (``bar.sync`` / ``bar.arrive``:
+    one instruction each); in interpret mode, which has no rule for those, the shared-memory
+    barrier ``barriers.at[w]``, which counts the same arrivals. Warpgroup 0's wait before step
+    j's second matmul is met by warpgroup 1's hand-over after step j's first; warpgroup 1's by
+    warpgroup 0's after step j + 1's first, the last one by its hand-over at the end
+    (``finish``), and warpgroup 1's wait at the start (``start``) by warpgroup 0's after step
+    0's first. No hand-over can come before the wait it is for has been met by the previous one
+    (each follows a wait of its own warpgroup that needed the other's), so no turn counts two
+    arrivals of one warpgroup."""
+
+    warpgroup: object
+    barriers: object
+
+    def _arrive(self, turn, *, wait: bool):
+        if interpreting():
+            plgpu.barrier_arrive(self.barriers.at[turn])
+            if wait:
+                plgpu.barrier_wait(self.barriers.at[turn])
+        else:
+            named_barrier("sync" if wait else "arrive", TURN_BARRIERS + turn, COMPUTE_THREADS)
+
+    def first_matmul_issued(self):
+        self._arrive(1 - self.warpgroup, wait=False)
+
+    def softmax_done(self):
+        pass
+
+    def wait(self):
+        self._arrive(self.warpgroup, wait=True)
+
+    def start(self):
+        pl.when(self.warpgroup == 1)(self.wait)
+
+    def finish(self):
+        pl.when(self.warpgroup == 0)(self.first_matmul_issued)
 
 
 def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, lse_ref, scoped, *,
@@ -82,17 +158,15 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
     def slot_of(step):
         return irem(step - first, stages)
 
-    def take_turn():
-        if config.pingpong:
-            plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(turn)
-
     def wait_for_keys(step):
         plgpu.barrier_wait(k_ready.at[slot_of(step)])
 
     @pl.when(warpgroup < COMPUTE_WARPGROUPS)
     def _compute():
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        turns = None
+        if config.pingpong:
+            turns = (_HandOver if config.hardware_turns else _Rendezvous)(warpgroup, turn)
         row_lo = program_lo + warpgroup * block_q
         rows_q = q_smem.at[warpgroup]
         rows_at = (batch, pl.ds(program.q_base + row_lo, block_q), head)
@@ -112,7 +186,8 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
 
             def qk_matmul(acc_ref):
                 plgpu.wgmma(acc_ref, rows_q, k_smem.at[slot].T)
-                take_turn()  # the other warpgroup's matmuls start while this one's softmax runs
+                if turns is not None:  # the other warpgroup's matmuls start while this one's softmax runs
+                    turns.first_matmul_issued()
                 return acc_ref[...]
 
             qk = pl.run_scoped(qk_matmul, plgpu.ACC((block_q, block_k), jnp.float32))
@@ -138,11 +213,11 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
                 p16 = drop(p16, col0=step * block_k)
             if config.pin_softmax:
                 acc, row_sum, new_max, p16 = lax.optimization_barrier((acc, row_sum, new_max, p16))
-            if config.pingpong:
-                plgpu.barrier_arrive(turn)  # softmax done
+            if turns is not None:
+                turns.softmax_done()
             plgpu.barrier_wait(v_ready.at[slot])
-            if config.pingpong:
-                plgpu.barrier_wait(turn)  # the tensor cores are this warpgroup's again
+            if turns is not None:
+                turns.wait()  # the tensor cores are this warpgroup's again
 
             def pv_matmul(acc_ref):
                 wgmma_registers(acc_ref, p16, v_smem.at[slot],
@@ -156,12 +231,14 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
 
         carry = (zeros_tile((block_q, head_dim)), row_vector(-jnp.inf, block_q, 0),
                  row_vector(0.0, block_q, 0))
-        pl.when(warpgroup == 1)(take_turn)  # warpgroup 1 starts half a step behind
+        if turns is not None:
+            turns.start()
         if config.key_wait_under_pv:
             pl.when(first < end)(functools.partial(wait_for_keys, first))
         acc, row_max, row_sum = masked_full_masked(step_body, first, inner_first, inner_end, end,
                                                    carry)
-        pl.when(warpgroup == 0)(take_turn)
+        if turns is not None:
+            turns.finish()
 
         # Rows that attended no key: out 0 (acc is 0), lse -inf.
         has_keys = row_sum > 0.0
@@ -217,7 +294,9 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None,
         ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                  plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))
         free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
-        turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS)  # unused without pingpong
+        # the turns' barriers (_Rendezvous's one; _HandOver's stand-ins in interpret mode)
+        turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS,
+                             num_barriers=COMPUTE_WARPGROUPS if config.hardware_turns else 1)
         pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, slopes_ref,
                                              tiles_ref if packed else None, dropout_ref,
                                              out_ref, lse_ref, scoped),
