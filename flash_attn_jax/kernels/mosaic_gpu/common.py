@@ -137,8 +137,8 @@ def named_barrier(operation: str, barrier_id, num_threads: int):
     """``bar.arrive`` (``operation`` "arrive": count this warpgroup in and go on) or ``bar.sync``
     ("sync": count it in and wait until ``num_threads`` threads have) on the hardware barrier
     ``barrier_id`` (an int32 scalar, the same in every thread of the warpgroup): one instruction,
-    where a wait on a shared-memory ``plgpu.Barrier`` polls it and then agrees on the answer
-    across the warpgroup. GPU only (interpret mode has no rule for it)."""
+    where meeting at a shared-memory ``plgpu.Barrier`` takes an atomic arrive on it from every
+    thread and a try-wait loop reading it. GPU only (interpret mode has no rule for it)."""
     if operation not in ("arrive", "sync"):
         raise ValueError(f"operation must be 'arrive' or 'sync', got {operation!r}")
     if num_threads % WARPGROUP_THREADS:

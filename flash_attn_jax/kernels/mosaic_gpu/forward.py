@@ -67,7 +67,8 @@ class _Rendezvous:
     """Ping-pong turns on one shared-memory barrier of two arrivals, ``barriers.at[0]``, where
     the two warpgroups meet twice a step: after issuing the first matmul (so the other's matmuls
     start), and at the second, which a warpgroup issues once both have arrived (one when its
-    softmax is done). Each wait polls the barrier and agrees on the answer across the warpgroup.
+    softmax is done). Each arrival is an atomic on the barrier from every thread, each wait a
+    try-wait loop reading it.
     Warpgroup 1 meets once first (``start``: half a step behind), warpgroup 0 once last."""
 
     warpgroup: object
