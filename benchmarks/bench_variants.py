@@ -8,7 +8,8 @@ round kept (clock and neighbour noise only slow a call down). Shapes and FLOPs a
 bench_dense.py's; the Mosaic backend is chosen for the whole run.
 
     PYTHONPATH=. python benchmarks/bench_variants.py [--phase fwd|fwd_bwd]
-        [--variants length-test,scaled-max,hardware-turns] [--head-dims 64,128,256] [--out results.md]
+        [--variants length-test,scaled-max,hardware-turns] [--head-dims 64,128,256]
+        [--out results.md]
 """
 
 from __future__ import annotations

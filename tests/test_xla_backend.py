@@ -13,7 +13,7 @@ from flash_attn_jax.kernels import Placement, registry
 from flash_attn_jax.kernels.xla import Xla, dense
 from flash_attn_jax.semantics import ScoreSpec
 from conftest import ON_GPU
-from helpers import DTYPE_IDS, DTYPES, make_inputs, run_case
+from helpers import DTYPE_IDS, DTYPES, dtype_grid, make_inputs, run_case
 import test_dropout as dropout_tests
 import test_kvcache as kvcache_tests
 import test_varlen as varlen_tests
@@ -40,9 +40,9 @@ def xla_backend():
         yield
 
 
-@pytest.mark.parametrize("seqlens", SEQLENS, ids=str)
-@pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+# On a GPU the whole dtype x feature x lengths product; on a CPU (CI) every feature with every
+# length once, the dtype rotating (each feature and each length meets every dtype).
+@pytest.mark.parametrize("dtype,feature,seqlens", dtype_grid(list(FEATURES), SEQLENS, full=ON_GPU))
 def test_against_the_reference(dtype, feature, seqlens):
     index = list(FEATURES).index(feature) + SEQLENS.index(seqlens)
     run_case(index, seqlen_q=seqlens[0], seqlen_k=seqlens[1], head_dim=(59, 64, 128, 40)[index % 4],

@@ -187,7 +187,7 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
 
             def qk_matmul(acc_ref):
                 plgpu.wgmma(acc_ref, rows_q, k_smem.at[slot].T)
-                if turns is not None:  # the other warpgroup's matmuls start while this one's softmax runs
+                if turns is not None:  # the other's matmuls start under this one's softmax
                     turns.first_matmul_issued()
                 return acc_ref[...]
 
