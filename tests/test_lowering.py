@@ -18,6 +18,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from conftest import ON_GPU
 from flash_attn_jax.kernels import Varlen
 from flash_attn_jax.kernels.triton import backward as triton_backward
 from flash_attn_jax.kernels.triton import decode as triton_decode
@@ -28,6 +29,7 @@ from flash_attn_jax.kernels.triton.config import (all_backward_configs, all_deco
                                            all_forward_configs, backward_configs, forward_config)
 from flash_attn_jax.kernels.triton.tiles import Numerics
 from flash_attn_jax.semantics import ScoreSpec
+from helpers import dtype_grid
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
 H100_MESH = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
@@ -149,10 +151,12 @@ def test_every_backward_config_lowers(dtype, head_dim_p, dkdv_config, dq_config,
     _check(_lower_backward(dtype, head_dim_p, dkdv_config, dq_config, variant), 7)
 
 
-@pytest.mark.parametrize("variant", ["plain-aligned", "window-right-ragged",
-                                     "dropout-all-features-ragged"])
-@pytest.mark.parametrize("head_dim_p", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=["fp16", "bf16", "fp32"])
+# Every variant at every head dim; on a CPU (CI) with the dtype rotating (each variant and head
+# dim meets every dtype; every dtype x head dim x block configuration lowers above), on a GPU with
+# each dtype.
+@pytest.mark.parametrize("dtype,variant,head_dim_p", dtype_grid(
+    ["plain-aligned", "window-right-ragged", "dropout-all-features-ragged"], [16, 32, 64, 128, 256],
+    full=ON_GPU))
 def test_feature_variants_lower(dtype, head_dim_p, variant):
     spec = VARIANTS[variant][0]
     forward = forward_config(dtype, head_dim_p, 1 << 20, 1 << 20, dropout=spec.has_dropout)
