@@ -105,7 +105,7 @@ def main():
         fns["cudnn"] = timed(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"), args.phase)
         # A variant changes speed, not results: its outputs against the current code's.
-        results = {column: jax.tree.leaves(fns[column](q, k, v)) for column in columns}
+        results = {column: jax.tree.leaves(fns[column](q, k, v)) for column in ["current", *names]}
         for name in names:
             gap = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                       for a, b in zip(results[name], results["current"]))

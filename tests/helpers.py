@@ -23,23 +23,30 @@ DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 DTYPE_IDS = ("fp16", "bf16", "fp32")
 
 
-def dtype_grid(*axes, full):
-    """pytest params (dtype, *values) of a grid over ``axes`` (lists of values) and the dtypes.
+def rotating_grid(rotating, *axes, full, ids=None):
+    """pytest params (r, *values) of a grid over ``axes`` (lists of values) and the values
+    ``rotating`` (``ids``: their names in the test ids; default ``str``).
 
-    ``full``: the whole product with the three dtypes (on a GPU, where a case costs little).
-    Otherwise (interpret mode, where each case costs seconds of compiling) every combination of
-    the axes once, the dtype rotating with the sum of the value indices: every value of every axis
-    meets every dtype when the other axes have three values or more between them, and every pair
-    of values across axes is tested.
+    ``full``: the whole product (on a GPU, where a case costs little). Otherwise (without one,
+    where each case costs seconds of compiling) every combination of the axes once, ``rotating``
+    rotating with the sum of the value indices: every value of every axis meets every rotating
+    value when the other axes have that many values or more between them, and every pair of
+    values across axes is tested.
     """
+    ids = list(map(str, rotating)) if ids is None else ids
     cases = []
     for combo in itertools.product(*(list(enumerate(axis)) for axis in axes)):
         indices, values = [i for i, _ in combo], [v for _, v in combo]
-        dtype_indices = range(len(DTYPES)) if full else [sum(indices) % len(DTYPES)]
-        for t in dtype_indices:
-            case_id = "-".join([DTYPE_IDS[t], *map(str, values)])
-            cases.append(pytest.param(DTYPES[t], *values, id=case_id))
+        chosen = range(len(rotating)) if full else [sum(indices) % len(rotating)]
+        for t in chosen:
+            case_id = "-".join([ids[t], *map(str, values)])
+            cases.append(pytest.param(rotating[t], *values, id=case_id))
     return cases
+
+
+def dtype_grid(*axes, full):
+    """``rotating_grid`` with the three dtypes rotating: params (dtype, *values)."""
+    return rotating_grid(DTYPES, *axes, full=full, ids=DTYPE_IDS)
 
 
 def make_inputs(seed, *, batch=2, seqlen_q, seqlen_k, nheads=4, nheads_k=None, head_dim, dtype,

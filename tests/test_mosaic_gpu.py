@@ -5,7 +5,6 @@ JAX's GPU interpret mode runs the kernels for a set of reference cases."""
 
 import contextlib
 import dataclasses
-import itertools
 import re
 
 import jax
@@ -22,7 +21,8 @@ from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
 from flash_attn_jax.kernels.mosaic_gpu import varlen as mosaic_varlen
 from flash_attn_jax.kernels.registry import Request
 from flash_attn_jax.semantics import ScoreSpec
-from helpers import assert_within_tolerance, cotangents, make_inputs, references, run_case
+from helpers import (assert_within_tolerance, cotangents, make_inputs, references, rotating_grid,
+                     run_case)
 from test_varlen import make_varlen, run_varlen_case, sequence_references
 
 ON_HOPPER = ON_GPU and tuning.gpu_generation() == tuning.HOPPER
@@ -255,19 +255,11 @@ SCHEDULES = {
 }
 
 
-def _schedule_cases():
-    """Each schedule with each feature and head dim; on Hopper at both lengths, elsewhere (where
-    the kernels only lower) at one, alternating."""
-    lengths = [(512, 256), (384, 1024)]
-    for combo in itertools.product(enumerate(SCHEDULES), enumerate(["causal", "all"]),
-                                   enumerate((64, 128))):
-        (i, schedule), (j, feature), (k, head_dim) = combo
-        for seqlens in lengths if ON_HOPPER else [lengths[(i + j + k) % 2]]:
-            yield pytest.param(schedule, feature, seqlens, head_dim,
-                               id=f"{schedule}-{feature}-{seqlens[0]}x{seqlens[1]}-{head_dim}")
-
-
-@pytest.mark.parametrize("schedule,feature,seqlens,head_dim", list(_schedule_cases()))
+# Each schedule with each feature and head dim; on Hopper at both lengths, elsewhere (where the
+# kernels only lower) at one, alternating.
+@pytest.mark.parametrize("seqlens,schedule,feature,head_dim", rotating_grid(
+    [(512, 256), (384, 1024)], list(SCHEDULES), ["causal", "all"], (64, 128), full=ON_HOPPER,
+    ids=["512x256", "384x1024"]))
 def test_forward_schedules(schedule, feature, seqlens, head_dim):
     config = dataclasses.replace(mosaic_gpu.forward_config(head_dim), **SCHEDULES[schedule])
     options = dict(FEATURES[feature])
