@@ -280,13 +280,14 @@ def test_forward_schedules(schedule, feature, seqlens, head_dim):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (above)")
-@pytest.mark.parametrize("seqlens", [(384, 1024), (512, 128)], ids=["steps", "tiles-without-keys"])
+@pytest.mark.parametrize("seqlens", [(376, 1000), (512, 128)], ids=["ragged", "tiles-without-keys"])
 def test_interpreted_hand_over_turns(seqlens):
     """The forward's hand-over of the ping-pong turns (``hardware_turns``; in interpret mode on
     shared-memory stand-ins counting the same arrivals) against the reference: a turn awaited
     and never handed over hangs, one handed over and never awaited fails the interpreter's
-    check; under bottom-right causal with more queries than keys the first tiles walk no key
-    block at all, where only the start and the end hand the turn over."""
+    check. Lengths that end inside the last query tile and key block; under bottom-right causal
+    with more queries than keys the first tiles walk no key block at all, where only the start
+    and the end hand the turn over."""
     config = dataclasses.replace(mosaic_gpu.forward_config(64), **SCHEDULES["hardware-turns"])
     q, k, v, slopes = make_inputs(6, batch=1, seqlen_q=seqlens[0], seqlen_k=seqlens[1], nheads=2,
                                   nheads_k=1, head_dim=64, dtype=jnp.bfloat16)
