@@ -50,7 +50,8 @@ class ForwardConfig(BlockConfig):
     block while the P V wgmma runs rather than at the top of the step. ``pin_softmax``: an
     optimisation barrier keeps the softmax's results computed before the turn is handed over.
     ``hardware_turns``: the turns handed over on hardware (named) barriers (``_HandOver``) rather
-    than met at a shared-memory one (``_Rendezvous``); compiled by ptxas, not yet timed on a GPU."""
+    than met at a shared-memory one (``_Rendezvous``); as fast on the H200 (0.997x the
+    rendezvous over the 16 benchmark shapes, benchmarks/RESULTS.md section 1), so off."""
 
     pingpong: bool = True
     hardware_turns: bool = False
