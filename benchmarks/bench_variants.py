@@ -8,7 +8,7 @@ round kept (clock and neighbour noise only slow a call down). Shapes and FLOPs a
 bench_dense.py's; the Mosaic backend is chosen for the whole run.
 
     PYTHONPATH=. python benchmarks/bench_variants.py [--phase fwd|fwd_bwd]
-        [--variants length-test,scaled-max,hardware-turns] [--head-dims 64,128,256]
+        [--variants length-test,scaled-max,hardware-turns,three-warpgroups] [--head-dims 64,128,256]
         [--out results.md]
 """
 
@@ -62,8 +62,20 @@ def _hardware_turns():
         yield
 
 
+@contextlib.contextmanager
+def _three_warpgroups():
+    """The head dim 64 forward with three compute warpgroups (``ForwardConfig``'s
+    ``compute_warpgroups``; programs of 192 rows, no ping-pong turns); other head dims as they
+    are."""
+    table = mosaic_gpu.FORWARD_TABLE
+    configs = {head_dim: table.lookup(head_dim, tuning.HOPPER) for head_dim in mosaic_gpu.HEAD_DIMS}
+    configs[64] = dataclasses.replace(configs[64], compute_warpgroups=3, pingpong=False)
+    with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", tuning.TuningTable(configs)):
+        yield
+
+
 VARIANTS = {"length-test": _length_test_kept, "scaled-max": _scaled_max,
-            "hardware-turns": _hardware_turns}
+            "hardware-turns": _hardware_turns, "three-warpgroups": _three_warpgroups}
 
 
 def compiled(phase, causal, q, k, v, patch):

@@ -16,11 +16,12 @@ what ptxas could not fit under those. A development aid in its own environment, 
         jax jaxlib "jax-cuda13-plugin[with-cuda]==0.11.2"   # nvidia-cuda-nvdisasm for --sass
     PYTHONPATH=. /tmp/mgsass/bin/python scripts/mosaic_sass_stats.py --head-dims 64,128 \\
         [--seqlen 4096] [--causal] [--dropout 0.1] [--deterministic] [--phase fwd] [--varlen N]
-        [--sass DIR]
+        [--sass DIR] [--variant NAME]
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -181,14 +182,20 @@ def main():
     parser.add_argument("--varlen", type=int, default=0, metavar="N",
                         help="flash_attn_varlen_func with N sequences in the --seqlen tokens")
     parser.add_argument("--sass", metavar="DIR", help="also write each kernel's PTX and SASS here")
+    parser.add_argument("--variant", help="one of benchmarks/bench_variants.py's code variants")
     args = parser.parse_args()
+    patch = contextlib.nullcontext
+    if args.variant:
+        sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
+        from bench_variants import VARIANTS
+        patch = VARIANTS[args.variant]
     print("| D | kernel | registers | spill stores (B) | spill loads (B) | stack (B) |")
     print("|---|---|---|---|---|---|")
     for head_dim in map(int, args.head_dims.split(",")):
         fn, inputs = attention_call(head_dim, args.seqlen, causal=args.causal,
                                     dropout=args.dropout, deterministic=args.deterministic,
                                     phase=args.phase, varlen=args.varlen)
-        with fa.use_backend("mosaic-gpu"):  # the backward is traced inside the lowering
+        with patch(), fa.use_backend("mosaic-gpu"):  # the backward is traced in the lowering
             modules = mosaic_modules(fn, *inputs)
         for index, module in enumerate(modules):
             text, log = compile_module(module, sass=args.sass is not None)

@@ -252,6 +252,7 @@ SCHEDULES = {
     "pinned-softmax": dict(pingpong=True, key_wait_under_pv=False, pin_softmax=True),
     "all-changed": dict(pingpong=False, key_wait_under_pv=True, pin_softmax=True),
     "hardware-turns": dict(pingpong=True, key_wait_under_pv=True, hardware_turns=True),
+    "three-warpgroups": dict(pingpong=False, key_wait_under_pv=True, compute_warpgroups=3),
 }
 
 
@@ -280,15 +281,17 @@ def test_forward_schedules(schedule, feature, seqlens, head_dim):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (above)")
+@pytest.mark.parametrize("schedule", ["hardware-turns", "three-warpgroups"])
 @pytest.mark.parametrize("seqlens", [(376, 1000), (512, 128)], ids=["ragged", "tiles-without-keys"])
-def test_interpreted_hand_over_turns(seqlens):
-    """The forward's hand-over of the ping-pong turns (``hardware_turns``; in interpret mode on
-    shared-memory stand-ins counting the same arrivals) against the reference: a turn awaited
-    and never handed over hangs, one handed over and never awaited fails the interpreter's
-    check. Lengths that end inside the last query tile and key block; under bottom-right causal
-    with more queries than keys the first tiles walk no key block at all, where only the start
-    and the end hand the turn over."""
-    config = dataclasses.replace(mosaic_gpu.forward_config(64), **SCHEDULES["hardware-turns"])
+def test_interpreted_schedules(schedule, seqlens):
+    """The forward's schedules that change its synchronisation, against the reference in
+    interpret mode. ``hardware-turns``: the hand-over of the ping-pong turns (on shared-memory
+    stand-ins counting the same arrivals): a turn awaited and never handed over hangs, one
+    handed over and never awaited fails the interpreter's check. ``three-warpgroups``: programs
+    of 3 x 64 rows, each slot freed after three arrivals. Lengths that end inside the last query
+    tile and key block; under bottom-right causal with more queries than keys the first tiles
+    walk no key block at all, where only the start and the end hand a turn over."""
+    config = dataclasses.replace(mosaic_gpu.forward_config(64), **SCHEDULES[schedule])
     q, k, v, slopes = make_inputs(6, batch=1, seqlen_q=seqlens[0], seqlen_k=seqlens[1], nheads=2,
                                   nheads_k=1, head_dim=64, dtype=jnp.bfloat16)
     spec = ScoreSpec.create(softmax_scale=0.125, causal=True)
@@ -297,6 +300,34 @@ def test_interpreted_hand_over_turns(seqlens):
     ref, pt = references(q, k, v, slopes, causal=True)
     assert_within_tolerance("out", out, ref[0], pt[0])
     assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (test_varlen_*)")
+def test_interpreted_three_warpgroups_varlen():
+    """Three compute warpgroups through the packed layout: sequences placed at 192-row program
+    offsets, a sequence of no queries, one of 300 queries over two programs and a partial one,
+    keys ending inside key blocks; causal with ALiBi, against each sequence's reference."""
+    seqlens = [(70, 300), (0, 30), (300, 20), (129, 257)]
+    q, k, v, cu_q, cu_k, slopes, dout = make_varlen(8, seqlens, (5, 3), nheads=2, nheads_k=1,
+                                                    head_dim=64, dtype=jnp.bfloat16, alibi=True)
+    config = dataclasses.replace(mosaic_gpu.forward_config(64), **SCHEDULES["three-warpgroups"])
+    spec = ScoreSpec.create(softmax_scale=0.125, causal=True, has_alibi=True)
+    layout = Varlen(jnp.asarray(cu_q), jnp.asarray(cu_k), None, 300, 300)
+    with plgpu.force_gpu_interpret_mode():
+        out, lse = jax.tree.map(np.asarray, mosaic_varlen.forward(q, k, v, slopes, spec, layout,
+                                                                  config))
+    ref, pt = sequence_references(q, k, v, cu_q, cu_k, slopes, dout, 300, 300, causal=True)
+    assert_within_tolerance("out", out, ref[0], pt[0])
+    assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(compute_warpgroups=4, pingpong=False), "compute_warpgroups must be 2 or 3"),
+    (dict(compute_warpgroups=3), "needs pingpong=False"),
+])
+def test_forward_config_rejects(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(mosaic_gpu.forward_config(64), **changes)
 
 
 # JAX's GPU interpret mode runs the kernels on a CPU (TMA, wgmma and barriers simulated, layouts

@@ -17,11 +17,23 @@ from jaxlib.mlir.dialects import llvm
 from flash_attn_jax.kernels.blocks import irem
 
 COMPUTE_WARPGROUPS = 2
-# Registers per thread: 2 compute warpgroups x 128 threads x 240 + 128 producer threads x 24
-# stay within an SM's 64 Ki (FlashAttention-3's split; at 232 / 40 the dK/dV kernel spilled more).
-COMPUTE_REGISTERS, PRODUCER_REGISTERS = 240, 24
 _SWIZZLE_BYTES = 128
 WARPGROUP_THREADS = 128
+_REGISTER_FILE = 64 * 1024  # 32-bit registers of an SM
+PRODUCER_REGISTERS = 24
+
+
+def compute_registers(compute_warpgroups: int) -> int:
+    """Registers per thread of each compute warpgroup, what the producer's 128 threads x
+    PRODUCER_REGISTERS leave of an SM's 64 Ki to ``compute_warpgroups`` x 128 threads, in the
+    8s that ``setmaxnreg`` takes: 240 for two (FlashAttention-3's split; at 232 / 40 the dK/dV
+    kernel spilled more), 160 for three."""
+    share = ((_REGISTER_FILE - WARPGROUP_THREADS * PRODUCER_REGISTERS)
+             // (compute_warpgroups * WARPGROUP_THREADS))
+    return min(share // 8 * 8, 240)
+
+
+COMPUTE_REGISTERS = compute_registers(COMPUTE_WARPGROUPS)
 COMPUTE_THREADS = COMPUTE_WARPGROUPS * WARPGROUP_THREADS
 # Named (hardware) barriers of a program: Mosaic GPU uses 0 (the whole block's) and
 # 1 + warpgroup (a warpgroup's own), so the kernels' own start above those.
@@ -191,10 +203,10 @@ def wgmma_registers(acc_ref, a, b, stage=None):
     plgpu.wgmma(acc_ref, stage, b)
 
 
-def stage_smem(shape, dtype):
+def stage_smem(shape, dtype, compute_warpgroups=COMPUTE_WARPGROUPS):
     """The compute warpgroups' ``wgmma_registers`` buffers for A operands of ``shape``: in
     interpret mode only (None on a GPU)."""
-    return plgpu.SMEM((COMPUTE_WARPGROUPS, *shape), dtype) if interpreting() else None
+    return plgpu.SMEM((compute_warpgroups, *shape), dtype) if interpreting() else None
 
 
 def matmul_transposed(a, b, shape):

@@ -30,10 +30,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels.blocks import idiv, irem, key_blocks
 from flash_attn_jax.kernels.mosaic_gpu import dropout
-from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_REGISTERS, COMPUTE_THREADS,
-                                                      COMPUTE_WARPGROUPS, TABLE_COLUMNS,
-                                                      TURN_BARRIERS, BlockConfig, accumulate,
-                                                      broadcast, check_owned, interpreting, locate,
+from flash_attn_jax.kernels.mosaic_gpu.common import (COMPUTE_THREADS, COMPUTE_WARPGROUPS,
+                                                      TABLE_COLUMNS, TURN_BARRIERS, BlockConfig,
+                                                      accumulate, broadcast, check_owned,
+                                                      compute_registers, interpreting, locate,
                                                       masked_full_masked, named_barrier,
                                                       produce_keys, row_vector, stage_smem,
                                                       swizzled_smem, wgmma_iota, wgmma_registers,
@@ -43,10 +43,12 @@ from flash_attn_jax.semantics import LN2, LOG2E, ScoreSpec
 
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig(BlockConfig):
-    """block_q: rows per compute warpgroup; block_k: keys per step. How the two compute
-    warpgroups share the tensor cores: ``pingpong`` takes strict turns (one warpgroup's softmax
-    runs while the other's matmuls do; FlashAttention-3's schedule, which serialises the two
-    softmaxes), otherwise they run unsynchronised. ``key_wait_under_pv``: wait for the next key
+    """block_q: rows per compute warpgroup; block_k: keys per step; ``compute_warpgroups``: 2, or
+    3 (FlashAttention-3's choice at head dim 64: while one computes its softmax two keep the
+    tensor cores fed; 160 registers a thread instead of 240; no ping-pong turns, which are
+    between two). How two compute warpgroups share the tensor cores: ``pingpong`` takes strict
+    turns (one warpgroup's softmax runs while the other's matmuls do; FlashAttention-3's
+    schedule, which serialises the two softmaxes), otherwise they run unsynchronised. ``key_wait_under_pv``: wait for the next key
     block while the P V wgmma runs rather than at the top of the step. ``pin_softmax``: an
     optimisation barrier keeps the softmax's results computed before the turn is handed over.
     ``hardware_turns``: the turns handed over on hardware (named) barriers (``_HandOver``) rather
@@ -57,10 +59,21 @@ class ForwardConfig(BlockConfig):
     hardware_turns: bool = False
     key_wait_under_pv: bool = False
     pin_softmax: bool = False
+    compute_warpgroups: int = COMPUTE_WARPGROUPS
 
     def __post_init__(self):
         super().__post_init__()
         check_owned(self.block_q, "block_q")
+        if self.compute_warpgroups not in (2, 3):
+            raise ValueError(f"compute_warpgroups must be 2 or 3, got {self.compute_warpgroups}")
+        if self.pingpong and self.compute_warpgroups != 2:
+            raise ValueError("pingpong turns are between two compute warpgroups; "
+                             f"compute_warpgroups={self.compute_warpgroups} needs pingpong=False")
+
+    @property
+    def rows_per_program(self) -> int:
+        """Query rows of a program: one block per compute warpgroup."""
+        return self.compute_warpgroups * self.block_q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +176,9 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
     def wait_for_keys(step):
         plgpu.barrier_wait(k_ready.at[slot_of(step)])
 
-    @pl.when(warpgroup < COMPUTE_WARPGROUPS)
+    @pl.when(warpgroup < config.compute_warpgroups)
     def _compute():
-        plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+        plgpu.set_max_registers(compute_registers(config.compute_warpgroups), action="increase")
         turns = None
         if config.pingpong:
             turns = (_HandOver if config.hardware_turns else _Rendezvous)(warpgroup, turn)
@@ -255,7 +268,7 @@ def _kernel(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, ls
                                 lse_ref.at[batch, head, pl.ds(program.q_base + row_lo, block_q)])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(warpgroup == COMPUTE_WARPGROUPS)
+    @pl.when(warpgroup == config.compute_warpgroups)
     def _produce():
         produce_keys(k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready), (k_free, v_free),
                      batch=batch, head_k=idiv(head, group), first=first, end=end,
@@ -287,16 +300,19 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None,
         tiles = jnp.zeros((1, TABLE_COLUMNS), jnp.int32)  # unread: keeps one signature
     dropout_words = dropout.check_words(spec, dropout_words)
 
+    consumers = config.compute_warpgroups
+
     def entry(q_ref, k_ref, v_ref, slopes_ref, tiles_ref, dropout_ref, out_ref, lse_ref):
-        buffers = (swizzled_smem((COMPUTE_WARPGROUPS, config.block_q, head_dim), q.dtype),
+        buffers = (swizzled_smem((consumers, config.block_q, head_dim), q.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), k.dtype),
                    swizzled_smem((stages, config.block_k, head_dim), v.dtype),
-                   plgpu.SMEM((COMPUTE_WARPGROUPS, config.block_q), jnp.float32),
-                   stage_smem((config.block_q, config.block_k), q.dtype))
+                   plgpu.SMEM((consumers, config.block_q), jnp.float32),
+                   stage_smem((config.block_q, config.block_k), q.dtype, consumers))
         ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-                 plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))
-        free = (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
-        # the turns' barriers (_Rendezvous's one; _HandOver's stand-ins in interpret mode)
+                 plgpu.Barrier(num_barriers=consumers))
+        free = (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2
+        # the turns' barriers (_Rendezvous's one; _HandOver's stand-ins in interpret mode), for
+        # the two warpgroups that take turns
         turn = plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS,
                              num_barriers=COMPUTE_WARPGROUPS if config.hardware_turns else 1)
         pl.run_scoped(lambda *scoped: kernel(q_ref, k_ref, v_ref, slopes_ref,
@@ -313,7 +329,7 @@ def forward(q, k, v, slopes, spec: ScoreSpec, config: ForwardConfig, tiles=None,
         entry, out_type=out_type,
         grid=(num_heads, num_tiles, batch),
         grid_names=("heads", "q_tiles", "batch"),
-        num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg",
+        num_threads=consumers + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, slopes.astype(jnp.float32), tiles, dropout_words)
     return out, lse[..., :seqlen_q]
