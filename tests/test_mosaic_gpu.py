@@ -305,8 +305,9 @@ def test_interpreted_schedules(schedule, seqlens):
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels themselves run (test_varlen_*)")
 def test_interpreted_three_warpgroups_varlen():
     """Three compute warpgroups through the packed layout: sequences placed at 192-row program
-    offsets, a sequence of no queries, one of 300 queries over two programs and a partial one,
-    keys ending inside key blocks; causal with ALiBi, against each sequence's reference."""
+    offsets, a sequence of no queries, one of 300 queries over two programs (the second
+    partial), keys ending inside key blocks; causal with ALiBi, against each sequence's
+    reference."""
     seqlens = [(70, 300), (0, 30), (300, 20), (129, 257)]
     q, k, v, cu_q, cu_k, slopes, dout = make_varlen(8, seqlens, (5, 3), nheads=2, nheads_k=1,
                                                     head_dim=64, dtype=jnp.bfloat16, alibi=True)

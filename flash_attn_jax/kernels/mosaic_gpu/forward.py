@@ -48,9 +48,10 @@ class ForwardConfig(BlockConfig):
     tensor cores fed; 160 registers a thread instead of 240; no ping-pong turns, which are
     between two). How two compute warpgroups share the tensor cores: ``pingpong`` takes strict
     turns (one warpgroup's softmax runs while the other's matmuls do; FlashAttention-3's
-    schedule, which serialises the two softmaxes), otherwise they run unsynchronised. ``key_wait_under_pv``: wait for the next key
-    block while the P V wgmma runs rather than at the top of the step. ``pin_softmax``: an
-    optimisation barrier keeps the softmax's results computed before the turn is handed over.
+    schedule, which serialises the two softmaxes), otherwise they run unsynchronised.
+    ``key_wait_under_pv``: wait for the next key block while the P V wgmma runs rather than at
+    the top of the step. ``pin_softmax``: an optimisation barrier keeps the softmax's results
+    computed before the turn is handed over.
     ``hardware_turns``: the turns handed over on hardware (named) barriers (``_HandOver``) rather
     than met at a shared-memory one (``_Rendezvous``); as fast on the H200 (0.997x the
     rendezvous over the 16 benchmark shapes, benchmarks/RESULTS.md section 1), so off."""
