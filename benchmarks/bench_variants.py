@@ -64,12 +64,14 @@ def _hardware_turns():
 
 @contextlib.contextmanager
 def _three_warpgroups():
-    """The head dim 64 forward with three compute warpgroups (``ForwardConfig``'s
-    ``compute_warpgroups``; programs of 192 rows, no ping-pong turns); other head dims as they
-    are."""
+    """The head dim 64 and 128 forwards with three compute warpgroups (``ForwardConfig``'s
+    ``compute_warpgroups``; programs of 192 rows, no ping-pong turns); head dim 256 as it is (a
+    64 x 256 float32 accumulator is 128 of the 160 registers)."""
     table = mosaic_gpu.FORWARD_TABLE
     configs = {head_dim: table.lookup(head_dim, tuning.HOPPER) for head_dim in mosaic_gpu.HEAD_DIMS}
-    configs[64] = dataclasses.replace(configs[64], compute_warpgroups=3, pingpong=False)
+    for head_dim in (64, 128):
+        configs[head_dim] = dataclasses.replace(configs[head_dim], compute_warpgroups=3,
+                                                pingpong=False)
     with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", tuning.TuningTable(configs)):
         yield
 
