@@ -51,29 +51,27 @@ def _scaled_max():
 
 
 @contextlib.contextmanager
-def _hardware_turns():
-    """The forward's ping-pong turns handed over on hardware barriers (``ForwardConfig``'s
-    ``hardware_turns``), where the tables' meet at a shared-memory one."""
+def _forward_table_with(head_dims, **changes):
+    """``mosaic_gpu.FORWARD_TABLE`` with ``changes`` to the Hopper configs of ``head_dims``."""
     table = mosaic_gpu.FORWARD_TABLE
-    patched = tuning.TuningTable({head_dim: dataclasses.replace(
-        table.lookup(head_dim, tuning.HOPPER), hardware_turns=True)
-        for head_dim in mosaic_gpu.HEAD_DIMS})
-    with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", patched):
+    configs = {head_dim: table.lookup(head_dim, tuning.HOPPER) for head_dim in mosaic_gpu.HEAD_DIMS}
+    for head_dim in head_dims:
+        configs[head_dim] = dataclasses.replace(configs[head_dim], **changes)
+    with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", tuning.TuningTable(configs)):
         yield
 
 
-@contextlib.contextmanager
+def _hardware_turns():
+    """The forward's ping-pong turns handed over on hardware barriers (``ForwardConfig``'s
+    ``hardware_turns``), where the tables' meet at a shared-memory one."""
+    return _forward_table_with(mosaic_gpu.HEAD_DIMS, hardware_turns=True)
+
+
 def _three_warpgroups():
     """The head dim 64 and 128 forwards with three compute warpgroups (``ForwardConfig``'s
     ``compute_warpgroups``; programs of 192 rows, no ping-pong turns); head dim 256 as it is (a
     64 x 256 float32 accumulator is 128 of the 160 registers)."""
-    table = mosaic_gpu.FORWARD_TABLE
-    configs = {head_dim: table.lookup(head_dim, tuning.HOPPER) for head_dim in mosaic_gpu.HEAD_DIMS}
-    for head_dim in (64, 128):
-        configs[head_dim] = dataclasses.replace(configs[head_dim], compute_warpgroups=3,
-                                                pingpong=False)
-    with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", tuning.TuningTable(configs)):
-        yield
+    return _forward_table_with((64, 128), compute_warpgroups=3, pingpong=False)
 
 
 VARIANTS = {"length-test": _length_test_kept, "scaled-max": _scaled_max,
