@@ -8,8 +8,8 @@ round kept (clock and neighbour noise only slow a call down). Shapes and FLOPs a
 bench_dense.py's; the Mosaic backend is chosen for the whole run.
 
     PYTHONPATH=. python benchmarks/bench_variants.py [--phase fwd|fwd_bwd]
-        [--variants length-test,scaled-max,hardware-turns,three-warpgroups] [--head-dims 64,128,256]
-        [--out results.md]
+        [--variants length-test,scaled-max,hardware-turns,two-warpgroups,three-warpgroups]
+        [--head-dims 64,128,256] [--seqlens 2048,8192] [--out results.md]
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ def _scaled_max():
 
 @contextlib.contextmanager
 def _forward_table_with(head_dims, **changes):
-    """``mosaic_gpu.FORWARD_TABLE`` with ``changes`` to the Hopper configs of ``head_dims``."""
+    """``mosaic_gpu.FORWARD_TABLE`` with ``changes`` to the Hopper configs of ``head_dims``, one
+    config at every query length (the table's first, changed)."""
     table = mosaic_gpu.FORWARD_TABLE
-    configs = {head_dim: table.lookup(head_dim, tuning.HOPPER) for head_dim in mosaic_gpu.HEAD_DIMS}
+    entries = {head_dim: table.lookup(head_dim, tuning.HOPPER) for head_dim in mosaic_gpu.HEAD_DIMS}
     for head_dim in head_dims:
-        configs[head_dim] = dataclasses.replace(configs[head_dim], **changes)
-    with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", tuning.TuningTable(configs)):
+        entries[head_dim] = ((0, dataclasses.replace(entries[head_dim][0][1], **changes)),)
+    with mock.patch.object(mosaic_gpu, "FORWARD_TABLE", tuning.TuningTable(entries)):
         yield
 
 
@@ -67,15 +68,23 @@ def _hardware_turns():
     return _forward_table_with(mosaic_gpu.HEAD_DIMS, hardware_turns=True)
 
 
+def _two_warpgroups():
+    """Two compute warpgroups taking turns at every length (the table's choice below
+    ``mosaic_gpu.LONG_QUERIES``)."""
+    return _forward_table_with(mosaic_gpu.HEAD_DIMS)
+
+
 def _three_warpgroups():
-    """The head dim 64 and 128 forwards with three compute warpgroups (``ForwardConfig``'s
-    ``compute_warpgroups``; programs of 192 rows, no ping-pong turns); head dim 256 as it is (a
-    64 x 256 float32 accumulator is 128 of the 160 registers)."""
+    """The head dim 64 and 128 forwards with three compute warpgroups at every length
+    (``ForwardConfig``'s ``compute_warpgroups``; programs of 192 rows, no ping-pong turns; the
+    table's choice from ``mosaic_gpu.LONG_QUERIES``); head dim 256 as it is (a 64 x 256 float32
+    accumulator is 128 of the 160 registers)."""
     return _forward_table_with((64, 128), compute_warpgroups=3, pingpong=False)
 
 
 VARIANTS = {"length-test": _length_test_kept, "scaled-max": _scaled_max,
-            "hardware-turns": _hardware_turns, "three-warpgroups": _three_warpgroups}
+            "hardware-turns": _hardware_turns, "two-warpgroups": _two_warpgroups,
+            "three-warpgroups": _three_warpgroups}
 
 
 def compiled(phase, causal, q, k, v, patch):
@@ -91,6 +100,8 @@ def main():
     parser.add_argument("--phase", choices=("fwd", "fwd_bwd"), default="fwd")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--head-dims", default="64,128,256")
+    parser.add_argument("--seqlens", default=None,
+                        help="comma-separated lengths instead of bench_dense.py's (same widths)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -108,7 +119,11 @@ def main():
              "|---" * (3 + len(columns) + 1 + len(names)) + "|"]
     ratios = {column: [] for column in ["cudnn", *names]}
     gaps = dict.fromkeys(names, 0.0)
-    for shape in [s for s in SHAPES if s[0] in head_dims]:
+    shapes = SHAPES
+    if args.seqlens:
+        shapes = [(d, int(s), causal) for d in sorted({d for d, _, _ in SHAPES}, reverse=True)
+                  for s in args.seqlens.split(",") for causal in (False, True)]
+    for shape in [s for s in shapes if s[0] in head_dims]:
         head_dim, seqlen, causal = shape
         q, k, v = inputs(head_dim, seqlen)
         fns = {"current": compiled(args.phase, causal, q, k, v, contextlib.nullcontext)}

@@ -248,6 +248,9 @@ GPU_CASES = [  # head dim, lengths, feature, dtype
     (128, (264, 136), "window_softcap", jnp.bfloat16),
     (256, (128, 192), "causal_alibi", jnp.bfloat16),
     (256, (136, 136), "window_softcap", jnp.float16),
+    # from mosaic_gpu.LONG_QUERIES queries: the forward's three compute warpgroups
+    (64, (4104, 200), "causal_alibi", jnp.bfloat16),
+    (128, (4096, 136), "window_softcap", jnp.float16),
 ]
 
 

@@ -6,6 +6,7 @@ JAX's GPU interpret mode runs the kernels for a set of reference cases."""
 import contextlib
 import dataclasses
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import flash_attn_jax as fa
 from conftest import ON_GPU
-from flash_attn_jax.kernels import Varlen, mosaic_gpu, tuning
+from flash_attn_jax.kernels import Varlen, mosaic_gpu, registry, tuning
 from flash_attn_jax.kernels.mosaic_gpu import backward as mosaic_backward
 from flash_attn_jax.kernels.mosaic_gpu import forward as mosaic_forward
 from flash_attn_jax.kernels.mosaic_gpu import varlen as mosaic_varlen
@@ -322,6 +323,31 @@ def test_interpreted_three_warpgroups_varlen():
     assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
 
 
+@pytest.mark.parametrize("head_dim", mosaic_gpu.HEAD_DIMS)
+def test_forward_blocks_follow_the_query_length(head_dim):
+    """From ``LONG_QUERIES`` queries a dense forward takes three compute warpgroups at head dims
+    64 and 128 (two at 256), and flash_attn_func lowers with them for an H100; shorter queries
+    and varlen calls (length 0) take two."""
+    long = mosaic_gpu.forward_config(head_dim, mosaic_gpu.LONG_QUERIES)
+    assert long.compute_warpgroups == (2 if head_dim == 256 else 3)
+    for seqlen_q in (0, 8, mosaic_gpu.LONG_QUERIES - 8):
+        assert mosaic_gpu.forward_config(head_dim, seqlen_q).compute_warpgroups == 2
+    q, k, v = make_inputs(1, batch=1, seqlen_q=mosaic_gpu.LONG_QUERIES + 8, seqlen_k=256,
+                          nheads=2, nheads_k=1, head_dim=head_dim, dtype=jnp.bfloat16)[:3]
+    configs, forward = [], mosaic_forward.forward
+
+    def recording(q, k, v, slopes, spec, config, *args, **kwargs):
+        configs.append(config)
+        return forward(q, k, v, slopes, spec, config, *args, **kwargs)
+
+    with (mock.patch.object(mosaic_forward, "forward", recording), fa.use_backend("mosaic-gpu"),
+          registry.fresh_traces(), jax.sharding.use_abstract_mesh(H100_MESH)):
+        hlo = jax.jit(fa.flash_attn_func).trace(q, k, v).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert configs == [long]
+    assert hlo.count("custom_call @mosaic_gpu_v2") == 1
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(compute_warpgroups=4, pingpong=False), "compute_warpgroups must be 2 or 3"),
     (dict(compute_warpgroups=3), "needs pingpong=False"),
@@ -373,6 +399,30 @@ def test_interpreted_against_the_reference(head_dim, seqlens, feature, determini
     assert_within_tolerance("lse", lse, ref[1], pt[1], atol=1e-4)
     for name, grad, r, p in zip(("dq", "dk", "dv"), grads, ref[3], pt[3]):
         assert_within_tolerance(name, grad, r, p, factor=3.0)
+
+
+# Query lengths from LONG_QUERIES (three compute warpgroups at head dims 64 and 128), the last
+# program partial or whole.
+LONG_CASES = [  # head dim, lengths, feature
+    (64, (mosaic_gpu.LONG_QUERIES + 8, 200), "all"),
+    (128, (mosaic_gpu.LONG_QUERIES, 392), "window"),
+    (64, (mosaic_gpu.LONG_QUERIES, mosaic_gpu.LONG_QUERIES), "causal"),
+    (128, (mosaic_gpu.LONG_QUERIES + 64, 136), "softcap"),
+]
+
+
+@hopper_only
+@pytest.mark.parametrize("head_dim,seqlens,feature", LONG_CASES)
+def test_long_queries_against_the_reference(head_dim, seqlens, feature):
+    """flash_attn_func's out, lse and gradients (of out and lse) at the table's long-query
+    blocks, against the reference."""
+    options = dict(FEATURES[feature])
+    alibi = options.pop("alibi", False)
+    assert mosaic_gpu.forward_config(head_dim, seqlens[0]).compute_warpgroups == 3
+    with fa.use_backend("mosaic-gpu"):
+        run_case(9, seqlen_q=seqlens[0], seqlen_k=seqlens[1], head_dim=head_dim,
+                 dtype=jnp.bfloat16, batch=1, nheads=4, nheads_k=2, alibi=alibi, d_lse=True,
+                 q_scale=5.0 if "softcap" in options else 1.0, **options)
 
 
 @hopper_only

@@ -22,6 +22,8 @@ test_interpreted_varlen_against_the_reference).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from flash_attn_jax.kernels.mosaic_gpu import backward as _backward
@@ -34,17 +36,31 @@ from flash_attn_jax.kernels.tuning import HOPPER, TuningTable, gpu_generation
 _DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 HEAD_DIMS = (64, 128, 256)
 
-# head dim -> blocks. Shared memory per program: 2 x block_q query rows plus ``stages`` key and
-# value blocks, within Hopper's 227 KiB (d256: 64 + 128 KiB). Swept on an H200 at S 4096 (bf16,
-# benchmarks/RESULTS.md, TFLOP/s non-causal / causal): d 64 (64, 128, 2) 403 / 349, 3 stages
-# 382 / 349, (128, 128, 2) 416 / 232; d 128 (64, 128, 2) 545 / 474, the next (128, 64, 2)
-# 500 / 373; d 256 only (64, 64, 2) fits. Schedules (forward.ForwardConfig, RESULTS.md 1.2): the
-# wait for the next key block under the P V wgmma gains 0-6 % at every head dim; dropping the
-# warpgroups' turns loses 1-6 %.
+# head dim -> blocks by query length: ((from length, config), ...), the first entry from 0; a
+# call takes the last entry whose length its queries reach (``forward_config``). Shared memory per
+# program: its query rows plus ``stages`` key and value blocks, within Hopper's 227 KiB (d256:
+# 64 + 128 KiB). Swept on an H200 at S 4096 (bf16, benchmarks/RESULTS.md, TFLOP/s non-causal /
+# causal): d 64 (64, 128, 2) 403 / 349, 3 stages 382 / 349, (128, 128, 2) 416 / 232; d 128
+# (64, 128, 2) 545 / 474, the next (128, 64, 2) 500 / 373; d 256 only (64, 64, 2) fits.
+# Schedules (forward.ForwardConfig, RESULTS.md 1.2): the wait for the next key block under the
+# P V wgmma gains 0-6 % at every head dim; dropping the warpgroups' turns loses 1-6 %.
+# From 2048 queries, three compute warpgroups without turns (programs of 192 rows), at head dims
+# 64 and 128 (at 256 a 64 x 256 float32 accumulator is 128 of their 160 registers). H200,
+# 2026-12-02, forward TFLOP/s two / three warpgroups (benchmarks/RESULTS.md section 1),
+# non-causal, causal: d 64 S 2k 390-398 / 427, 334-337 / 335 (two timed twice); S 4k 416 / 454,
+# 386 / 388; S 8k 430 / 481, 412 / 435; S 16k 438 / 493, 432 / 461; d 128 S 2k 530-532 / 570,
+# 454-462 / 459; S 4k 561 / 601, 522 / 519; S 8k 585 / 625, 564 / 583; S 16k 601 / 639,
+# 589 / 608. At S 1k they lose (d 64 365 / 360, 263 / 245; d 128 481 / 479, 367 / 327): a
+# head's 1024 queries make 5 1/3 programs of 192 rows, and causal programs have less work under
+# the diagonal to hide a program's start. Varlen calls keep the first entry (their sequences are
+# tiled per program; not measured with three).
+LONG_QUERIES = 2048
+_TWO_WARPGROUPS = _forward.ForwardConfig(block_q=64, block_k=128, stages=2, key_wait_under_pv=True)
+_THREE_WARPGROUPS = dataclasses.replace(_TWO_WARPGROUPS, compute_warpgroups=3, pingpong=False)
 FORWARD_TABLE = TuningTable({
-    64: _forward.ForwardConfig(block_q=64, block_k=128, stages=2, key_wait_under_pv=True),
-    128: _forward.ForwardConfig(block_q=64, block_k=128, stages=2, key_wait_under_pv=True),
-    256: _forward.ForwardConfig(block_q=64, block_k=64, stages=2, key_wait_under_pv=True),
+    64: ((0, _TWO_WARPGROUPS), (LONG_QUERIES, _THREE_WARPGROUPS)),
+    128: ((0, _TWO_WARPGROUPS), (LONG_QUERIES, _THREE_WARPGROUPS)),
+    256: ((0, _forward.ForwardConfig(block_q=64, block_k=64, stages=2, key_wait_under_pv=True)),),
 })
 
 
@@ -72,8 +88,14 @@ BACKWARD_TABLE = TuningTable({
 })
 
 
-def forward_config(head_dim: int) -> _forward.ForwardConfig:
-    return FORWARD_TABLE.lookup(head_dim, HOPPER)
+def forward_config(head_dim: int, seqlen_q: int = 0) -> _forward.ForwardConfig:
+    """The forward's blocks at ``head_dim`` for ``seqlen_q`` queries a sequence (0: the first
+    entry, which varlen calls take)."""
+    chosen = None
+    for from_length, config in FORWARD_TABLE.lookup(head_dim, HOPPER):
+        if seqlen_q >= from_length:
+            chosen = config
+    return chosen
 
 
 def backward_configs(head_dim: int, *, dropout: bool = False
@@ -157,11 +179,12 @@ class MosaicGPU(Backend):
 
     def forward(self, q, k, v, slopes, spec, varlen=None, seed=None, *, placement=None,
                 out_dtype=None):
-        config = forward_config(q.shape[-1])
         dropout_words = _dropout.words(seed, placement) if spec.has_dropout else None
         if varlen is not None:
-            return _varlen.forward(q, k, v, slopes, spec, varlen, config, dropout_words)
-        return _forward.forward(q, k, v, slopes, spec, config, dropout_words=dropout_words)
+            return _varlen.forward(q, k, v, slopes, spec, varlen, forward_config(q.shape[-1]),
+                                   dropout_words)
+        return _forward.forward(q, k, v, slopes, spec, forward_config(q.shape[-1], q.shape[1]),
+                                dropout_words=dropout_words)
 
     def backward(self, q, k, v, slopes, out, lse, dout, dlse, spec, varlen=None, seed=None, *,
                  placement=None, grad_dtype=None, delta=None):

@@ -46,9 +46,11 @@ class ForwardConfig(BlockConfig):
     """block_q: rows per compute warpgroup; block_k: keys per step; ``compute_warpgroups``: 2, or
     3 (FlashAttention-3's choice at head dim 64: while one computes its softmax two keep the
     tensor cores fed; 160 registers a thread instead of 240; no ping-pong turns, which are
-    between two). How two compute warpgroups share the tensor cores: ``pingpong`` takes strict
-    turns (one warpgroup's softmax runs while the other's matmuls do; FlashAttention-3's
-    schedule, which serialises the two softmaxes), otherwise they run unsynchronised.
+    between two; the tables' choice from ``mosaic_gpu.LONG_QUERIES`` queries at head dims 64 and
+    128, up to 13 % faster there on the H200, slower at 1024). How two compute warpgroups share
+    the tensor cores: ``pingpong`` takes strict turns (one warpgroup's softmax runs while the
+    other's matmuls do; FlashAttention-3's schedule, which serialises the two softmaxes),
+    otherwise they run unsynchronised.
     ``key_wait_under_pv``: wait for the next key block while the P V wgmma runs rather than at
     the top of the step. ``pin_softmax``: an optimisation barrier keeps the softmax's results
     computed before the turn is handed over.
