@@ -9,7 +9,7 @@ bench_dense.py's; the Mosaic backend is chosen for the whole run.
 
     PYTHONPATH=. python benchmarks/bench_variants.py [--phase fwd|fwd_bwd]
         [--variants length-test,scaled-max,hardware-turns,two-warpgroups,three-warpgroups]
-        [--head-dims 64,128,256] [--seqlens 2048,8192] [--out results.md]
+        [--head-dims 64,128,256] [--seqlens 2048,8192] [--dropout 0.1] [--out results.md]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import flash_attn_jax as fa
 from flash_attn_jax import semantics
 from flash_attn_jax.kernels import mosaic_gpu, registry, tuning
-from flash_attn_jax.kernels.mosaic_gpu import common
+from flash_attn_jax.kernels.mosaic_gpu import backward, common
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_dense import SHAPES, flops, inputs, timed  # noqa: E402
@@ -82,14 +82,38 @@ def _three_warpgroups():
     return _forward_table_with((64, 128), compute_warpgroups=3, pingpong=False)
 
 
+def _keys_64():
+    """The head dim 64 forward streaming key blocks of 64 (the table's 128) at every length: a
+    causal program's diagonal block half as wasted, its first block in sooner."""
+    return _forward_table_with((64,), block_k=64)
+
+
+def _keys_64_three_stages():
+    """As ``keys-64``, with three key and value blocks in flight."""
+    return _forward_table_with((64,), block_k=64, stages=3)
+
+
+def _dropout_dq_by_length():
+    """With dropout, dQ added by the dK/dV kernel only from the config's ``fuse_dq_from`` keys
+    as without (``BackwardConfig.fuses_dq`` before it took ``dropout``; head dim 128: from 4096),
+    a dQ kernel below."""
+    fuses_dq = backward.BackwardConfig.fuses_dq
+    return mock.patch.object(backward.BackwardConfig, "fuses_dq",
+                             lambda self, head_dim, seqlen_k, *, dropout=False:
+                             fuses_dq(self, head_dim, seqlen_k))
+
+
 VARIANTS = {"length-test": _length_test_kept, "scaled-max": _scaled_max,
             "hardware-turns": _hardware_turns, "two-warpgroups": _two_warpgroups,
-            "three-warpgroups": _three_warpgroups}
+            "three-warpgroups": _three_warpgroups, "keys-64": _keys_64,
+            "keys-64-three-stages": _keys_64_three_stages,
+            "dropout-dq-by-length": _dropout_dq_by_length}
 
 
-def compiled(phase, causal, q, k, v, patch):
+def compiled(phase, causal, q, k, v, patch, dropout_p=0.0):
     """The Mosaic backend's call compiled under ``patch``."""
-    attend = timed(lambda q, k, v: fa.flash_attn_func(q, k, v, causal=causal), phase)
+    attend = timed(lambda q, k, v: fa.flash_attn_func(
+        q, k, v, dropout_p, causal=causal, dropout_key=jax.random.key(0)), phase)
     jax.clear_caches()
     with patch(), fa.use_backend("mosaic-gpu"), registry.fresh_traces():
         return attend.lower(q, k, v).compile()
@@ -103,6 +127,8 @@ def main():
     parser.add_argument("--seqlens", default=None,
                         help="comma-separated lengths instead of bench_dense.py's (same widths)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="the variants' dropout_p (cuDNN's column has none)")
     parser.add_argument("--out")
     args = parser.parse_args()
     names = [name for name in args.variants.split(",") if name]
@@ -111,7 +137,8 @@ def main():
         parser.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
     head_dims = {int(d) for d in args.head_dims.split(",")}
     columns = ["current", *names, "cudnn"]
-    lines = [f"# Variants of the Mosaic GPU kernels, {args.phase}, TFLOP/s (best of {args.rounds})",
+    lines = [f"# Variants of the Mosaic GPU kernels, {args.phase}, dropout_p {args.dropout}, "
+             f"TFLOP/s (best of {args.rounds})",
              "", f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
              f"{datetime.date.today().isoformat()}: `{' '.join(sys.argv)}`", "",
              "| head dim | seqlen | causal | " + " | ".join(columns)
@@ -126,9 +153,10 @@ def main():
     for shape in [s for s in shapes if s[0] in head_dims]:
         head_dim, seqlen, causal = shape
         q, k, v = inputs(head_dim, seqlen)
-        fns = {"current": compiled(args.phase, causal, q, k, v, contextlib.nullcontext)}
+        fns = {"current": compiled(args.phase, causal, q, k, v, contextlib.nullcontext,
+                                   args.dropout)}
         for name in names:
-            fns[name] = compiled(args.phase, causal, q, k, v, VARIANTS[name])
+            fns[name] = compiled(args.phase, causal, q, k, v, VARIANTS[name], args.dropout)
         fns["cudnn"] = timed(lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn"), args.phase)
         # A variant changes speed, not results: its outputs against the current code's.

@@ -170,8 +170,9 @@ FEATURES = {
 
 
 INTERPRETED = [  # head dim, lengths, feature, deterministic
-    (64, (256, 384), "causal_alibi", False),  # with dropout dQ is not added
-    (128, (136, 264), "window_softcap", True),  # partial tiles
+    (64, (256, 384), "causal_alibi", False),  # dQ added, one tile: the warpgroups take turns
+    (128, (136, 264), "window_softcap", True),  # partial tiles, dQ in its own kernel
+    (128, (200, 136), "causal", False),  # dQ added, a tile per warpgroup
     (256, (128, 128), "plain", True),  # dV and dK in two passes, on keys x queries tiles
 ]
 
@@ -184,8 +185,8 @@ def test_interpreted_dropout(head_dim, seqlens, feature, deterministic):
     options = dict(FEATURES[feature])
     alibi, q_scale = options.pop("alibi", False), options.pop("q_scale", 1.0)
     dropout_p = 0.17
-    q, k, v, slopes = make_inputs(6, batch=1, seqlen_q=seqlens[0], seqlen_k=seqlens[1], nheads=4,
-                                  nheads_k=2, head_dim=head_dim, dtype=jnp.bfloat16, alibi=alibi,
+    q, k, v, slopes = make_inputs(6, batch=1, seqlen_q=seqlens[0], seqlen_k=seqlens[1], nheads=2,
+                                  nheads_k=1, head_dim=head_dim, dtype=jnp.bfloat16, alibi=alibi,
                                   q_scale=q_scale)
     dout, dlse = cotangents(6, q, out=True, lse=True)
     spec = ScoreSpec.create(softmax_scale=head_dim ** -0.5, has_alibi=alibi, dropout_p=dropout_p,
@@ -196,10 +197,12 @@ def test_interpreted_dropout(head_dim, seqlens, feature, deterministic):
                                           mosaic_gpu.forward_config(head_dim),
                                           dropout_words=words)
         config = mosaic_gpu.backward_config(head_dim, *seqlens, dropout=True)
+        # with dropout the dK/dV kernel adds dQ at any length (deterministic=False)
+        assert config.fuses_dq(head_dim, seqlens[1], dropout=True) == (head_dim != 256)
         grads = mosaic_backward.backward(q, k, v, slopes, out, lse, dout, dlse, spec, config,
                                          deterministic=deterministic, dropout_words=words)
         out, lse, grads = jax.tree.map(np.asarray, (out, lse, grads))
-    keep = fa.dropout_mask(KEY, dropout_p, 1, 4, *seqlens)
+    keep = fa.dropout_mask(KEY, dropout_p, 1, 2, *seqlens)
     ref, pt = references(q, k, v, slopes, dout, dlse, dropout_p=dropout_p, keep_mask=keep,
                          **options)
     assert_within_tolerance("out", out, ref[0], pt[0])
@@ -213,8 +216,7 @@ def test_interpreted_dropout(head_dim, seqlens, feature, deterministic):
 def test_dropout_lowers_for_an_h100(head_dim, deterministic):
     """Forward and backward with dropout lower to the Mosaic kernels (the register-level mask
     built in both orientations), at the head dims whose dropout backward runs there."""
-    backward = mosaic_gpu.backward_configs(head_dim)[0]
-    seqlen_k = max(backward.fuse_dq_from, 384)
+    seqlen_k = 384
     q, k, v, slopes = make_inputs(1, batch=2, seqlen_q=256, seqlen_k=seqlen_k, nheads=4,
                                   nheads_k=2, head_dim=head_dim, dtype=jnp.bfloat16, alibi=True)
 
@@ -232,9 +234,10 @@ def test_dropout_lowers_for_an_h100(head_dim, deterministic):
     assert used["forward"] == "mosaic-gpu"
     if head_dim in mosaic_gpu.DROPOUT_BACKWARD_HEAD_DIMS:
         assert used["backward"] == "mosaic-gpu"
-        # With dropout dQ always takes its own kernel.
+        # dQ added by the dK/dV kernel unless deterministic (or at head dim 256: two passes).
         kernels = _kernels(mosaic_gpu.backward_config(head_dim, 256, seqlen_k, dropout=True),
-                           head_dim, seqlen_k, deterministic=True)
+                           head_dim, seqlen_k, deterministic=deterministic, dropout=True)
+        assert kernels == (4 if head_dim == 256 else 3 if deterministic else 2)
     else:  # the backward on the next backend (its kernels are tested without this one)
         assert used["backward"] != "mosaic-gpu"
         kernels = 1
@@ -251,6 +254,8 @@ GPU_CASES = [  # head dim, lengths, feature, dtype
     # from mosaic_gpu.LONG_QUERIES queries: the forward's three compute warpgroups
     (64, (4104, 200), "causal_alibi", jnp.bfloat16),
     (128, (4096, 136), "window_softcap", jnp.float16),
+    # many key blocks adding to one query block's dQ (deterministic=False)
+    (128, (264, 4104), "causal_alibi", jnp.bfloat16),
 ]
 
 

@@ -130,7 +130,10 @@ def backward_config(head_dim: int, seqlen_q: int, seqlen_k: int, *, dropout: boo
 # (RESULTS.md 8.1, TFLOP/s, S 4096 non-causal / causal): head dim 128 344 / 309 (with the Triton
 # backward 325 / 287), 256 279 / 264 (the Triton backward without dropout: 270); head dim 64 242 /
 # 226 against 230 / 220 with the Triton backward (geomean over its 6 shapes 1.02x; 128-query
-# blocks lost: 205 / 179).
+# blocks lost: 205 / 179). Since 2026-12-03 the dK/dV kernel also adds dQ with dropout
+# (deterministic=False, head dims 64 and 128, any length), where a dQ kernel hashed the mask again:
+# dropout 0.1 costs +24 % forward + backward over the 16 shapes (+43 % before over the 12 of head
+# dims 64 and 128; RESULTS.md 8.1).
 DROPOUT_BACKWARD_HEAD_DIMS = (64, 128, 256)
 
 

@@ -14,13 +14,15 @@ rounding only, dK and dV still bitwise).
   shared memory holds them), recomputing S^T.
 - dK/dV with dropout (``_query_major_step``, the "dkdv" pass): tiles queries x keys as in the
   forward, S = Q K^T, dP = dO V^T, so that the keep mask (``dropout.py``) takes one hash per 16
-  elements; P and dS reach dV += P^T dO and dK += dS^T Q transposed through shared memory. dQ
-  then takes its own kernel. At head dim 256 the dV pass does the same (P only); the dK pass
+  elements; P and dS reach dV += P^T dO and dK += dS^T Q transposed through shared memory, and
+  dQ = dS K (when added) from there as they are. At head dim 256 the dV pass does the same (P
+  only; dQ then takes its own kernel); the dK pass
   keeps keys x queries tiles (its 32-query streams are below a wgmma's 64 rows) and hashes once
   per 2 elements there.
-- dK/dV adding dQ (``_add_dq``): each step the two warpgroups store their dS^T tiles to shared
-  memory, meet at a barrier, and each computes one 64 x 64 tile of the query block's dQ over
-  both warpgroups' keys, which a TMA reduction adds to the sum.
+- dK/dV adding dQ (``_DqAdder``): each step the two warpgroups store their dS^T (with dropout
+  dS) tiles to shared memory, meet at a barrier, and each computes one 64 x 64 tile of the query
+  block's dQ over both warpgroups' keys (at head dim 64 with 64-query blocks, one tile: the
+  warpgroups take turns), which a TMA reduction adds to the sum.
 - dQ: one program per (query head, 2 * block_q rows, batch row), the forward's shape: two compute
   warpgroups own block_q rows each with dQ in registers, the producer streams key and value
   blocks. S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
@@ -91,14 +93,16 @@ class BackwardConfig(BlockConfig):
             return (("dkdv", self.block_q),)
         return (("dv", self.block_q), ("dk", self.dk_block_q or self.block_q))
 
-    def fuses_dq(self, head_dim: int, seqlen_k: int) -> bool:
+    def fuses_dq(self, head_dim: int, seqlen_k: int, *, dropout: bool = False) -> bool:
         """Whether the dK/dV kernel adds dQ too (``backward(deterministic=False)``): one pass,
-        dQ's block_q x head_dim splits into one 64 x 64 tile per compute warpgroup, and at least
-        ``fuse_dq_from`` keys (the float32 sum's zeroing and rounding cost the same per query
-        at any length, the matmuls saved grow with the keys)."""
+        dQ's block_q x head_dim in one 64 x 64 tile per compute warpgroup, or one tile that
+        the warpgroups take in turns (``_DqAdder``), and at least ``fuse_dq_from`` keys (the
+        float32 sum's zeroing and rounding cost the same per query at any length, the matmuls
+        saved grow with the keys); with dropout at any length (a dQ kernel would hash the keep
+        mask again)."""
         return (not self.split_dkdv and not self.block_q % 64 and not head_dim % 64
-                and (self.block_q // 64) * (head_dim // 64) == COMPUTE_WARPGROUPS
-                and seqlen_k >= self.fuse_dq_from)
+                and (self.block_q // 64) * (head_dim // 64) in (1, COMPUTE_WARPGROUPS)
+                and (dropout or seqlen_k >= self.fuse_dq_from))
 
     @property
     def dq_blocks(self) -> BlockConfig:
@@ -128,7 +132,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                  seqlen_k: int):
     """``part``: "dkdv" (both), "dv" or "dk"; ``block_q``: the streamed query block. Buffers and
     outputs a part does not use are None. With ``dq_sum_ref`` (float32, q's shape; "dkdv" only)
-    each step also adds its dQ = dS K to it (``_add_dq``). With dropout the "dkdv" part works on
+    each step also adds its dQ = dS K to it (``_DqAdder``). With dropout the "dkdv" part works on
     queries x keys tiles (``_query_major``)."""
     ((k_smem, v_smem, q_smem, dout_smem, lse_smem, delta_smem, stage, ds_smem, dq_smem,
       transposed), (k_ready, v_ready), (q_ready, dout_ready, lse_ready, delta_ready), free,
@@ -155,6 +159,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
     def _compute(warpgroup):
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         col_lo = program_lo + warpgroup * block_k
+        # With dq_sum_ref: a step's dS (or dS^T) tiles stored (both warpgroups', at the step's
+        # parity), the meeting that lets each read the other's, then dQ = dS K added to the sum.
+        add_dq = None if dq_sum_ref is None else _DqAdder(
+            dq_sum_ref, k_smem, dq_smem.at[warpgroup], warpgroup, pair, batch,
+            queries_major=transposed is not None)
         keys = (batch, pl.ds(program.k_base + col_lo, block_k), head_k)
         own_k = k_smem.at[warpgroup]
         own_v = v_smem.at[warpgroup] if with_dk else None
@@ -222,36 +231,34 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
                     def dk_matmul(acc_ref):
                         wgmma_registers(acc_ref, ds_t.astype(dtype), q, own_stage)
 
-                    if dq_sum_ref is not None:
+                    if add_dq is not None:
                         # Both warpgroups' dS^T tiles in shared memory (two buffers: the other
                         # warpgroup may still read the last step's).
                         parity = irem(member * blocks_per_head + query_block - first, 2)
                         ds_smem.at[parity, warpgroup][...] = ds_t.astype(dtype)
                         plgpu.commit_smem()
-                        plgpu.barrier_arrive(pair.at[parity])
+                        add_dq.stored(parity)
                     dk = accumulate(dk, dk_matmul)
-                    if dq_sum_ref is not None:
-                        plgpu.barrier_wait(pair.at[parity])
-                        _add_dq(dq_sum_ref, ds_smem.at[parity], k_smem, dq_smem.at[warpgroup],
-                                warpgroup,
-                                rows=(batch, program.q_base + query_block * block_q, head))
+                    if add_dq is not None:
+                        add_dq.add(ds_smem.at[parity], parity,
+                                   row_lo=program.q_base + query_block * block_q, head=head)
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
             body = step_body if transposed is None else functools.partial(
                 _query_major_step, head=head, slope=slope, first=first,
                 blocks_per_head=blocks_per_head, member=member, own=(own_k, own_v),
-                tiles=tuple(tiles.at[warpgroup] for tiles in transposed),
+                tiles=transposed,
                 buffers=(q_smem, dout_smem, lse_smem, delta_smem),
                 barriers=(q_ready, dout_ready, lse_ready, delta_ready, free),
                 dropout_ref=dropout_ref, program=program, col_lo=col_lo, block_q=block_q,
-                block_k=block_k, stages=stages, spec=spec)
+                block_k=block_k, stages=stages, spec=spec, warpgroup=warpgroup, add_dq=add_dq)
             return masked_full_masked(body, first, inner_first, inner_end, end, carry)
 
         zeros = zeros_tile((block_k, head_dim))
         dk, dv = lax.fori_loop(0, group, head_body, (zeros if with_dk else None,
                                                       zeros if with_dv else None))
-        if dq_sum_ref is not None:  # until the other warpgroup's last dQ has read our keys
+        if add_dq is not None:  # until the other warpgroup's last dQ has read our keys
             plgpu.barrier_arrive(pair.at[2])
             plgpu.barrier_wait(pair.at[2])
         # The keys and values are no longer read: their buffers stage the gradients' stores.
@@ -289,21 +296,24 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, 
 
 def _query_major_step(query_block, carry, *, masked, head, slope, first, blocks_per_head, member,
                       own, tiles, buffers, barriers, dropout_ref, program, col_lo, block_q,
-                      block_k, stages, spec):
+                      block_k, stages, spec, warpgroup, add_dq):
     """One step of the dK/dV kernel's "dkdv" part, or of the "dv" pass, with dropout, on queries
     x keys tiles as in the forward: S = Q K^T, dP = dO V^T, so that the keep mask takes one hash
     per 16 elements (on keys x queries tiles a thread's bytes need one per 2). dV += P^T dO and
-    dK += dS^T Q then take P and dS transposed from shared memory (``tiles``: this warpgroup's
+    dK += dS^T Q then take P and dS transposed from shared memory (``tiles``: the warpgroups'
     block_q x block_k buffers for P and, with dK, dS, separate refs: slices of one by a constant
     index inside the wgmmas' ``run_state`` do not lower) instead of from registers. The "dv"
-    pass (``own[1]``, the values, None) computes neither dP nor dS."""
+    pass (``own[1]``, the values, None) computes neither dP nor dS. With ``add_dq`` the dS
+    buffers are twice the warpgroups' (by the step's parity: the other warpgroup reads this
+    one's in its dQ = dS K)."""
     dk, dv = carry
     own_k, own_v = own
     with_dk = own_v is not None
     q_smem, dout_smem, lse_smem, delta_smem = buffers
     q_ready, dout_ready, lse_ready, delta_ready, free = barriers
     dtype = own_k.dtype
-    slot = irem(member * blocks_per_head + query_block - first, stages)
+    step = member * blocks_per_head + query_block - first
+    slot, parity = irem(step, stages), irem(step, 2)
     for ready in (q_ready, lse_ready):
         plgpu.barrier_wait(ready.at[slot])
     q = q_smem.at[slot]
@@ -319,16 +329,19 @@ def _query_major_step(query_block, carry, *, masked, head, slope, first, blocks_
                                kept=spec.keep_scale)
     plgpu.barrier_wait(dout_ready.at[slot])
     dout = dout_smem.at[slot]
-    p_tile = tiles[0]
+    p_tile = tiles[0].at[warpgroup]
     p_tile[...] = (p * keep).astype(dtype)  # the last step's wgmmas have read it
     if with_dk:
         plgpu.barrier_wait(delta_ready.at[slot])
         dp = matmul_transposed(dout, own_v, (block_q, block_k))
         delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1))
         ds = p * (dp * keep - broadcast(delta, dp.shape, 0)) * dlogits
-        ds_tile = tiles[1]
+        ds_tiles = tiles[1] if add_dq is None else tiles[1].at[parity]
+        ds_tile = ds_tiles.at[warpgroup]
         ds_tile[...] = ds.astype(dtype)
     plgpu.commit_smem()
+    if add_dq is not None:
+        add_dq.stored(parity)
 
     if with_dk:
         def dv_and_dk(refs):
@@ -340,34 +353,64 @@ def _query_major_step(query_block, carry, *, masked, head, slope, first, blocks_
     else:
         dv = accumulate(dv, lambda dv_ref: plgpu.wgmma(dv_ref, p_tile.T, dout))
     plgpu.barrier_arrive(free.at[slot])
+    if add_dq is not None:
+        add_dq.add(ds_tiles, parity, row_lo=program.q_base + query_lo, head=head)
     return dk, dv
 
 
-def _add_dq(dq_sum_ref, ds_tiles, k_smem, dq_tile, warpgroup, *, rows):
-    """Adds the dQ of one streamed query block, dS (block_q x both warpgroups' keys) K, to
-    ``dq_sum_ref`` (float32) by TMA reductions. ``ds_tiles``: (warpgroups, keys, block_q), each
-    warpgroup's dS^T. The warpgroups split dQ's block_q x head_dim into one 64 x 64 tile each."""
-    batch, row_lo, head = rows
-    col_tiles = k_smem.shape[-1] // 64
-    # This warpgroup's tile, at traced offsets: one copy of the code (a branch per warpgroup
-    # doubled its wgmma descriptors, which the compiler hoists out of the loop and spills).
-    row, col = idiv(warpgroup, col_tiles) * 64, irem(warpgroup, col_tiles) * 64
+@dataclasses.dataclass(frozen=True)
+class _DqAdder:
+    """The dK/dV kernel's dQ (``backward(deterministic=False)``): each step the warpgroups store
+    their dS tiles (``queries_major``: block_q x keys, else dS^T, keys x block_q) at the step's
+    parity (``stored``: this warpgroup's arrival), then ``add`` waits for the other's and adds
+    the streamed query block's dQ = dS K, over both warpgroups' keys, to ``dq_sum_ref``
+    (float32) by TMA reductions. dQ's block_q x head_dim splits into one 64 x 64 tile per
+    warpgroup; a single tile (block_q and head dim 64) is taken by the warpgroups in turns, the
+    step's parity's."""
 
-    def dq_matmul(acc_ref):
-        for keys in range(COMPUTE_WARPGROUPS):  # contract over each warpgroup's keys
-            plgpu.wgmma(acc_ref, ds_tiles.at[keys, :, pl.ds(row, 64)].T,
-                        k_smem.at[keys, :, pl.ds(col, 64)])
-        return acc_ref[...]
+    dq_sum_ref: object
+    k_smem: object  # (warpgroups, keys, head_dim)
+    dq_tile: object  # this warpgroup's float32 staging tile
+    warpgroup: object
+    pair: object  # barriers [parity]: both warpgroups' tiles stored
+    batch: object
+    queries_major: bool
 
-    dq = pl.run_scoped(dq_matmul, plgpu.ACC((64, 64), jnp.float32))
-    target = dq_sum_ref.at[batch, pl.ds(row_lo + row, 64), head, pl.ds(col, 64)]
-    if interpreting():  # no TMA reductions there; the programs run one at a time
-        target[...] = target[...] + dq
-        return
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction read dq_tile
-    dq_tile[...] = dq
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_tile, target, reduction_op="add")
+    def stored(self, parity):
+        plgpu.barrier_arrive(self.pair.at[parity])
+
+    def add(self, ds_tiles, parity, *, row_lo, head):
+        """``ds_tiles``: the step's (warpgroups, ...) dS tiles."""
+        plgpu.barrier_wait(self.pair.at[parity])
+        block_q = ds_tiles.shape[-2 if self.queries_major else -1]
+        col_tiles = self.k_smem.shape[-1] // 64
+        if (block_q // 64) * col_tiles == 1:
+            pl.when(self.warpgroup == parity)(lambda: self._add_tile(ds_tiles, 0, row_lo, head))
+        else:
+            self._add_tile(ds_tiles, self.warpgroup, row_lo, head)
+
+    def _add_tile(self, ds_tiles, tile, row_lo, head):
+        col_tiles = self.k_smem.shape[-1] // 64
+        # The tile at traced offsets: one copy of the code (a branch per warpgroup doubled its
+        # wgmma descriptors, which the compiler hoists out of the loop and spills).
+        row, col = idiv(tile, col_tiles) * 64, irem(tile, col_tiles) * 64
+
+        def dq_matmul(acc_ref):
+            for keys in range(COMPUTE_WARPGROUPS):  # contract over each warpgroup's keys
+                ds = (ds_tiles.at[keys, pl.ds(row, 64), :] if self.queries_major
+                      else ds_tiles.at[keys, :, pl.ds(row, 64)].T)
+                plgpu.wgmma(acc_ref, ds, self.k_smem.at[keys, :, pl.ds(col, 64)])
+            return acc_ref[...]
+
+        dq = pl.run_scoped(dq_matmul, plgpu.ACC((64, 64), jnp.float32))
+        target = self.dq_sum_ref.at[self.batch, pl.ds(row_lo + row, 64), head, pl.ds(col, 64)]
+        if interpreting():  # no TMA reductions there; the programs run one at a time
+            target[...] = target[...] + dq
+            return
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction read dq_tile
+        self.dq_tile[...] = dq
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(self.dq_tile, target, reduction_op="add")
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, tiles_ref,
@@ -483,10 +526,8 @@ def backward(q, k, v, slopes, out, lse, dout, dlse, spec: ScoreSpec, config: Bac
         tiles = (jnp.zeros((1, TABLE_COLUMNS), jnp.int32),) * 2  # unread: keeps one signature
     operands = (q, k, v, dout, lse, delta, slopes, *tiles,
                 dropout.check_words(spec, dropout_words))
-    # With dropout dQ takes its own kernel (whose tiles are queries x keys, as the mask's hash
-    # wants; the dQ-adding kernel's dS^T tiles are not).
-    if (not deterministic and not spec.has_dropout
-            and config.fuses_dq(head_dim, max_seqlen_k or seqlen_k)):
+    if not deterministic and config.fuses_dq(head_dim, max_seqlen_k or seqlen_k,
+                                             dropout=spec.has_dropout):
         dk, dv, dq_sum = _dkdv_dq(*operands, config=config, **statics)
         return dq_sum[:, :seqlen_q].astype(q.dtype), dk, dv
     grads = {}
@@ -536,6 +577,7 @@ def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k
     q_dtype, head_dim = q_ref.dtype, q_ref.shape[-1]
     swizzle = swizzle_for(block_q, q_dtype)  # dK += dS^T Q contracts over block_q
     fused = dq_sum_ref is not None
+    query_major = _query_major(statics["spec"], part, block_q)
     buffers = (swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), q_dtype, swizzle),
                swizzled_smem((COMPUTE_WARPGROUPS, block_k, head_dim), q_dtype, swizzle)
                if with_dk else None,
@@ -546,11 +588,14 @@ def _dkdv_entry(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, slopes_ref, k
                stage_smem((block_k, block_q), q_dtype),
                # dS^T of both warpgroups, twice (the other warpgroup may read the last step's)
                swizzled_smem((2, COMPUTE_WARPGROUPS, block_k, block_q), q_dtype, swizzle)
-               if fused else None,
+               if fused and not query_major else None,
                plgpu.SMEM((COMPUTE_WARPGROUPS, 64, 64), jnp.float32) if fused else None,
-               # with dropout: each warpgroup's P and (with dK) dS of a step (_query_major_step)
-               (swizzled_smem((COMPUTE_WARPGROUPS, block_q, block_k), q_dtype, swizzle),)
-               * (2 if with_dk else 1) if _query_major(statics["spec"], part, block_q) else None)
+               # with dropout: each warpgroup's P and (with dK) dS of a step (_query_major_step;
+               # adding dQ, dS at the step's parity: the other warpgroup reads it)
+               (swizzled_smem((COMPUTE_WARPGROUPS, block_q, block_k), q_dtype, swizzle),
+                swizzled_smem((2, COMPUTE_WARPGROUPS, block_q, block_k) if fused
+                              else (COMPUTE_WARPGROUPS, block_q, block_k), q_dtype, swizzle)
+                )[:2 if with_dk else 1] if query_major else None)
     own = (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
            plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if with_dk else None)
     ready = (plgpu.Barrier(num_barriers=stages),) * 3 + (
@@ -624,7 +669,9 @@ def _dkdv_dq(q, k, v, dout, lse, delta, slopes, k_tiles, q_tiles, dropout_words,
     def _vmapped(axis_size, in_batched, *operands):
         stacked = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
                    for x, batched in zip(operands, in_batched)]
-        if statics["packed"]:  # the slopes' rows are sequences: one call after another
+        # One call after another when packed (the slopes' rows are sequences) or with dropout
+        # (the keep mask hashes the batch row: the vmapped axis must not join it).
+        if statics["packed"] or statics["spec"].has_dropout:
             return lax.map(lambda xs: _dkdv_dq(*xs, config=config, **statics), stacked), (True,) * 3
         # The vmapped axis joins the batch axis (every array leads with the batch; the tables
         # are the unread placeholders).
