@@ -286,7 +286,7 @@ def _vmap_of_dropout_against_a_loop(interpret):
     """Forward and backward with dropout under jax.vmap, the key shared (each element draws the
     unbatched call's mask) or split (each its own), against one call per element: the vmapped
     axis must not reach the mask's batch rows."""
-    head_dim, seqlen = 64, 256
+    head_dim, seqlen = 64, 128  # one program a kernel; two query blocks (both turns of dQ)
     inputs = [make_inputs(90 + i, batch=1, seqlen_q=seqlen, seqlen_k=seqlen, nheads=2,
                           nheads_k=1, head_dim=head_dim, dtype=jnp.bfloat16)[:3]
               for i in range(2)]
