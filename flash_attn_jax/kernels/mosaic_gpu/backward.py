@@ -384,16 +384,16 @@ class _DqAdder:
         plgpu.barrier_wait(self.pair.at[parity])
         block_q = ds_tiles.shape[-2 if self.queries_major else -1]
         col_tiles = self.k_smem.shape[-1] // 64
-        if (block_q // 64) * col_tiles == 1:
-            pl.when(self.warpgroup == parity)(lambda: self._add_tile(ds_tiles, 0, row_lo, head))
-        else:
-            self._add_tile(ds_tiles, self.warpgroup, row_lo, head)
-
-    def _add_tile(self, ds_tiles, tile, row_lo, head):
-        col_tiles = self.k_smem.shape[-1] // 64
         # The tile at traced offsets: one copy of the code (a branch per warpgroup doubled its
         # wgmma descriptors, which the compiler hoists out of the loop and spills).
-        row, col = idiv(tile, col_tiles) * 64, irem(tile, col_tiles) * 64
+        add = lambda tile: self._add_tile(ds_tiles, idiv(tile, col_tiles) * 64,
+                                          irem(tile, col_tiles) * 64, row_lo, head)
+        if (block_q // 64) * col_tiles == 1:
+            pl.when(self.warpgroup == parity)(lambda: add(0))
+        else:
+            add(self.warpgroup)
+
+    def _add_tile(self, ds_tiles, row, col, row_lo, head):
 
         def dq_matmul(acc_ref):
             for keys in range(COMPUTE_WARPGROUPS):  # contract over each warpgroup's keys
